@@ -1,0 +1,39 @@
+"""cimsim: simulate analog compute-in-memory chips, train networks that survive them (HA-SGD),
+and measure their robustness by Monte Carlo over programmed chip instances."""
+
+from cimsim.adc import ADC, adc_quantize, calibrate_adc, set_adc
+from cimsim.config import AnalogConfig
+from cimsim.convert import (
+    analog_layers,
+    clear_chip,
+    convert_to_analog,
+    program_chip,
+    set_noise,
+)
+from cimsim.layers import (
+    AnalogBatchNorm2d,
+    AnalogConv2d,
+    AnalogIdentity,
+    AnalogLayer,
+    AnalogLinear,
+)
+from cimsim.validation import ConfigError
+
+__all__ = [
+    "ADC",
+    "AnalogBatchNorm2d",
+    "AnalogConfig",
+    "AnalogConv2d",
+    "AnalogIdentity",
+    "AnalogLayer",
+    "AnalogLinear",
+    "ConfigError",
+    "adc_quantize",
+    "analog_layers",
+    "calibrate_adc",
+    "clear_chip",
+    "convert_to_analog",
+    "program_chip",
+    "set_adc",
+    "set_noise",
+]

@@ -1,0 +1,129 @@
+"""Turn any torch model into its analog twin, and program chip instances on it."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+from torch import nn
+
+from cimsim.adc import adcs
+from cimsim.config import AnalogConfig
+from cimsim.layers import AnalogBatchNorm2d, AnalogConv2d, AnalogIdentity, AnalogLayer, AnalogLinear
+from cimsim.validation import ConfigError, check_number
+
+# Exact digital type -> analog type. Subclasses are left alone: their forward may differ.
+_ANALOG_TYPES = {
+    nn.Conv2d: AnalogConv2d,
+    nn.Linear: AnalogLinear,
+    nn.BatchNorm2d: AnalogBatchNorm2d,
+    nn.Identity: AnalogIdentity,
+}
+
+
+def _wanted(module: nn.Module, config: AnalogConfig) -> bool:
+    if isinstance(module, nn.BatchNorm2d):
+        # Without running statistics there is no fixed affine to store on a chip.
+        return config.analog_bn and module.track_running_stats
+    if isinstance(module, nn.Identity):
+        return config.identity_noise
+    return True
+
+
+def convert_to_analog(model: nn.Module, config: AnalogConfig, inplace: bool = False) -> nn.Module:
+    """Return ``model`` with its layers replaced by analog ones (MODEL.md section 1).
+
+    Converts modules whose type is exactly ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``
+    (when ``config.analog_bn``) and ``nn.Identity`` (when ``config.identity_noise``; in a
+    residual network these are the identity shortcuts). Parameters keep their names and values,
+    so ``state_dict`` stays interchangeable with the digital model's. ADC points the model marks
+    with ``cimsim.ADC()`` are used when ``adc_placement='block'``.
+
+    Args:
+        model: any torch model.
+        config: the chip.
+        inplace: convert ``model`` itself instead of a deep copy.
+    """
+    if not isinstance(config, AnalogConfig):
+        raise TypeError(f"config must be a cimsim.AnalogConfig, got {type(config).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    for module in list(model.modules()):
+        analog_type = _ANALOG_TYPES.get(type(module))
+        if analog_type is not None and _wanted(module, config):
+            # Swap the class in place: parameters, buffers and hooks stay the same objects.
+            module.__class__ = analog_type
+            module._init_analog(config)
+    block_adcs = [a for a in adcs(model, active_only=False) if a.placement == "block"]
+    if config.adc_levels is not None and config.adc_placement == "block" and not block_adcs:
+        raise ConfigError(
+            "adc_placement",
+            "block",
+            "this model marks no block outputs with cimsim.ADC(); use adc_placement='layer' "
+            "or add ADC() modules where the chip digitizes",
+        )
+    for adc in adcs(model, active_only=False):
+        adc.active = adc.placement == config.adc_placement
+        if adc.active:
+            adc.levels = config.adc_levels
+    return model
+
+
+def analog_layers(model: nn.Module) -> list[tuple[str, AnalogLayer]]:
+    """``(qualified name, layer)`` for every analog layer of ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, AnalogLayer)]
+
+
+def _require_analog(model: nn.Module) -> list[tuple[str, AnalogLayer]]:
+    layers = analog_layers(model)
+    if not layers:
+        raise ValueError("the model has no analog layers: call cimsim.convert_to_analog first")
+    return layers
+
+
+def _reset_adcs(model: nn.Module) -> None:
+    for adc in adcs(model):
+        adc.reset_calibration()
+
+
+def set_noise(
+    model: nn.Module, sigma: float | None = None, mean_shift: float | None = None
+) -> nn.Module:
+    """Change the noise level of every analog layer in place (``None`` keeps the current value).
+
+    A programmed chip keeps its standard draws, so it is the same chip at the new level
+    (common random numbers). ADC ranges must be recalibrated afterwards.
+    """
+    changes = {}
+    if sigma is not None:
+        check_number("sigma", sigma, minimum=0.0)
+        changes["sigma"] = float(sigma)
+    if mean_shift is not None:
+        check_number("mean_shift", mean_shift)
+        changes["mean_shift"] = float(mean_shift)
+    for _, layer in _require_analog(model):
+        layer.config = dataclasses.replace(layer.config, **changes)
+    _reset_adcs(model)
+    return model
+
+
+def program_chip(model: nn.Module, seed: int) -> nn.Module:
+    """Program one chip instance: draw and freeze a perturbation for every analog tensor.
+
+    The draws depend only on ``seed`` and each tensor's qualified name, not on ``sigma`` or the
+    device. Used in ``eval()`` mode; ``train()`` mode always draws fresh noise.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", seed, "must be an integer")
+    for name, layer in _require_analog(model):
+        layer.program(seed, name)
+    _reset_adcs(model)
+    return model
+
+
+def clear_chip(model: nn.Module) -> nn.Module:
+    """Forget the programmed chip: ``eval()`` runs without noise again."""
+    for _, layer in analog_layers(model):
+        layer.clear()
+    _reset_adcs(model)
+    return model

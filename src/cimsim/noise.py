@@ -1,0 +1,90 @@
+"""The perturbation model as plain functions (MODEL.md section 1).
+
+A stored tensor ``p`` becomes ``p + r(p) * (mu + sigma * eps)`` where ``r`` is its range,
+``eps`` zero-mean unit-variance draws, ``mu`` the mean shift and ``sigma`` the relative std.
+Everything here is detached: the perturbation is a constant for autograd, so the gradient of
+``J(w + nu)`` reaches the clean ``w`` unchanged (the aihwkit trick).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+_SQRT3 = math.sqrt(3.0)
+
+
+@torch.no_grad()
+def tensor_range(p: torch.Tensor, scale: str, per_channel: bool = False) -> torch.Tensor:
+    """The range ``r`` that noise is relative to.
+
+    Args:
+        p: the stored tensor, output channels first: (C_out, ...).
+        scale: ``half_range`` = (max - min) / 2, or ``abs_max`` = max |p|.
+        per_channel: one range per output channel instead of one per tensor.
+
+    Returns:
+        A 0-d tensor, or (C_out, 1, ..., 1) with ``per_channel``, broadcastable against ``p``.
+    """
+    flat = p.reshape(p.shape[0], -1) if per_channel else p.reshape(1, -1)
+    if scale == "half_range":
+        lo, hi = torch.aminmax(flat, dim=1)
+        r = (hi - lo) * 0.5
+    elif scale == "abs_max":
+        r = flat.abs().amax(dim=1)
+    else:
+        raise ValueError(f"scale={scale!r} is invalid: allowed values are 'half_range', 'abs_max'")
+    if per_channel:
+        return r.reshape((-1,) + (1,) * (p.dim() - 1))
+    return r.reshape(())
+
+
+def standard_noise(
+    shape, distribution: str, *, generator: torch.Generator | None = None, device=None, dtype=None
+) -> torch.Tensor:
+    """Zero-mean, unit-variance iid draws: N(0, 1) or U(-sqrt(3), sqrt(3))."""
+    if distribution == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if distribution == "uniform":
+        u = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        return u.mul_(2 * _SQRT3).sub_(_SQRT3)
+    raise ValueError(
+        f"distribution={distribution!r} is invalid: allowed values are 'gaussian', 'uniform'"
+    )
+
+
+@torch.no_grad()
+def perturbation(
+    eps: torch.Tensor,
+    r: torch.Tensor,
+    sigma: float,
+    mean_shift: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``nu = r * (mean_shift + sigma * eps)``; writes into ``out`` when given (may be ``eps``)."""
+    out = torch.mul(eps, sigma, out=out) if out is not None else eps * sigma
+    if mean_shift:
+        out.add_(mean_shift)
+    return out.mul_(r)
+
+
+def chip_seed(seed: int, name: str) -> int:
+    """A 63-bit seed for one stored tensor of chip ``seed``, from the tensor's qualified name.
+
+    Deriving per tensor (not from one stream) keeps a tensor's draws independent of every other
+    tensor's shape and of the module order, so the same chip seed gives the same draws for a
+    layer in any model that has a layer of that name and shape.
+    """
+    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def chip_noise(
+    seed: int, name: str, shape, distribution: str, device=None, dtype=None
+) -> torch.Tensor:
+    """The standard draws ``eps`` of tensor ``name`` on chip ``seed``: drawn on the CPU so the same
+    seed gives the same chip on any device, then moved."""
+    g = torch.Generator(device="cpu").manual_seed(chip_seed(seed, name))
+    eps = standard_noise(shape, distribution, generator=g)
+    return eps.to(device=device, dtype=dtype)

@@ -1,0 +1,392 @@
+"""The analog core against MODEL.md: exactness at zero noise, noise statistics, the bi-scale
+bias, analog BatchNorm, identity noise, chips, gradients, the ADC and state_dict round trips.
+
+Statistical checks use fixed seeds and a tolerance of 5 standard errors of the estimate, so a
+correct implementation fails with probability < 1e-6 and a wrong scale (even by 5 %) fails.
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cimsim
+from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_noise
+from cimsim.noise import tensor_range
+
+# Excess-free kurtosis E[eps^4] of the unit-variance draws: the SE of a sample std is
+# sigma * sqrt((kurtosis - 1) / (4 n)).
+KURTOSIS = {"gaussian": 3.0, "uniform": 1.8}
+
+
+def tiny_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        cimsim.ADC(),
+        nn.Identity(),
+        nn.Conv2d(8, 8, 3, padding=1, bias=False),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+
+
+def batch(n=16):
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def noisy_weight(layer, train: bool):
+    """The perturbed (weight, bias) the layer uses in one forward."""
+    layer.train(train)
+    with torch.no_grad():
+        return layer._noisy_weight_bias(layer.weight, layer.bias)
+
+
+def check_moments(sample: torch.Tensor, mean: float, std: float, distribution: str):
+    n = sample.numel()
+    assert abs(sample.mean().item() - mean) < 5 * std / math.sqrt(n)
+    se_std = std * math.sqrt((KURTOSIS[distribution] - 1) / (4 * n))
+    assert abs(sample.std().item() - std) < 5 * se_std
+
+
+# ----------------------------------------------------------------------------- exactness
+
+
+def test_zero_noise_is_exactly_digital_in_train_and_eval():
+    digital = tiny_net()
+    analog = convert_to_analog(digital, AnalogConfig(sigma=0.0, mean_shift=0.0))
+    x = batch()
+    for mode in (True, False):
+        digital.train(mode)
+        analog.train(mode)
+        assert torch.equal(analog(x), digital(x))
+    program_chip(analog, 3)  # a chip at zero noise is still exact
+    assert torch.equal(analog.eval()(x), digital.eval()(x))
+    for a, d in zip(analog.state_dict().values(), digital.state_dict().values(), strict=True):
+        assert torch.equal(a, d)  # BN running statistics updated identically
+
+
+def test_conversion_swaps_expected_layers_and_keeps_parameters():
+    digital = tiny_net()
+    analog = convert_to_analog(digital, AnalogConfig(sigma=0.1))
+    kinds = [type(m).__name__ for m in analog]
+    assert kinds[:2] == ["AnalogConv2d", "AnalogBatchNorm2d"]
+    assert kinds[4] == "AnalogIdentity" and kinds[-1] == "AnalogLinear"
+    assert type(digital[0]) is nn.Conv2d  # a copy by default, the original is untouched
+    plain = convert_to_analog(
+        digital, AnalogConfig(sigma=0.1, analog_bn=False, identity_noise=False)
+    )
+    assert type(plain[1]) is nn.BatchNorm2d and type(plain[4]) is nn.Identity
+
+
+# ----------------------------------------------------------------------------- noise maths
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "uniform"])
+@pytest.mark.parametrize("scale", ["half_range", "abs_max"])
+@pytest.mark.parametrize("train", [True, False])
+def test_perturbation_moments_per_tensor(distribution, scale, train):
+    torch.manual_seed(0)
+    layer = nn.Linear(1024, 512, bias=False)
+    with torch.no_grad():
+        layer.weight.mul_(3.0).add_(0.5)  # asymmetric: half range != abs max
+    sigma, mu = 0.07, -0.03
+    cfg = AnalogConfig(sigma=sigma, mean_shift=mu, distribution=distribution, scale=scale)
+    analog = convert_to_analog(layer, cfg)
+    program_chip(analog, 11)
+    w = analog.weight.detach()
+    r = ((w.max() - w.min()) / 2 if scale == "half_range" else w.abs().max()).item()
+    nu = noisy_weight(analog, train)[0] - w
+    check_moments(nu, mu * r, sigma * r, distribution)
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "uniform"])
+@pytest.mark.parametrize("scale", ["half_range", "abs_max"])
+def test_perturbation_moments_per_channel(distribution, scale):
+    torch.manual_seed(0)
+    layer = nn.Linear(4096, 64, bias=False)
+    with torch.no_grad():  # rows with ranges spanning 100x
+        layer.weight.mul_(torch.logspace(-1, 1, 64).unsqueeze(1))
+    sigma, mu = 0.05, 0.02
+    cfg = AnalogConfig(
+        sigma=sigma, mean_shift=mu, distribution=distribution, scale=scale, per_channel=True
+    )
+    analog = convert_to_analog(layer, cfg)
+    w = analog.weight.detach()
+    if scale == "half_range":
+        r = (w.amax(1, keepdim=True) - w.amin(1, keepdim=True)) / 2
+    else:
+        r = w.abs().amax(1, keepdim=True)
+    nu = noisy_weight(analog, True)[0] - w
+    check_moments(nu / r, mu, sigma, distribution)  # pooled, normalised by each row's range
+    # and each row alone is on its own scale (a per-tensor range would fail for small rows)
+    row_std = (nu / r).std(dim=1)
+    assert torch.all((row_std - sigma).abs() < 5 * sigma * math.sqrt(2 / 4096) * 1.5)
+
+
+def test_tensor_range_shapes():
+    w = torch.randn(6, 3, 2, 2)
+    assert tensor_range(w, "half_range").shape == ()
+    assert tensor_range(w, "abs_max", per_channel=True).shape == (6, 1, 1, 1)
+
+
+# ----------------------------------------------------------------------------- bias mapping
+
+
+def bias_layer(bias_mode: str):
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 200_000)
+    with torch.no_grad():
+        layer.weight.uniform_(-1.0, 1.0)  # r(W) = 1 (up to sampling)
+        layer.bias.uniform_(-0.01, 0.01)  # r(b) = 0.01: 100x smaller
+    return convert_to_analog(layer, AnalogConfig(sigma=0.1, bias=bias_mode))
+
+
+@pytest.mark.parametrize("mode", ["separate", "shared", "digital"])
+def test_bias_mapping(mode):
+    analog = bias_layer(mode)
+    w, b = analog.weight.detach(), analog.bias.detach()
+    nu_b = noisy_weight(analog, True)[1] - b
+    r = {"separate": (b.max() - b.min()) / 2, "shared": (w.max() - w.min()) / 2}
+    if mode == "digital":
+        assert torch.equal(nu_b, torch.zeros_like(b))
+    else:
+        check_moments(nu_b, 0.0, 0.1 * r[mode].item(), "gaussian")
+
+
+# ----------------------------------------------------------------------------- analog BN
+
+
+def trained_bn():
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(32)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2.0)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-2.0, 2.0)
+        bn.running_var.uniform_(0.5, 3.0)
+    return bn
+
+
+def test_analog_batchnorm_perturbs_the_per_channel_affine():
+    bn = trained_bn()
+    sigma, mu = 0.1, 0.05
+    analog = convert_to_analog(bn, AnalogConfig(sigma=sigma, mean_shift=mu)).eval()
+    program_chip(analog, 5)
+    w = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    b = bn.bias - bn.running_mean * w
+    r_w, r_b = (w.max() - w.min()) / 2, (b.max() - b.min()) / 2
+    w_chip = w + r_w * (mu + sigma * analog.chip_weight)
+    b_chip = b + r_b * (mu + sigma * analog.chip_bias)
+    x = torch.randn(4, 32, 5, 5)
+    expected = x * w_chip.view(1, -1, 1, 1) + b_chip.view(1, -1, 1, 1)
+    torch.testing.assert_close(analog(x), expected, rtol=1e-5, atol=1e-5)
+    # the gradient still reaches gamma and beta (the perturbation is a constant)
+    analog(x).sum().backward()
+    assert analog.weight.grad is not None and analog.bias.grad is not None
+
+
+def test_analog_batchnorm_trains_and_updates_running_stats():
+    analog = convert_to_analog(trained_bn(), AnalogConfig(sigma=0.1)).train()
+    before = analog.running_mean.clone()
+    x = torch.randn(8, 32, 4, 4)
+    y1, y2 = analog(x), analog(x)
+    assert not torch.equal(y1, y2)  # fresh noise per forward
+    assert not torch.equal(analog.running_mean, before)
+    assert analog.num_batches_tracked.item() == 2
+
+
+# ----------------------------------------------------------------------------- identity
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_identity_noise_is_multiplicative_per_channel(train):
+    analog = convert_to_analog(nn.Identity(), AnalogConfig(sigma=0.08, mean_shift=0.01))
+    program_chip(analog, 2)
+    analog.train(train)
+    x = torch.rand(3, 20_000, 2, 2) + 0.5
+    gain = analog(x) / x
+    # one gain per channel, shared by the batch and the spatial positions
+    torch.testing.assert_close(gain, gain[:1, :, :1, :1].expand_as(gain))
+    check_moments(gain[0, :, 0, 0] - 1.0, 0.01, 0.08, "gaussian")
+
+
+# ----------------------------------------------------------------------------- chips
+
+
+def test_programmed_chip_is_frozen_and_seeded():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(sigma=0.1)).eval()
+    x = batch()
+    clean = analog(x)
+    program_chip(analog, 1)
+    a1, a2 = analog(x), analog(x)
+    assert torch.equal(a1, a2) and not torch.equal(a1, clean)
+    program_chip(analog, 2)
+    assert not torch.allclose(analog(x), a1)
+    program_chip(analog, 1)
+    assert torch.equal(analog(x), a1)  # reproducible from the seed
+    cimsim.clear_chip(analog)
+    assert torch.equal(analog(x), clean)
+    analog.train()
+    assert not torch.equal(analog(x), analog(x))  # training: fresh draws every forward
+
+
+def test_chip_draws_do_not_depend_on_sigma():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(sigma=0.05)).eval()
+    program_chip(analog, 9)
+    conv = analog[0]
+    nu_a = noisy_weight(conv, False)[0] - conv.weight
+    set_noise(analog, sigma=0.15)
+    nu_b = noisy_weight(conv, False)[0] - conv.weight
+    torch.testing.assert_close(nu_b, 3.0 * nu_a, rtol=1e-5, atol=1e-7)
+
+
+def test_state_dict_never_holds_a_perturbation_and_round_trips():
+    digital = tiny_net()
+    analog = convert_to_analog(digital, AnalogConfig(sigma=0.1, adc_levels=4))
+    program_chip(analog, 4)
+    assert list(analog.state_dict()) == list(digital.state_dict())
+    fresh_digital = tiny_net()
+    for p in fresh_digital.parameters():
+        nn.init.normal_(p)
+    analog.load_state_dict(fresh_digital.state_dict())  # digital -> analog, strict
+    back = tiny_net()
+    back.load_state_dict(analog.state_dict())  # analog -> digital, strict
+    for k, v in fresh_digital.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v)
+
+
+# ----------------------------------------------------------------------------- gradients
+
+
+def test_gradient_is_the_digital_gradient_at_the_perturbed_weights():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    analog = convert_to_analog(conv, AnalogConfig(sigma=0.2, mean_shift=0.05)).eval()
+    program_chip(analog, 7)
+    w_noisy, b_noisy = (t.detach() for t in noisy_weight(analog, False))
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    F.conv2d(x, w_noisy.requires_grad_(), b_noisy.requires_grad_(), padding=1).pow(
+        2
+    ).sum().backward()
+    x2 = x.detach().clone().requires_grad_()
+    analog(x2).pow(2).sum().backward()
+    torch.testing.assert_close(analog.weight.grad, w_noisy.grad)
+    torch.testing.assert_close(analog.bias.grad, b_noisy.grad)
+    torch.testing.assert_close(x2.grad, x.grad)
+
+
+def test_training_gradient_uses_the_fresh_perturbation():
+    torch.manual_seed(0)
+    lin = nn.Linear(5, 3)
+    analog = convert_to_analog(lin, AnalogConfig(sigma=0.3)).train()
+    x = torch.randn(4, 5)
+    torch.manual_seed(123)
+    analog(x).square().sum().backward()
+    torch.manual_seed(123)  # replay the draws: weight first, then bias
+    eps_w, eps_b = torch.randn(3, 5), torch.randn(3)
+    w, b = lin.weight.detach(), lin.bias.detach()
+    w_noisy = (w + 0.3 * eps_w * tensor_range(w, "half_range")).requires_grad_()
+    b_noisy = (b + 0.3 * eps_b * tensor_range(b, "half_range")).requires_grad_()
+    F.linear(x, w_noisy, b_noisy).square().sum().backward()
+    torch.testing.assert_close(analog.weight.grad, w_noisy.grad)
+    torch.testing.assert_close(analog.bias.grad, b_noisy.grad)
+
+
+# ----------------------------------------------------------------------------- ADC
+
+
+@pytest.mark.parametrize("levels", [2, 3, 5, 18])
+def test_adc_output_has_at_most_n_levels_and_contains_zero(levels):
+    x = torch.randn(10_000) * 3 + 0.5
+    lo, hi = torch.tensor(-2.0), torch.tensor(4.0)
+    q = cimsim.adc_quantize(x, lo, hi, levels)
+    values = q.unique()
+    assert len(values) <= levels
+    steps = values.diff()
+    torch.testing.assert_close(steps, torch.full_like(steps, steps[0].item()))  # uniform grid
+    assert (values.abs() < 1e-6).any() or levels == 2  # 0 exactly representable
+
+
+def test_adc_gradient_is_straight_through_inside_the_range():
+    x = torch.linspace(-3, 5, 101, requires_grad=True)
+    q = cimsim.adc_quantize(x, torch.tensor(-1.0), torch.tensor(3.0), 5)
+    q.sum().backward()
+    inside = (x >= -1.0) & (x <= 3.0)
+    assert torch.equal(x.grad, inside.float())
+
+
+def test_adc_calibration_and_levels():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(sigma=0.05, adc_levels=3)).eval()
+    program_chip(analog, 0)
+    seen = {}
+    adc = analog[3]
+    adc.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    with pytest.raises(RuntimeError, match="calibrate_adc"):
+        analog(batch())
+    assert cimsim.calibrate_adc(analog, [(batch(), None)] * 3) == 3
+    analog(batch())
+    assert seen["out"].unique().numel() <= 3
+    cimsim.set_adc(analog, None)
+    analog(batch())
+    assert seen["out"].unique().numel() > 100
+
+
+def test_layer_placement_quantizes_every_analog_layer():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(adc_levels=4, adc_placement="layer"))
+    placed = [a for a in cimsim.adc.adcs(analog)]
+    assert len(placed) == 5  # 2 convs, 2 BNs, 1 linear; the marker is inactive
+    assert not analog[3].active
+    cimsim.calibrate_adc(analog.eval(), [batch()])
+    assert analog(batch()).unique().numel() <= 4
+
+
+def test_adc_in_the_loop_trains_through():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(adc_levels=4)).train()
+    analog(batch()).sum().backward()  # train mode tracks the range and quantizes
+    assert analog[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "kwargs, key",
+    [
+        ({"sigma": -1}, "sigma"),
+        ({"sigma": "big"}, "sigma"),
+        ({"mean_shift": float("nan")}, "mean_shift"),
+        ({"distribution": "cauchy"}, "distribution"),
+        ({"scale": "rms"}, "scale"),
+        ({"per_channel": "yes"}, "per_channel"),
+        ({"bias": "folded"}, "bias"),
+        ({"analog_bn": None}, "analog_bn"),
+        ({"identity_noise": 2}, "identity_noise"),
+        ({"adc_levels": 1}, "adc_levels"),
+        ({"adc_levels": 4.5}, "adc_levels"),
+        ({"adc_placement": "everywhere"}, "adc_placement"),
+    ],
+)
+def test_invalid_config_values_name_the_field(kwargs, key):
+    with pytest.raises(ValueError, match=f"^{key}=") as info:
+        AnalogConfig(**kwargs)
+    assert isinstance(info.value, ConfigError) and info.value.key == key
+
+
+def test_invalid_runtime_values():
+    analog = convert_to_analog(tiny_net(), AnalogConfig())
+    with pytest.raises(ValueError, match="sigma=-0.1"):
+        set_noise(analog, sigma=-0.1)
+    with pytest.raises(ValueError, match="adc_levels=1"):
+        cimsim.set_adc(analog, 1)
+    with pytest.raises(ValueError, match="convert_to_analog"):
+        program_chip(tiny_net(), 0)
+    with pytest.raises(ValueError, match="adc_placement"):
+        convert_to_analog(nn.Linear(2, 2), AnalogConfig(adc_levels=4))
