@@ -70,7 +70,7 @@ def perturbation(
     return out.mul_(r)
 
 
-def chip_seed(seed: int, name: str) -> int:
+def tensor_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one stored tensor of chip ``seed``, from the tensor's qualified name.
 
     Deriving per tensor (not from one stream) keeps a tensor's draws independent of every other
@@ -85,6 +85,6 @@ def chip_noise(
 ) -> torch.Tensor:
     """The standard draws ``eps`` of tensor ``name`` on chip ``seed``: drawn on the CPU so the same
     seed gives the same chip on any device, then moved."""
-    g = torch.Generator(device="cpu").manual_seed(chip_seed(seed, name))
+    g = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))
     eps = standard_noise(shape, distribution, generator=g)
     return eps.to(device=device, dtype=dtype)

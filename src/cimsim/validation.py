@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 
@@ -18,7 +19,7 @@ class ConfigError(ValueError):
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
     def with_prefix(self, prefix: str) -> ConfigError:
-        if not prefix or self.key.startswith(prefix + "."):
+        if not prefix or "." in self.key:  # already fully qualified
             return self
         return ConfigError(f"{prefix}.{self.key}", self.value, self.allowed)
 
@@ -47,3 +48,18 @@ def check_int(key: str, value: Any, *, minimum: int | None = None) -> None:
         raise ConfigError(key, value, "must be an integer")
     if minimum is not None and value < minimum:
         raise ConfigError(key, value, f"must be an integer >= {minimum}")
+
+
+@contextmanager
+def config_scope(prefix: str) -> Iterator[None]:
+    """Re-key a ``ConfigError`` raised inside (or wrapped by Hydra's ``instantiate``) under the
+    config group ``prefix``, so ``batch_size=0`` reads ``data.batch_size=0``."""
+    try:
+        yield
+    except Exception as err:
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__
+        if cause is None:
+            raise
+        raise cause.with_prefix(prefix) from None

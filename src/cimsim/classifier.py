@@ -1,0 +1,186 @@
+"""``AnalogClassifier``: the LightningModule that trains an analog network with HA-SGD."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from contextlib import nullcontext
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torchmetrics import MeanMetric
+
+from cimsim.config import AnalogConfig
+from cimsim.convert import convert_to_analog
+from cimsim.hasgd import hasgd_backward
+from cimsim.validation import ConfigError, check_int, config_scope
+
+VAL_CHIP_SEED = 0  # the same chips every epoch: the val/acc_noisy curve reflects the weights
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """Build a network from ``{"_target_": "module.Class", **kwargs}`` (no Hydra needed)."""
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", None)
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(
+            "_target_", target, "must be a dotted path like 'cimsim.wide_resnet.WideResNet'"
+        )
+    module_name, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError("_target_", target, f"cannot be imported ({err})") from err
+    return cls(**kwargs)
+
+
+class AnalogClassifier(pl.LightningModule):
+    """An image classifier whose network runs on a simulated analog chip, trained by HA-SGD.
+
+    Args:
+        net: how to build the digital network: ``{"_target_": "pkg.Class", **kwargs}``. Kept as a
+            spec (not a module) so a checkpoint reloads with ``load_from_checkpoint(path)`` alone.
+        chip: the training perturbation q (and ADC, when trained in the loop), as an
+            ``AnalogConfig`` or its fields. Override it when loading to run on another chip.
+        samples: L, the perturbation samples per HA-SGD step (1 = plain noise injection).
+        optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
+        scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or ``None``.
+        val_chips: programmed chips at the training noise averaged into ``val/acc_noisy``.
+    """
+
+    def __init__(
+        self,
+        net: dict[str, Any],
+        chip: AnalogConfig | dict[str, Any] | None = None,
+        samples: int = 1,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        val_chips: int = 3,
+    ):
+        super().__init__()
+        check_int("L", samples, minimum=1)
+        check_int("val_chips", val_chips, minimum=0)
+        chip = chip if chip is not None else AnalogConfig()
+        chip = chip if isinstance(chip, AnalogConfig) else AnalogConfig(**chip)
+        self.save_hyperparameters(
+            {
+                "net": dict(net),
+                "chip": dataclasses.asdict(chip),
+                "samples": samples,
+                "val_chips": val_chips,
+            }
+        )
+        self.chip, self.samples, self.val_chips = chip, samples, val_chips
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        with config_scope("model"):
+            network = build_network(net)
+        self.net = convert_to_analog(network, chip, inplace=True)
+        # Per-sample means (exact over uneven last batches, synchronized across DDP ranks).
+        self.metrics = nn.ModuleDict(
+            {
+                f"{stage}_{name}": MeanMetric()
+                for stage in ("val", "test")
+                for name in ("acc", "loss")
+            }
+        )
+        # L backward passes per step: Lightning's automatic loop would step after each one.
+        self.automatic_optimization = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, num_classes) logits
+
+    def _no_sync(self):
+        """Suspends DDP's gradient all-reduce for all but the last of the L backward passes."""
+        model = self.trainer.strategy.model if self._trainer is not None else None
+        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        opt = self.optimizers()
+        opt.zero_grad()
+        correct = []
+
+        def closure():  # one forward at w + dw_l: the analog layers draw dw_l in train mode
+            logits = self.net(x)
+            correct.append((logits.detach().argmax(1) == y).float().mean())
+            return F.cross_entropy(logits, y)
+
+        loss = hasgd_backward(closure, self.samples, self.manual_backward, self._no_sync)
+        opt.step()
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
+        self.log("train/acc", torch.stack(correct).mean(), on_epoch=True, prog_bar=True)
+        return loss
+
+    def on_train_epoch_end(self):
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"])
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _clean_step(self, batch, stage: str):
+        x, y = batch
+        logits = self.net(x)  # eval mode and no chip programmed: the clean network
+        acc, loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
+        acc.update((logits.argmax(1) == y).float())
+        loss.update(F.cross_entropy(logits, y, reduction="none"))
+        self.log(f"{stage}/acc", acc, prog_bar=True)
+        self.log(f"{stage}/loss", loss)
+
+    def validation_step(self, batch, batch_idx):
+        self._clean_step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._clean_step(batch, "test")
+
+    def on_validation_epoch_end(self):
+        """``val/acc_noisy``: mean accuracy over ``val_chips`` programmed chips at the training
+        noise (the clean accuracy when ``val_chips=0`` or the chip is noise-free)."""
+        if self.trainer.sanity_checking:
+            return
+        if self.val_chips == 0 or not self.chip.noisy:
+            self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
+            return
+        from cimsim.robustness import RobustnessGrid, evaluate_robustness
+
+        grid = RobustnessGrid(
+            sigmas=[self.chip.sigma],
+            mean_shifts=[self.chip.mean_shift],
+            adc_levels=[self.chip.adc_levels],
+            chips=self.val_chips,
+        )
+        limit = self.trainer.limit_val_batches
+        result = evaluate_robustness(
+            self.net,
+            self.trainer.val_dataloaders,
+            grid,
+            seed=VAL_CHIP_SEED,
+            progress=False,
+            calib_loader=self.trainer.train_dataloader if self.chip.adc_levels else None,
+            max_batches=limit if isinstance(limit, int) else None,
+            calib_batches=4,
+        )
+        self.log(
+            "val/acc_noisy", float(result.summary[0]["acc_mean"]), prog_bar=True, sync_dist=True
+        )
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("AnalogClassifier needs an optimizer factory to train")
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    # Resuming continues the same random streams (noise draws, shuffling) as the interrupted run.
+    def on_save_checkpoint(self, checkpoint):
+        checkpoint["rng_states"] = _collect_rng_states()
+
+    def on_load_checkpoint(self, checkpoint):
+        if "rng_states" in checkpoint and self._trainer is not None:
+            _set_rng_states(checkpoint["rng_states"])

@@ -1,0 +1,59 @@
+"""Shared fixtures: compose the real Hydra configs, shrunk to run in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+# Small, fast and offline: runs never touch the network or the GPU.
+FAST = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=2",
+    "+trainer.limit_test_batches=2",
+    "+trainer.enable_progress_bar=false",
+    "model.widen_factor=1",
+    "val_chips=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def _offline_and_single_threaded(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    GlobalHydra.instance().clear()
+
+
+def compose_cfg(config_name: str, out_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The real config, composed as the CLI would, with the run directory set to ``out_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path):
+    """``compose_train(overrides)`` -> the shrunk training config writing under tmp_path."""
+
+    def make(overrides: list[str] = (), out: Path | None = None) -> DictConfig:
+        return compose_cfg("train", out or tmp_path, FAST + list(overrides))
+
+    return make

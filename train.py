@@ -1,0 +1,127 @@
+"""Train an analog-robust network with HA-SGD (Wan et al. 2022).
+
+    python train.py                                  # digits, WRN-10-2, clean training
+    python train.py noise.sigma=0.05 hasgd.L=4       # HA-SGD at 5 % relative weight noise
+    python train.py -m noise.sigma=0,0.05,0.1        # a sweep, one run per value
+    python train.py ckpt_path=PATH/last.ckpt         # resume an interrupted run
+
+The config lives in conf/ (train.yaml and one folder per concern); `python train.py --help`
+prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cimsim import AnalogConfig, ConfigError
+from cimsim.classifier import AnalogClassifier
+from cimsim.tracking import default_wandb_mode, finish_wandb
+from cimsim.validation import check_int, config_scope
+
+log = logging.getLogger("cimsim.train")
+
+
+def chip_config(cfg: DictConfig) -> AnalogConfig:
+    """The training chip from the ``noise`` (device) and ``quant`` (ADC) groups."""
+    noise, quant = OmegaConf.to_container(cfg.noise), OmegaConf.to_container(cfg.quant)
+    try:
+        return AnalogConfig(**noise, **quant)
+    except ConfigError as err:
+        raise err.with_prefix("quant" if err.key in quant else "noise") from None
+    except TypeError as err:  # an unknown key such as noise.sigmaa
+        raise ConfigError("noise", sorted(noise) + sorted(quant), str(err)) from None
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    default_wandb_mode()
+    with config_scope("logger"):
+        return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+
+
+def build_callbacks(cfg: DictConfig) -> list:
+    with config_scope("callbacks"):
+        return [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+
+
+def build(cfg: DictConfig):
+    """Every object of the run, built (and so validated) before any training starts."""
+    check_int("val_chips", cfg.val_chips, minimum=0)
+    with config_scope("data"):
+        datamodule = instantiate(cfg.data)
+    net = {
+        **OmegaConf.to_container(cfg.model),
+        "num_classes": datamodule.num_classes,
+        "in_channels": datamodule.in_channels,
+    }
+    with config_scope("hasgd"):
+        hasgd = instantiate(cfg.hasgd)
+        model = AnalogClassifier(
+            net=net,
+            chip=chip_config(cfg),
+            samples=hasgd.L,
+            optimizer=hasgd.optimizer,
+            scheduler=hasgd.get("scheduler"),
+            val_chips=cfg.val_chips,
+        )
+    loggers, callbacks = build_loggers(cfg), build_callbacks(cfg)
+    with config_scope("trainer"):
+        trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
+    return datamodule, model, trainer
+
+
+def train(cfg: DictConfig) -> float | None:
+    """Fit, checkpoint and test one model; return ``cfg.optimized_metric`` for sweeps."""
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg)
+    try:
+        return fit_and_test(cfg, datamodule, model, trainer)
+    finally:
+        finish_wandb()
+
+
+def fit_and_test(cfg: DictConfig, datamodule, model, trainer) -> float | None:
+    for logger in trainer.loggers:
+        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if not best:  # fast_dev_run and friends save nothing: every run still ends with a checkpoint
+        best = str(ckpt_dir / "last.ckpt")
+        trainer.save_checkpoint(best)
+    metrics = dict(trainer.callback_metrics)  # test() replaces them
+    if cfg.get("test"):
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        metrics.update(trainer.callback_metrics)
+    report(cfg, trainer, best, metrics)
+    metric = metrics.get(cfg.optimized_metric)
+    return None if metric is None else float(metric)
+
+
+def report(cfg: DictConfig, trainer: pl.Trainer, best: str, metrics: dict) -> None:
+    """Print where everything went and the final metrics."""
+    lines = [f"output dir : {cfg.paths.output_dir}", f"checkpoint : {best}"]
+    for logger in trainer.loggers:
+        lines.append(f"{type(logger).__name__:<11}: {logger.save_dir or logger.log_dir}")
+    shown = {k: round(float(v), 4) for k, v in sorted(metrics.items()) if "/" in k}
+    lines.append(f"metrics    : {shown}")
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        return train(cfg)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
