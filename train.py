@@ -42,12 +42,12 @@ def chip_config(cfg: DictConfig) -> AnalogConfig:
 def build_loggers(cfg: DictConfig) -> list:
     default_wandb_mode()
     with config_scope("logger"):
-        return [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+        return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
 def build_callbacks(cfg: DictConfig) -> list:
     with config_scope("callbacks"):
-        return [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+        return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
 
 
 def build(cfg: DictConfig):

@@ -25,6 +25,11 @@ FAST = [
     "+trainer.enable_progress_bar=false",
     "model.widen_factor=1",
     "val_chips=2",
+    "callbacks.robustness.every_n_epochs=1",
+    "callbacks.robustness.chips=2",
+    "callbacks.robustness.max_batches=1",
+    "callbacks.robustness.final.chips=2",
+    "callbacks.robustness.final.sigmas=[0.0,0.1]",
 ]
 
 

@@ -77,6 +77,11 @@ def check(cfg, group, tmp_path):
     elif group in ("logger", "callbacks"):
         for node in (cfg.get(group) or {}).values():
             assert instantiate(node) is not None
+    elif group == "robustness":
+        from cimsim.robustness import SWEEPS
+        from evaluate import grid_for
+
+        assert grid_for(cfg, train_sigma=0.05).chips >= 1 and cfg.robustness.x in SWEEPS
     elif group == "experiment":
         check_data(cfg, tmp_path)
         assert OmegaConf.to_container(cfg, resolve=True)
@@ -86,7 +91,10 @@ def check(cfg, group, tmp_path):
 
 @pytest.mark.parametrize("group, choice", CHOICES, ids=[f"{g}/{c}" for g, c in CHOICES])
 def test_config_composes_and_instantiates(train_cfg, tmp_path, group, choice):
-    cfg = train_cfg([f"{group}={choice}"])
+    if group == "robustness":  # evaluate.py's group
+        cfg = compose_cfg("evaluate", tmp_path, [f"{group}={choice}"])
+    else:
+        cfg = train_cfg([f"{group}={choice}"])
     check(cfg, group, tmp_path)
 
 

@@ -92,6 +92,17 @@ class AnalogClassifier(pl.LightningModule):
         # L backward passes per step: Lightning's automatic loop would step after each one.
         self.automatic_optimization = False
 
+    @property
+    def label(self) -> str:
+        """How this model is named in robustness tables and figures: its training recipe."""
+        c = self.chip
+        parts = [f"train sigma={c.sigma:g}", f"L={self.samples}"]
+        if c.mean_shift:
+            parts.append(f"mu={c.mean_shift:g}")
+        if c.adc_levels:
+            parts.append(f"ADC {c.adc_levels}")
+        return ", ".join(parts)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, num_classes) logits
 
@@ -180,6 +191,13 @@ class AnalogClassifier(pl.LightningModule):
     # Resuming continues the same random streams (noise draws, shuffling) as the interrupted run.
     def on_save_checkpoint(self, checkpoint):
         checkpoint["rng_states"] = _collect_rng_states()
+        datamodule = self.trainer.datamodule if self._trainer is not None else None
+        if datamodule is not None:  # so evaluate.py finds the test set without being told
+            cls = type(datamodule)
+            checkpoint["datamodule"] = {
+                "_target_": f"{cls.__module__}.{cls.__qualname__}",
+                **datamodule.hparams,
+            }
 
     def on_load_checkpoint(self, checkpoint):
         if "rng_states" in checkpoint and self._trainer is not None:

@@ -37,3 +37,43 @@ def finish_wandb() -> None:
 
     if wandb.run is not None:
         wandb.finish()
+
+
+def log_robustness(
+    summary: list[dict],
+    rows: list[dict],
+    x: str,
+    plot: str | os.PathLike | None,
+    prefix: str = "robust",
+) -> None:
+    """Log a robustness study to the active W&B run: the per-chip rows and the summary as
+    tables, one accuracy-vs-``x`` line per model, and the PNG figure (if any). No-op without
+    a run."""
+    import wandb
+
+    if wandb.run is None:
+        return
+    lines: dict[str, list[dict]] = {}
+    for s in summary:
+        if s.get(x) is not None:
+            lines.setdefault(str(s.get("model", "model")), []).append(s)
+    xs = sorted({s[x] for entries in lines.values() for s in entries})
+    ys = [
+        [next((s["acc_mean"] for s in entries if s[x] == v), None) for v in xs]
+        for entries in lines.values()
+    ]
+    payload = {f"{prefix}/rows": _table(rows), f"{prefix}/summary": _table(summary)}
+    if plot is not None:
+        payload[f"{prefix}/figure"] = wandb.Image(str(plot))
+    if xs:
+        payload[f"{prefix}/acc_vs_{x}"] = wandb.plot.line_series(
+            xs=xs, ys=ys, keys=list(lines), title=f"accuracy vs {x}", xname=x
+        )
+    wandb.log(payload)
+
+
+def _table(records: list[dict]):
+    import wandb
+
+    columns = list(records[0]) if records else []
+    return wandb.Table(columns=columns, data=[[r.get(c) for c in columns] for r in records])

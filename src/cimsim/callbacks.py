@@ -1,0 +1,93 @@
+"""``RobustnessMonitor``: the robustness curve while training, and the full sweep at the end."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+
+from cimsim.robustness import RobustnessGrid, evaluate_robustness, format_summary
+from cimsim.study import Subject, run_study
+from cimsim.tracking import log_robustness
+from cimsim.validation import check_int
+
+
+class RobustnessMonitor(pl.Callback):
+    """Monte Carlo robustness during and after ``fit``.
+
+    Every ``every_n_epochs`` epochs: a small sweep over ``sigmas`` with ``chips`` chips on the
+    first ``max_batches`` validation batches, logged as ``robust/val_acc@sigma=S`` scalars (one
+    evolving line per sigma on a dashboard) and, on W&B, as a curve. At the end of ``fit``: the
+    full ``final`` grid on the test set with the best checkpoint's weights, written next to the
+    checkpoints as ``robustness_*.csv/json/png`` (the files of ``evaluate.py``).
+
+    Args:
+        every_n_epochs: period of the small sweep; 0 switches it off.
+        sigmas: test sigmas of the small sweep.
+        chips: chips per sigma in the small sweep.
+        max_batches: validation batches per chip in the small sweep (None = all).
+        final: the end-of-fit grid; None switches it off.
+        seed: chip seed of both sweeps (the same chips every time: common random numbers).
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        sigmas: Sequence[float] = (0.0, 0.05, 0.1, 0.15),
+        chips: int = 3,
+        max_batches: int | None = 4,
+        final: RobustnessGrid | None = None,
+        seed: int = 0,
+    ):
+        check_int("every_n_epochs", every_n_epochs, minimum=0)
+        self.every_n_epochs, self.max_batches, self.final, self.seed = (
+            every_n_epochs,
+            max_batches,
+            final,
+            seed,
+        )
+        self.grid = RobustnessGrid(sigmas=list(sigmas), chips=chips)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
+            return
+        result = evaluate_robustness(
+            pl_module.net,
+            trainer.val_dataloaders,
+            self.grid,
+            self.seed,
+            progress=False,
+            max_batches=self.max_batches,
+        )
+        for s in result.summary:
+            pl_module.log(f"robust/val_acc@sigma={s['sigma']:g}", s["acc_mean"], sync_dist=True)
+        if trainer.is_global_zero:
+            log_robustness(result.summary, result.rows, "sigma", plot=None, prefix="robust/val")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if self.final is None or not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        module = (
+            type(pl_module).load_from_checkpoint(
+                best, map_location=pl_module.device, weights_only=False
+            )
+            if best
+            else pl_module
+        )
+        datamodule = trainer.datamodule
+        datamodule.setup("test")
+        result, files = run_study(
+            [Subject(module.label, module.net.eval(), self.final, ckpt=best)],
+            datamodule.test_dataloader(),
+            trainer.default_root_dir,
+            self.seed,
+            "sigma",
+            calib_loader=datamodule.val_dataloader(),
+            progress=True,
+            title=f"test accuracy vs. sigma, {self.final.chips} chips per point",
+        )
+        log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")
+        print(format_summary(result.summary))
+        print(f"robustness: {files.plot}")
