@@ -4,10 +4,13 @@
     python evaluate.py 'ckpt=[A.ckpt,B.ckpt]'                    # several models, one figure
     python evaluate.py ckpt_glob='outputs/train/runs/*/checkpoints/epoch_*.ckpt'
     python evaluate.py ckpt=A.ckpt robustness=mean_shift_sweep   # or robustness=adc_sweep
+    python evaluate.py sweep_dir=outputs/train/multiruns/<date>  # every job of a train.py -m sweep
+    python evaluate.py ckpt=A.ckpt devices=4                     # chips split over 4 processes
 
 Writes robustness_rows.csv (one row per chip and grid point), robustness_summary.csv,
 robustness.json and robustness.png into outputs/evaluate/<run_name>/, logs them to W&B, and
 prints a summary table. Rerunning the same command resumes from the rows already written.
+A sweep's study goes to <sweep_dir>/evaluate/<run_name>/.
 """
 
 from __future__ import annotations
@@ -19,21 +22,38 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.utils import instantiate
+from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from cimsim import ConfigError
 from cimsim.classifier import AnalogClassifier
 from cimsim.robustness import SWEEPS, RobustnessGrid, format_summary
-from cimsim.study import Subject, run_study
+from cimsim.study import Evaluation, Subject, run_study
 from cimsim.tracking import default_wandb_mode, log_robustness
-from cimsim.validation import check_choice, config_scope
+from cimsim.validation import check_choice, check_int, config_scope
 
 TRAIN_SIGMA = "train"  # in robustness.sigmas: each model's own training sigma
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+
+
+def output_dir(sweep_dir: str | None, task_name: str, run_name: str) -> str:
+    """Where a study writes: next to the sweep it evaluates, else outputs/<task>/<run_name>."""
+    return f"{sweep_dir}/evaluate/{run_name}" if sweep_dir else f"outputs/{task_name}/{run_name}"
+
+
+OmegaConf.register_new_resolver("eval_dir", output_dir, replace=True)
 
 
 def checkpoint_paths(cfg: DictConfig) -> list[Path]:
-    """The checkpoints named by ``ckpt`` (a path or a list) or ``ckpt_glob``; all must exist."""
-    if cfg.get("ckpt_glob"):
+    """The checkpoints named by ``ckpt`` (a path or a list), ``ckpt_glob``, or ``sweep_dir`` (the
+    best checkpoint of every job of a ``train.py -m`` sweep); all must exist."""
+    if cfg.get("sweep_dir"):
+        if not Path(cfg.sweep_dir).is_dir():
+            raise ConfigError("sweep_dir", cfg.sweep_dir, "no such directory")
+        paths = sorted(glob.glob(f"{cfg.sweep_dir}/**/checkpoints/epoch_*.ckpt", recursive=True))
+        if not paths:
+            raise ConfigError("sweep_dir", cfg.sweep_dir, "holds no */checkpoints/epoch_*.ckpt")
+    elif cfg.get("ckpt_glob"):
         paths = sorted(glob.glob(cfg.ckpt_glob, recursive=True))
         if not paths:
             raise ConfigError("ckpt_glob", cfg.ckpt_glob, "matches no file")
@@ -93,30 +113,32 @@ def load_datamodule(cfg: DictConfig, path: Path):
 
 
 def evaluate(cfg: DictConfig):
-    """Run the study and write its files; returns the ``RobustnessResult``."""
+    """Run the study and write its files; returns the ``RobustnessResult`` (on every rank)."""
     paths = checkpoint_paths(cfg)
     grid_for(cfg, 0.0)  # validate the grid before loading anything
     check_choice("robustness.x", cfg.robustness.x, SWEEPS)
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("device", cfg.device, "allowed values are 'auto', 'cpu', 'cuda'")
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if cfg.device == "auto" else cfg.device)
+    check_choice("accelerator", cfg.accelerator, ACCELERATORS)
+    check_int("devices", cfg.devices, minimum=1)
+    check_int("num_nodes", cfg.num_nodes, minimum=1)
+    fabric = launch(cfg)
     datamodule = load_datamodule(cfg, paths[0])
-    subjects = load_subjects(cfg, paths, device)
-    run = start_wandb(cfg)
+    subjects = load_subjects(cfg, paths, fabric.device)
     r = cfg.robustness
-    result, files = run_study(
-        subjects,
+    ev = Evaluation(
         datamodule.test_dataloader(),
-        cfg.paths.output_dir,
         cfg.seed,
-        r.x,
-        calib_loader=datamodule.val_dataloader(),
-        progress=cfg.progress,
-        max_batches=r.max_batches,
-        calib_batches=r.calib_batches,
-        title=f"{r.name}: {r.chips} chips per point, seed {cfg.seed}",
+        datamodule.val_dataloader(),
+        r.max_batches,
+        r.calib_batches,
+        cfg.progress,
+        fabric.global_rank,
+        fabric.world_size,
     )
+    title = f"{r.name}: {r.chips} chips per point, seed {cfg.seed}"
+    result, files = run_study(subjects, ev, cfg.paths.output_dir, r.x, title=title)
+    if files is None:  # not rank 0
+        return result
+    run = start_wandb(cfg)
     if run is not None:
         log_robustness(result.summary, result.rows, r.x, files.plot)
         run.finish()
@@ -124,6 +146,20 @@ def evaluate(cfg: DictConfig):
     for name, path in vars(files).items():
         print(f"{name:<8}: {path}")
     return result
+
+
+def launch(cfg: DictConfig) -> Fabric:
+    """One process per device (Lightning Fabric DDP); each evaluates a share of the chips."""
+    accelerator = "cuda" if cfg.accelerator == "gpu" else cfg.accelerator
+    processes = cfg.devices * cfg.num_nodes
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy="ddp" if processes > 1 else "auto",
+    )
+    fabric.launch()
+    return fabric
 
 
 def start_wandb(cfg: DictConfig):

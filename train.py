@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
@@ -26,6 +29,9 @@ from cimsim.tracking import default_wandb_mode, finish_wandb
 from cimsim.validation import check_int, config_scope
 
 log = logging.getLogger("cimsim.train")
+# conf/hydra/launcher/*.yaml set the plugins' fields and are checked against their schemas on
+# purpose (a typo'd launcher key fails); Hydra warns about that pattern.
+warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema")
 
 
 def chip_config(cfg: DictConfig) -> AnalogConfig:
@@ -76,9 +82,21 @@ def build(cfg: DictConfig):
     return datamodule, model, trainer
 
 
+def group_sweep_runs(cfg: DictConfig) -> None:
+    """The jobs of one ``train.py -m`` sweep share a W&B group named after the sweep folder."""
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is None or wandb_cfg.get("group") or not HydraConfig.initialized():
+        return
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        with open_dict(cfg):
+            wandb_cfg.group = f"{cfg.task_name}-{Path(hydra_cfg.sweep.dir).name}"
+
+
 def train(cfg: DictConfig) -> float | None:
     """Fit, checkpoint and test one model; return ``cfg.optimized_metric`` for sweeps."""
     pl.seed_everything(cfg.seed, workers=True)
+    group_sweep_runs(cfg)
     datamodule, model, trainer = build(cfg)
     try:
         return fit_and_test(cfg, datamodule, model, trainer)

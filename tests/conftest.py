@@ -12,6 +12,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+import evaluate  # noqa: F401  (registers the eval_dir resolver that evaluate.yaml uses)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 

@@ -205,7 +205,8 @@ def test_adc_sweep_resolves_each_models_training_sigma(checkpoints, tmp_path):
         ("robustness.chips=0", r"^robustness.chips=0"),
         ("robustness.adc_levels=[1]", r"^robustness.adc_levels"),
         ("robustness.x=depth", r"^robustness.x='depth'"),
-        ("device=tpu", r"^device='tpu'"),
+        ("accelerator=tpu", r"^accelerator='tpu'"),
+        ("devices=0", r"^devices=0"),
     ],
 )
 def test_bad_input_fails_before_any_evaluation(checkpoints, tmp_path, override, match):

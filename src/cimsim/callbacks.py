@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 
 from cimsim.robustness import RobustnessGrid, evaluate_robustness, format_summary
-from cimsim.study import Subject, run_study
+from cimsim.study import Evaluation, Subject, run_study
 from cimsim.tracking import log_robustness
 from cimsim.validation import check_int
 
@@ -66,7 +66,7 @@ class RobustnessMonitor(pl.Callback):
             log_robustness(result.summary, result.rows, "sigma", plot=None, prefix="robust/val")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
-        if self.final is None or not trainer.is_global_zero or trainer.fast_dev_run:
+        if self.final is None or trainer.fast_dev_run:
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         module = (
@@ -78,16 +78,22 @@ class RobustnessMonitor(pl.Callback):
         )
         datamodule = trainer.datamodule
         datamodule.setup("test")
+        # Every rank evaluates its share of the chips on the whole test set; rank 0 writes.
+        ev = Evaluation(
+            datamodule.test_dataloader(),
+            self.seed,
+            datamodule.val_dataloader(),
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+        )
         result, files = run_study(
             [Subject(module.label, module.net.eval(), self.final, ckpt=best)],
-            datamodule.test_dataloader(),
+            ev,
             trainer.default_root_dir,
-            self.seed,
             "sigma",
-            calib_loader=datamodule.val_dataloader(),
-            progress=True,
             title=f"test accuracy vs. sigma, {self.final.chips} chips per point",
         )
-        log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")
-        print(format_summary(result.summary))
-        print(f"robustness: {files.plot}")
+        if files is not None:
+            log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")
+            print(format_summary(result.summary))
+            print(f"robustness: {files.plot}")

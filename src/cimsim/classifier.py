@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import os
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,6 +20,7 @@ from torchmetrics import MeanMetric
 from cimsim.config import AnalogConfig
 from cimsim.convert import convert_to_analog
 from cimsim.hasgd import hasgd_backward
+from cimsim.noise import tensor_seed
 from cimsim.validation import ConfigError, check_int, config_scope
 
 VAL_CHIP_SEED = 0  # the same chips every epoch: the val/acc_noisy curve reflects the weights
@@ -106,10 +108,36 @@ class AnalogClassifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, num_classes) logits
 
-    def _no_sync(self):
-        """Suspends DDP's gradient all-reduce for all but the last of the L backward passes."""
+    def _ddp(self) -> DistributedDataParallel | None:
         model = self.trainer.strategy.model if self._trainer is not None else None
-        return model.no_sync() if isinstance(model, DistributedDataParallel) else nullcontext()
+        return model if isinstance(model, DistributedDataParallel) else None
+
+    @contextmanager
+    def _grad_sync(self, enabled: bool):
+        """Under DDP, whether this backward all-reduces gradients (once per HA-SGD step)."""
+        ddp = self._ddp()
+        if ddp is None:
+            yield
+            return
+        previous, ddp.require_backward_grad_sync = ddp.require_backward_grad_sync, enabled
+        try:
+            yield
+        finally:
+            ddp.require_backward_grad_sync = previous
+
+    def on_train_batch_start(self, batch, batch_idx):
+        # DDP's own forward would arm the gradient all-reduce for the first backward; HA-SGD arms
+        # it only for the last of its L backward passes (``_grad_sync``).
+        ddp = self._ddp()
+        if ddp is not None:
+            ddp.require_backward_grad_sync = False
+
+    def on_train_start(self):
+        # Data-parallel ranks draw their own perturbations: L x world_size samples per step.
+        # Re-derived from (seed, rank, step) so a resumed run continues distinct streams.
+        if self.trainer.world_size > 1:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            torch.manual_seed(tensor_seed(seed, f"rank{self.global_rank}/step{self.global_step}"))
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -122,7 +150,7 @@ class AnalogClassifier(pl.LightningModule):
             correct.append((logits.detach().argmax(1) == y).float().mean())
             return F.cross_entropy(logits, y)
 
-        loss = hasgd_backward(closure, self.samples, self.manual_backward, self._no_sync)
+        loss = hasgd_backward(closure, self.samples, self.manual_backward, self._grad_sync)
         opt.step()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", torch.stack(correct).mean(), on_epoch=True, prog_bar=True)

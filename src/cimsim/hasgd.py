@@ -15,11 +15,15 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 
 
+def _always(enabled: bool) -> AbstractContextManager:
+    return nullcontext()
+
+
 def hasgd_backward(
     closure: Callable[[], torch.Tensor],
     samples: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    no_sync: Callable[[], AbstractContextManager] = nullcontext,
+    grad_sync: Callable[[bool], AbstractContextManager] = _always,
 ) -> torch.Tensor:
     """Accumulate the HA-SGD gradient ``1/L sum_l grad J(w + dw_l)`` into ``.grad``.
 
@@ -29,8 +33,9 @@ def hasgd_backward(
         closure: runs one forward with a fresh perturbation and returns the loss.
         samples: L, the number of perturbation samples (>= 1).
         backward: how to backpropagate (``LightningModule.manual_backward`` under Lightning).
-        no_sync: context that suspends gradient all-reduce (DDP ``no_sync``); used for the first
-            L - 1 samples so ranks synchronize once per step, not L times.
+        grad_sync: ``grad_sync(enabled)`` is a context in which backward does (or does not)
+            all-reduce gradients across data-parallel ranks: off for the first L - 1 samples, on
+            for the last, so ranks synchronize once per step, not L times.
 
     Returns:
         The mean loss over the samples (detached).
@@ -39,7 +44,7 @@ def hasgd_backward(
         raise ValueError(f"samples={samples!r} is invalid: must be an integer >= 1")
     total = None
     for i in range(samples):
-        with no_sync() if i < samples - 1 else nullcontext():
+        with grad_sync(i == samples - 1):
             loss = closure()
             backward(loss / samples)
         total = loss.detach() if total is None else total + loss.detach()

@@ -283,6 +283,20 @@ def _append(path: Path, rows: list[dict], columns: list[str]) -> None:
         os.fsync(f.fileno())
 
 
+def write_rows(path: str | os.PathLike, rows: Sequence[dict]) -> Path:
+    """Write ``rows`` as one CSV, atomically, in the format ``evaluate_robustness`` appends
+    (e.g. the merge of several processes' shares of the chips)."""
+    columns = list(rows[0]) if rows else list(ROW_COLUMNS)
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    return _atomic_write(Path(path), write)
+
+
 def sort_rows(rows: Iterable[dict], grid: RobustnessGrid) -> list[dict]:
     """Rows in the canonical order: by chip, then grid order (e.g. to merge DDP ranks' rows)."""
     order = {p: i for i, p in enumerate(grid.points())}

@@ -1,0 +1,38 @@
+"""A callback that reports, from inside a DDP run, what the scale-out tests check: whether all
+ranks hold the same weights, whether their random streams differ, and how many gradient
+all-reduces ran. Loaded by the train.py subprocess with PYTHONPATH=tests."""
+
+from __future__ import annotations
+
+import json
+
+import pytorch_lightning as pl
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+
+class DDPProbe(pl.Callback):
+    def __init__(self, out: str):
+        self.out, self.allreduces = out, 0
+
+    def on_train_start(self, trainer, pl_module):
+        def counting_allreduce(state, bucket):
+            self.allreduces += 1
+            return allreduce_hook(state, bucket)
+
+        trainer.strategy.model.register_comm_hook(state=None, hook=counting_allreduce)
+
+    def on_train_end(self, trainer, pl_module):
+        flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
+        params = trainer.strategy.all_gather(flat)  # (world, n)
+        draws = trainer.strategy.all_gather(torch.randn(8))  # each rank's global RNG
+        if trainer.is_global_zero:
+            report = {
+                "world_size": trainer.world_size,
+                "steps": trainer.global_step,
+                "allreduces": self.allreduces,
+                "max_param_diff": (params - params[0]).abs().max().item(),
+                "draws_differ": not torch.equal(draws[0], draws[1]),
+            }
+            with open(self.out, "w") as f:
+                json.dump(report, f)
