@@ -390,3 +390,41 @@ def test_invalid_runtime_values():
         program_chip(tiny_net(), 0)
     with pytest.raises(ValueError, match="adc_placement"):
         convert_to_analog(nn.Linear(2, 2), AnalogConfig(adc_levels=4))
+
+
+# ----------------------------------------------------------------------------- chip cache
+
+
+def uncached(analog, x):
+    """The chip's output recomputed from scratch (the eval cache is bypassed with grad on)."""
+    with torch.enable_grad():
+        return analog(x).detach()
+
+
+def test_chip_cache_follows_every_change_of_the_chip_or_the_weights():
+    analog = convert_to_analog(tiny_net(), AnalogConfig(sigma=0.1)).eval()
+    x = batch()
+    program_chip(analog, 1)
+    outputs = []
+
+    def check():
+        with torch.no_grad():
+            cached = analog(x)
+        torch.testing.assert_close(cached, uncached(analog, x), rtol=0, atol=0)
+        outputs.append(cached)
+
+    check()
+    set_noise(analog, sigma=0.2)
+    check()
+    program_chip(analog, 2)
+    check()
+    with torch.no_grad():  # an optimizer-style in-place update of the weights
+        analog[0].weight.add_(0.01)
+        analog[1].running_var.mul_(1.5)
+    check()
+    analog.load_state_dict(convert_to_analog(tiny_net(), AnalogConfig()).state_dict())
+    check()
+    cimsim.clear_chip(analog)
+    check()
+    for a, b in zip(outputs, outputs[1:], strict=False):
+        assert not torch.equal(a, b)  # each change did change the output

@@ -8,6 +8,8 @@ chip is programmed. With ``sigma = mean_shift = 0`` each runs its exact digital 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -15,6 +17,11 @@ from torch import nn
 from cimsim.adc import ADC
 from cimsim.config import AnalogConfig
 from cimsim.noise import chip_noise, perturbation, standard_noise, tensor_range
+
+
+def _fingerprint(t: torch.Tensor) -> tuple:
+    """What identifies a tensor's values without reading them (while its storage is alive)."""
+    return (t.data_ptr(), t._version, t.shape, t.stride(), t.dtype, t.device)
 
 
 class AnalogLayer:
@@ -30,6 +37,7 @@ class AnalogLayer:
     def _init_analog(self, config: AnalogConfig) -> None:
         self.config = config
         self.chip_seed: int | None = None
+        self._chip_cache: tuple | None = None  # see _on_chip
         self.adc: ADC | None = None
         if config.adc_placement == "layer" and self.has_adc:
             self.adc = ADC(config.adc_levels, placement="layer")
@@ -42,7 +50,7 @@ class AnalogLayer:
 
     def program(self, seed: int, prefix: str) -> None:
         """Draw and freeze this layer's standard draws for chip ``seed``."""
-        self.chip_seed = seed
+        self.chip_seed, self._chip_cache = seed, None
         # The tensor whose device/dtype the draws take: a parameter, else a running statistic.
         like = next(iter(self.parameters(recurse=False)), None)
         if like is None:
@@ -59,7 +67,7 @@ class AnalogLayer:
             setattr(self, f"chip_{name}", eps)
 
     def clear(self) -> None:
-        self.chip_seed = None
+        self.chip_seed, self._chip_cache = None, None
         for name in self.analog_tensors():
             setattr(self, f"chip_{name}", None)
 
@@ -67,6 +75,22 @@ class AnalogLayer:
     def perturbed(self) -> bool:
         """Whether this forward perturbs: noise is set and (training or a chip is programmed)."""
         return self.config.noisy and (self.training or self.chip_seed is not None)
+
+    def _on_chip(self, compute: Callable[[], tuple], *sources: torch.Tensor | None) -> tuple:
+        """``compute()``, kept and reused while the programmed chip's perturbed tensors cannot have
+        changed: in ``eval()`` without autograd (a chip evaluation pass then costs what the
+        digital pass costs). The key is the config (``set_noise``) and each source tensor's storage,
+        in-place version counter and layout; ``program``/``clear`` drop the cache. The sources
+        are kept alive with it, so a freed storage address cannot be reused and match. Under
+        ``torch.compile`` the graph recomputes (and fuses) the perturbation instead: pointer
+        comparisons would break the graph at every layer."""
+        if self.training or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return compute()
+        key = (self.config,) + tuple(None if t is None else _fingerprint(t) for t in sources)
+        if self._chip_cache is None or self._chip_cache[0] != key:
+            sources = tuple(None if t is None else t.detach() for t in sources)
+            self._chip_cache = (key, sources, compute())
+        return self._chip_cache[2]
 
     def _eps(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
         """The standard draws for tensor ``name`` in this forward, and whether they are fresh
@@ -106,6 +130,13 @@ class AnalogLayer:
                 bias = bias + nu_b
         return weight, bias
 
+    def _noisy_parameters(self):
+        """This forward's ``(weight, bias)`` (a programmed chip's are computed once)."""
+        if not self.perturbed:
+            return self.weight, self.bias
+        sources = (self.weight, self.bias)
+        return self._on_chip(lambda: self._noisy_weight_bias(*sources), *sources)
+
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.adc is None else self.adc(y)
 
@@ -125,7 +156,7 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
         return shapes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._noisy_weight_bias(self.weight, self.bias)
+        weight, bias = self._noisy_parameters()
         return self._output(self._conv_forward(x, weight, bias))
 
 
@@ -135,7 +166,7 @@ class AnalogLinear(AnalogLayer, nn.Linear):
     analog_tensors = AnalogConv2d.analog_tensors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._noisy_weight_bias(self.weight, self.bias)
+        weight, bias = self._noisy_parameters()
         return self._output(F.linear(x, weight, bias))
 
 
@@ -159,7 +190,7 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
 
     @torch.no_grad()
     def _perturbed_affine(self, gamma: torch.Tensor, beta: torch.Tensor):
-        """(delta_gamma, delta_beta) that realise the analog perturbation, or None when clean."""
+        """(delta_gamma, delta_beta) that realise the analog perturbation (when perturbed)."""
         cfg = self.config
         std = torch.sqrt(self.running_var + self.eps)
         w = gamma / std
@@ -167,8 +198,6 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
         # One value per channel: a per-channel range would be degenerate, so BN is per tensor.
         r_w = tensor_range(w, cfg.scale)
         nu_w = self._nu("weight", w, r_w)
-        if nu_w is None:
-            return None
         nu_b = None
         if cfg.bias != "digital":
             nu_b = self._nu(
@@ -179,14 +208,18 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
             d_beta = d_beta + nu_b
         return nu_w * std, d_beta
 
+    def _noisy_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This forward's perturbed ``(gamma', beta')``."""
+        gamma = self.weight if self.weight is not None else torch.ones_like(self.running_var)
+        beta = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
+        d_gamma, d_beta = self._perturbed_affine(gamma.detach(), beta.detach())
+        return gamma + d_gamma, beta + d_beta
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.perturbed:
             return self._output(super().forward(x))
-        gamma = self.weight if self.weight is not None else torch.ones_like(self.running_var)
-        beta = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
-        deltas = self._perturbed_affine(gamma.detach(), beta.detach())
-        if deltas is not None:
-            gamma, beta = gamma + deltas[0], beta + deltas[1]
+        sources = (self.weight, self.bias, self.running_mean, self.running_var)
+        gamma, beta = self._on_chip(self._noisy_affine, *sources)
         return self._output(self._batch_norm(x, gamma, beta))
 
     def _batch_norm(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):

@@ -80,6 +80,7 @@ def tensor_seed(seed: int, name: str) -> int:
     return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
+@torch.compiler.disable  # a seeded CPU generator: runs eagerly, outside a compiled graph
 def chip_noise(
     seed: int, name: str, shape, distribution: str, device=None, dtype=None
 ) -> torch.Tensor:

@@ -1,0 +1,320 @@
+"""Side-by-side benchmark: digital PyTorch vs cimsim analog vs aihwkit-lightning.
+
+    python benchmarks/run.py                       # WRN-16-4, batch 64, CPU, 2 threads
+    python benchmarks/run.py --device cuda --bf16  # on a GPU, under bf16 autocast
+
+Workload: a pre-activation WideResNet (``--model``), a fixed random batch of 32x32x3 images and
+100 classes, SGD with momentum 0.9. Every variant starts from the same weights. On the CPU the
+run is pinned to ``--threads`` (2) intra-op threads so figures compare across machines.
+
+Variants (each one call, timed whole):
+
+* ``digital step``: forward, cross-entropy, backward, optimizer step of the plain model.
+* ``analog step L=l``: one HA-SGD step (``hasgd_backward`` with l samples, then the optimizer
+  step) of the analog twin, sigma 0.05, all other ``AnalogConfig`` defaults (analog BN and
+  identity noise on). Reported as a ratio to l x the digital step: the L passes are the
+  algorithm, only the noise is overhead.
+* ``digital eval`` / ``chip eval``: ``--eval-batches`` forward passes in ``eval()`` mode under
+  ``no_grad``, of the plain model and of the analog model with a programmed chip (its layers
+  compute their perturbed weights at the first pass and reuse them: the warm-up absorbs that).
+* ``aihwkit-lightning step``: the HA-SGD step with L = 1 on ``aihwkit_lightning``'s layers with
+  additive weight noise (``WeightNoiseInjectionType.ADD_NORMAL``, std 0.05), when it imports.
+
+Timing: all variants run in one process. After ``--warmup`` untimed rounds, each of the
+``--repeats`` rounds runs every variant once, in an order rotated by one each round, so drift in
+machine load (and cache warmth left by the previous variant) spreads over all of them. The
+figure is the median over rounds of ``time.perf_counter`` around the call (after a device
+synchronize on CUDA).
+
+Peak memory: the peak, during one step, of the bytes held by tensors allocated in that step
+(activations, gradients, noise draws, noisy weight copies), above what was live before it
+(weights, momentum; the previous gradients are freed first). It is measured once per variant,
+after the timings. On CUDA it is ``torch.cuda.max_memory_allocated`` minus
+``memory_allocated`` before the step. On the CPU ``tracemalloc`` cannot see torch's allocator,
+so the step runs once under ``torch.profiler.profile(profile_memory=True)``: the CPU allocator
+then reports every allocation and free with a running "Total Allocated", which the exported
+trace carries on its ``[memory]`` events; the peak is its largest value minus its value before
+the first event. With L samples the gradients of the first sample stay allocated while
+the next one runs, so L > 1 costs one set of gradients more than L = 1, and no more.
+
+Noise: the machine may be shared. Min and max are printed next to the median; a ratio that
+misses its target by a few percent with a wide min-max spread is worth a second run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cimsim
+from cimsim.hasgd import hasgd_backward
+from cimsim.wide_resnet import WideResNet
+
+ROOT = Path(__file__).resolve().parent
+MODELS = {"wrn10_2": (10, 2), "wrn16_4": (16, 4), "wrn28_10": (28, 10)}
+SIGMA = 0.05
+NUM_CLASSES = 100
+# Targets of the issue: ratios that must not be exceeded, and the minimum speed-up.
+TARGETS = {"step": 1.10, "eval": 1.10, "memory": 1.10, "vs_aihwkit_lightning": 2.5}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=sorted(MODELS), default="wrn16_4")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--L", default="1,4", help="comma-separated HA-SGD sample counts")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--bf16", action="store_true", help="run forwards under bf16 autocast")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads on the CPU")
+    p.add_argument("--repeats", type=int, default=7, help="timed rounds (the median is kept)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--eval-batches", type=int, default=4)
+    p.add_argument("--no-aihwkit", action="store_true", help="skip aihwkit-lightning")
+    p.add_argument("--out", type=Path, default=ROOT / "results" / "latest.json")
+    args = p.parse_args(argv)
+    args.L = sorted({int(v) for v in args.L.split(",")})
+    return args
+
+
+class Bench:
+    """The models, data and step functions of one run."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.device = torch.device(args.device)
+        depth, width = MODELS[args.model]
+        torch.manual_seed(0)
+        self.digital = WideResNet(depth, width, NUM_CLASSES, 3).to(self.device)
+        self.x = torch.randn(args.batch_size, 3, 32, 32, device=self.device)
+        self.y = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=self.device)
+        self.eval_x = [torch.randn_like(self.x) for _ in range(args.eval_batches)]
+        config = cimsim.AnalogConfig(sigma=SIGMA)
+        self.analog = cimsim.convert_to_analog(self.digital, config)
+        self.chip = cimsim.program_chip(cimsim.convert_to_analog(self.digital, config), 0).eval()
+        self.digital_eval = copy.deepcopy(self.digital).eval()
+        self.opt = {m: _sgd(m) for m in (self.digital, self.analog)}
+
+    def autocast(self):
+        if not self.args.bf16:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def step(self, model: nn.Module, samples: int, opt: torch.optim.Optimizer | None = None):
+        """One HA-SGD step (a plain training step when ``samples`` is 1 and model is digital)."""
+        opt = opt or self.opt[model]
+        model.train()
+        opt.zero_grad(set_to_none=True)
+
+        def closure():
+            with self.autocast():
+                return F.cross_entropy(model(self.x), self.y)
+
+        hasgd_backward(closure, samples)
+        opt.step()
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> None:
+        with self.autocast():
+            for x in self.eval_x:
+                model(x)
+
+    def variants(self) -> dict[str, Callable[[], None]]:
+        v = {"digital step": lambda: self.step(self.digital, 1)}
+        for L in self.args.L:
+            v[f"analog step L={L}"] = lambda L=L: self.step(self.analog, L)
+        v["digital eval"] = lambda: self.evaluate(self.digital_eval)
+        v["chip eval"] = lambda: self.evaluate(self.chip)
+        return v
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+
+def aihwkit_lightning_variant(bench: Bench) -> tuple[Callable[[], None] | None, str]:
+    """The aihwkit-lightning HA-SGD step (L = 1), or None and why it cannot run."""
+    try:
+        from aihwkit_lightning.nn.conversion import convert_to_analog
+        from aihwkit_lightning.simulator.configs import TorchInferenceRPUConfig
+        from aihwkit_lightning.simulator.parameters.enums import WeightNoiseInjectionType
+        from aihwkit_lightning.version import __version__
+    except Exception as e:  # not installed, or built for another torch
+        return None, f"not importable: {type(e).__name__}: {e}"
+    rpu = TorchInferenceRPUConfig()
+    rpu.modifier.noise_type = WeightNoiseInjectionType.ADD_NORMAL
+    rpu.modifier.std_dev = SIGMA
+    try:
+        model = convert_to_analog(bench.digital, rpu).to(bench.device)
+        opt = _sgd(model)
+        bench.step(model, 1, opt)  # fails here if its layers do not run on this torch
+    except Exception as e:
+        return None, f"does not run: {type(e).__name__}: {e}"
+    return (lambda: bench.step(model, 1, opt)), f"aihwkit-lightning {__version__}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(variants: dict, device, repeats: int, warmup: int) -> dict[str, list]:
+    """Seconds per call of each variant, rounds interleaved with a rotating order."""
+    names = list(variants)
+    times = {n: [] for n in names}
+    for r in range(warmup + repeats):
+        k = r % len(names)
+        for name in names[k:] + names[:k]:
+            _sync(device)
+            t0 = time.perf_counter()
+            variants[name]()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def peak_step_bytes(fn: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes allocated during ``fn()`` above those live before it (see module docstring)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    memory = [e["args"] for e in events if e.get("name") == "[memory]"]
+    if not memory:
+        return 0
+    # The running total is process-wide: it starts where the last profiled region left it.
+    start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
+    return max(m["Total Allocated"] for m in memory) - start
+
+
+def _ratio(name: str, value: float, limit: float, at_least: bool = False) -> dict:
+    met = value >= limit if at_least else value <= limit
+    return {
+        "ratio": name,
+        "value": value,
+        "target": f"{'>=' if at_least else '<='} {limit}",
+        "met": met,
+    }
+
+
+def step_memory(bench: Bench, model: nn.Module, samples: int) -> int:
+    """Peak bytes of one step; the previous step's gradients are freed first, not during it."""
+    model.zero_grad(set_to_none=True)
+    return peak_step_bytes(lambda: bench.step(model, samples), bench.device)
+
+
+def summarize(times: dict, memory: dict, args) -> dict:
+    """Medians (ms) and the ratios the targets are about."""
+    ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    ratios = []
+    for L in args.L:
+        value = ms[f"analog step L={L}"] / (L * ms["digital step"])
+        ratios.append(_ratio(f"analog step L={L} / ({L} x digital)", value, TARGETS["step"]))
+    ratios.append(
+        _ratio("chip eval / digital eval", ms["chip eval"] / ms["digital eval"], TARGETS["eval"])
+    )
+    if len(args.L) > 1:
+        lo, hi = min(args.L), max(args.L)
+        value = memory[f"analog L={hi}"] / memory[f"analog L={lo}"]
+        ratios.append(_ratio(f"peak memory L={hi} / L={lo}", value, TARGETS["memory"]))
+    if "aihwkit-lightning step L=1" in ms and 1 in args.L:
+        value = ms["aihwkit-lightning step L=1"] / ms["analog step L=1"]
+        ratios.append(
+            _ratio(
+                "speed-up over aihwkit-lightning",
+                value,
+                TARGETS["vs_aihwkit_lightning"],
+                at_least=True,
+            )
+        )
+    return {"median_ms": ms, "ratios": ratios}
+
+
+def print_report(summary: dict, times: dict, memory: dict, meta: dict) -> None:
+    print(f"\n{meta['workload']}")
+    print(f"{'variant':<28}{'median ms':>11}{'min ms':>9}{'max ms':>9}")
+    for name, t in times.items():
+        med = summary["median_ms"][name]
+        print(f"{name:<28}{med:>11.1f}{1e3 * min(t):>9.1f}{1e3 * max(t):>9.1f}")
+    print(f"\n{'peak memory of one step':<28}{'MiB':>11}")
+    for name, b in memory.items():
+        print(f"{name:<28}{b / 2**20:>11.1f}")
+    print(f"\n{'ratio':<36}{'value':>7}  {'target':<8} met")
+    for r in summary["ratios"]:
+        print(f"{r['ratio']:<36}{r['value']:>7.3f}  {r['target']:<8} {'yes' if r['met'] else 'NO'}")
+    print(f"\naihwkit-lightning: {meta['aihwkit_lightning']}\ncimsim measured: {meta['cimsim']}")
+
+
+def describe(args, ahl_status: str) -> dict:
+    """The workload in words and the environment, for the table and the JSON."""
+    threads = f", torch.set_num_threads({args.threads})" if args.device == "cpu" else ""
+    return {
+        "workload": (
+            f"{args.model}, batch {args.batch_size}, 32x32x3 -> {NUM_CLASSES} classes, sigma "
+            f"{SIGMA}, {args.device}{threads}{', bf16 autocast' if args.bf16 else ''}; "
+            f"medians of {args.repeats} interleaved rounds after {args.warmup} warm-up"
+        ),
+        "aihwkit_lightning": ahl_status,
+        "cimsim": str(Path(cimsim.__file__).parent),  # which checkout was measured
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device is available")
+    if args.device == "cpu":
+        torch.set_num_threads(args.threads)
+    bench = Bench(args)
+    variants = bench.variants()
+    ahl_status = "skipped (--no-aihwkit)"
+    if not args.no_aihwkit:
+        ahl_step, ahl_status = aihwkit_lightning_variant(bench)
+        if ahl_step is not None:
+            variants["aihwkit-lightning step L=1"] = ahl_step
+    meta = describe(args, ahl_status)
+    times = time_interleaved(variants, bench.device, args.repeats, args.warmup)
+    memory = {f"analog L={L}": step_memory(bench, bench.analog, L) for L in args.L}
+    memory["digital"] = step_memory(bench, bench.digital, 1)
+    summary = summarize(times, memory, args)
+    print_report(summary, times, memory, meta)
+    result = {**meta, **summary, "peak_step_bytes": memory, "seconds": times}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
