@@ -11,7 +11,6 @@ prints it.
 
 from __future__ import annotations
 
-import logging
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +27,6 @@ from cimsim.classifier import AnalogClassifier
 from cimsim.tracking import default_wandb_mode, finish_wandb
 from cimsim.validation import check_int, config_scope
 
-log = logging.getLogger("cimsim.train")
 # conf/hydra/launcher/*.yaml set the plugins' fields and are checked against their schemas on
 # purpose (a typo'd launcher key fails); Hydra warns about that pattern.
 warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema")
