@@ -57,6 +57,8 @@ def build_callbacks(cfg: DictConfig) -> list:
 def build(cfg: DictConfig):
     """Every object of the run, built (and so validated) before any training starts."""
     check_int("val_chips", cfg.val_chips, minimum=0)
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError("ckpt_path", cfg.ckpt_path, "no such checkpoint file to resume from")
     with config_scope("data"):
         datamodule = instantiate(cfg.data)
     net = {

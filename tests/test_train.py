@@ -200,6 +200,7 @@ def test_resume_continues_where_the_run_stopped(train_cfg, tmp_path):
         ("data.batch_size=0", "data.batch_size=0"),
         ("model.depth=11", "model.depth=11"),
         ("val_chips=-1", "val_chips=-1"),
+        ("ckpt_path=/no/such/last.ckpt", "ckpt_path='/no/such/last.ckpt'"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(train_cfg, tmp_path, override, key):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+from pytorch_lightning.utilities import rank_zero_warn
 
 from cimsim.robustness import RobustnessGrid, evaluate_robustness, format_summary
 from cimsim.study import Evaluation, Subject, run_study
@@ -67,6 +68,9 @@ class RobustnessMonitor(pl.Callback):
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
         if self.final is None or trainer.fast_dev_run:
+            return
+        if trainer.datamodule is None:  # fit() with bare dataloaders: no test set to sweep
+            rank_zero_warn("RobustnessMonitor: no datamodule, so no end-of-fit sweep")
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         module = (
