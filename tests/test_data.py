@@ -2,6 +2,7 @@
 
 import pickle
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,15 +233,90 @@ def test_image_folder_shapes_and_classes(tmp_path, channels):
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, channels, 8, 8)
     assert x.min() >= -1 and x.max() <= 1
-    assert len(dm.val_set) == 6 and dm.test_set.root == dm.val_set.root  # no test/: val is test
-    assert sorted(set(dm.val_set.targets)) == [0, 1]
+    assert len(dm.val_set) == 6 and sorted(set(dm.val_set.targets)) == [0, 1]
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (2, channels, 8, 8)  # one of each class held out of train/ (no test/)
+
+
+def _files(dataset):
+    """The image paths behind an ImageFolder or a Subset of one, in dataset order."""
+    if isinstance(dataset, torch.utils.data.Subset):
+        return [dataset.dataset.samples[i][0] for i in dataset.indices]
+    return [path for path, _ in dataset.samples]
+
+
+def _on_disk(folder):
+    return sorted(str(p) for p in folder.rglob("*.png"))
+
+
+@pytest.fixture
+def carved(tmp_path):
+    """A tree without test/: 3 classes x 10 training images, 20 % held out as the test set."""
+    _write_tree(tmp_path, classes=("cat", "cow", "dog"), n=10)
+    dm = ImageFolderDataModule(
+        str(tmp_path), image_size=8, num_workers=0, test_fraction=0.2, seed=3
+    )
+    dm.setup()
+    return dm
+
+
+def test_image_folder_without_test_holds_the_test_set_out_of_train(carved, tmp_path):
+    train, val, test = _files(carved.train_set), _files(carved.val_set), _files(carved.test_set)
+    assert not set(test) & set(val)  # the test set is not the validation set
+    assert not set(test) & set(train)  # and is never trained on
+    assert sorted(train + test) == _on_disk(tmp_path / "train")  # together: train/, once each
+    assert val == _on_disk(tmp_path / "val")
+    # Stratified: 20 % of each class's 10 images, with the label of its class folder.
+    labels = [carved.test_set[i][1] for i in range(len(carved.test_set))]
+    assert np.bincount(labels).tolist() == [2, 2, 2]
+    assert [carved.classes[y] for y in labels] == [Path(p).parent.name for p in test]
+
+
+def test_image_folder_test_split_is_determined_by_the_seed(carved, tmp_path):
+    def test_files(seed):
+        dm = ImageFolderDataModule(str(tmp_path), num_workers=0, test_fraction=0.2, seed=seed)
+        dm.setup()
+        return _files(dm.test_set)
+
+    assert test_files(3) == _files(carved.test_set)
+    assert test_files(4) != _files(carved.test_set)
+    # The checkpoint rebuilds the datamodule from its hyperparameters: the same split again.
+    assert (carved.hparams.test_fraction, carved.hparams.seed) == (0.2, 3)
+    rebuilt = ImageFolderDataModule(**carved.hparams)
+    rebuilt.setup()
+    assert _files(rebuilt.test_set) == _files(carved.test_set)
+
+
+def test_image_folder_held_out_test_images_are_not_augmented(carved):
+    torch.manual_seed(0)
+    path = _files(carved.test_set)[0]
+
+    def plain(p):  # resize, [0, 1], then (x - 0.5) / 0.5: no crop, no flip
+        image = Image.open(p).convert("RGB").resize((8, 8), Image.BILINEAR)
+        return transforms.functional.to_tensor(image) * 2 - 1
+
+    for _ in range(5):
+        torch.testing.assert_close(carved.test_set[0][0], plain(path), atol=0.02, rtol=0)
+    # The training view of train/ is augmented: random crops and flips change its pixels.
+    train_path = _files(carved.train_set)[0]
+    views = [carved.train_set[0][0] for _ in range(10)]
+    assert any(not torch.allclose(v, plain(train_path), atol=0.02) for v in views)
+
+
+def test_image_folder_too_few_images_to_hold_out_a_test_set(tmp_path):
+    _write_tree(tmp_path, n=1)
+    dm = ImageFolderDataModule(str(tmp_path), num_workers=0)
+    with pytest.raises(ConfigError, match="root/test/") as info:
+        dm.setup()
+    assert info.value.key == "root"
 
 
 def test_image_folder_uses_test_split_when_present(tmp_path):
     _write_tree(tmp_path, splits=("train", "val", "test"))
     dm = ImageFolderDataModule(str(tmp_path), image_size=8, num_workers=0, augment=False)
     dm.setup()
-    assert str(dm.test_set.root).endswith("test")
+    assert _files(dm.test_set) == _on_disk(tmp_path / "test")
+    assert _files(dm.train_set) == _on_disk(tmp_path / "train")  # nothing held out
     # Without augmentation the train view is deterministic.
     assert torch.equal(dm.train_set[0][0], dm.train_set[0][0])
     assert not any(isinstance(t, transforms.RandomCrop) for t in dm.train_set.transform.transforms)
@@ -278,6 +354,11 @@ def test_image_folder_empty_class_fails_in_setup_with_config_error(tmp_path):
         (dict(image_size=2), "image_size"),
         (dict(augment=1), "augment"),
         (dict(num_workers=-1), "num_workers"),
+        (dict(test_fraction=0.0), "test_fraction"),
+        (dict(test_fraction=1.0), "test_fraction"),
+        (dict(test_fraction="0.1"), "test_fraction"),
+        (dict(seed=-1), "seed"),
+        (dict(seed=0.5), "seed"),
     ],
 )
 def test_image_folder_invalid_args(tmp_path, kwargs, key):

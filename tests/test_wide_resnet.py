@@ -1,4 +1,4 @@
-"""The Wide ResNet: shapes, the paper's parameter count, ADC points, shortcuts, validation."""
+"""The Wide ResNet: shapes, parameter counts, the authors' block, ADC points, init, validation."""
 
 import pytest
 import torch
@@ -22,11 +22,32 @@ def test_output_shape(kwargs, x_shape, out_shape):
     assert model(torch.randn(x_shape)).shape == out_shape
 
 
-def test_wrn_28_10_has_the_papers_36_5m_parameters():
+def _closed_form_wrn_parameters(depth, k, num_classes, in_channels, conv_bias):
+    """Parameters of WRN-depth-k summed layer by layer, from the authors' architecture."""
+    b = int(conv_bias)
+    n = (depth - 4) // 6
+    widths = [16, 16 * k, 32 * k, 64 * k]
+    total = in_channels * 16 * 9 + 16 * b  # stem conv
+    for group in range(3):
+        c_in, c_out = widths[group], widths[group + 1]
+        for i in range(n):
+            c = c_in if i == 0 else c_out
+            total += 2 * c  # bn1 (gamma, beta)
+            total += c * c_out * 9 + c_out * b  # conv1
+            total += 2 * c_out  # bn2
+            total += c_out * c_out * 9 + c_out * b  # conv2
+            if i == 0 and (c != c_out or group > 0):  # 1x1 projection (width or stride change)
+                total += c * c_out + c_out * b
+    return total + 2 * widths[3] + widths[3] * num_classes + num_classes  # final BN, fc
+
+
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_wrn_28_10_cifar100_parameter_count_matches_a_closed_form(conv_bias):
     with torch.device("meta"):  # no memory, no init cost
-        model = WideResNet(depth=28, widen_factor=10, num_classes=100)
+        model = WideResNet(depth=28, widen_factor=10, num_classes=100, conv_bias=conv_bias)
     n = sum(p.numel() for p in model.parameters())
-    assert abs(n - 36.5e6) < 0.1e6
+    assert n == _closed_form_wrn_parameters(28, 10, 100, 3, conv_bias)
+    assert abs(n - 36.5e6) < 0.1e6  # the WRN paper's count
 
 
 @pytest.mark.parametrize("depth", [10, 16, 22])
@@ -74,11 +95,37 @@ def test_shortcut_is_a_1x1_conv_exactly_where_the_shape_changes():
     for block in blocks:
         if block in projecting:
             assert isinstance(block.shortcut, nn.Conv2d)
-            assert block.shortcut.kernel_size == (1, 1) and block.shortcut.bias is None
+            assert block.shortcut.kernel_size == (1, 1) and block.shortcut.stride == (2, 2)
         else:
             assert type(block.shortcut) is nn.Identity
     wide = WideResNet(depth=16, widen_factor=2, num_classes=10, in_channels=3)
     assert isinstance(wide.group1[0].shortcut, nn.Conv2d)  # 16 -> 32 channels, stride 1
+    assert wide.group1[0].shortcut.stride == (1, 1)
+
+
+def test_the_stride_sits_on_conv2_of_a_downsampling_block():
+    # The authors' wide_basic: conv1 keeps the resolution, conv2 (and the projection) stride.
+    model = WideResNet(depth=10, widen_factor=1, num_classes=10, in_channels=3)
+    for block in (model.group2[0], model.group3[0]):
+        assert block.conv1.stride == (1, 1) and block.conv2.stride == (2, 2)
+    shapes = []
+    for conv in (model.group2[0].conv1, model.group2[0].conv2):
+        conv.register_forward_hook(lambda m, i, out: shapes.append(out.shape))  # returns None
+    model(torch.randn(2, 3, 16, 16))
+    assert shapes == [(2, 32, 16, 16), (2, 32, 8, 8)]  # conv1, then conv2
+
+
+@pytest.mark.parametrize("block_name", ["group1.0", "group2.0", "group2.1"])
+def test_the_shortcut_receives_the_raw_block_input(block_name):
+    # group1.0 projects 16 -> 32 channels, group2.0 projects with stride 2, group2.1 is identity.
+    model = WideResNet(depth=16, widen_factor=2, num_classes=10, in_channels=3).train()
+    block = model.get_submodule(block_name)
+    seen = {}  # the hooks return None, so they change nothing
+    block.register_forward_pre_hook(lambda m, inp: seen.update(block=inp[0].clone()))
+    block.shortcut.register_forward_hook(lambda m, inp, out: seen.update(shortcut=inp[0]))
+    model(torch.randn(2, 3, 8, 8))
+    # Not relu(bn1(x)): a pre-activated input would be non-negative, the raw one is not.
+    assert torch.equal(seen["shortcut"], seen["block"]) and seen["block"].min() < 0
 
 
 def test_nn_identity_is_used_only_for_shortcuts():
@@ -89,9 +136,27 @@ def test_nn_identity_is_used_only_for_shortcuts():
     assert all(n.endswith(".shortcut") for n in identities)
 
 
-def test_init_and_biases():
+def test_every_conv_has_a_bias_by_default_and_none_without_conv_bias():
+    convs = [m for m in WideResNet(16, 2, 10, 3).modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) == 1 + 2 * 6 + 3  # stem, two per block, three 1x1 projections
+    assert all(m.bias is not None and m.bias.shape == (m.out_channels,) for m in convs)
+    bare = WideResNet(16, 2, 10, 3, conv_bias=False)
+    assert all(m.bias is None for m in bare.modules() if isinstance(m, nn.Conv2d))
+
+
+def test_conv_bias_starts_at_zero_so_both_variants_compute_the_same_function():
+    with_bias = WideResNet(depth=10, widen_factor=2, num_classes=10, in_channels=3).eval()
+    conv_biases = [m.bias for m in with_bias.modules() if isinstance(m, nn.Conv2d)]
+    assert all(torch.all(b == 0) for b in conv_biases)
+    without = WideResNet(10, 2, 10, 3, conv_bias=False).eval()
+    missing, unexpected = without.load_state_dict(with_bias.state_dict(), strict=False)
+    assert not missing and len(unexpected) == len(conv_biases)  # only the conv biases differ
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(with_bias(x), without(x))
+
+
+def test_init_of_weights():
     model = WideResNet(depth=10, widen_factor=2, num_classes=10, in_channels=3)
-    assert all(m.bias is None for m in model.modules() if isinstance(m, nn.Conv2d))
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
@@ -122,6 +187,8 @@ def test_dropout_is_active_in_training_only():
         ("in_channels", 0),
         ("dropout", 1.0),
         ("dropout", -0.1),
+        ("conv_bias", 1),
+        ("conv_bias", "yes"),
     ],
 )
 def test_invalid_args_raise_config_error_naming_the_key(key, value):

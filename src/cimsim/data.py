@@ -233,13 +233,24 @@ class ImageFolderDataModule(_SplitDataModule):
     """Any image classification set laid out as ``root/{train,val[,test]}/<class>/<image>``.
 
     Args:
-        root: folder with ``train/`` and ``val/`` (and optionally ``test/``; else val is the test
-            set), each with one sub-folder per class.
+        root: folder with ``train/`` and ``val/`` (and optionally ``test/``), each with one
+            sub-folder per class.
         image_size: images are resized to ``image_size x image_size`` pixels.
         channels: 1 (grayscale) or 3 (RGB).
         batch_size: images per batch.
         num_workers: DataLoader worker processes.
         augment: random padded crop and horizontal flip on the training images.
+        test_fraction: without ``root/test/``, the fraction of each class's ``train/`` images
+            held out as the test set, in (0, 1). Unused when ``root/test/`` exists.
+        seed: seed of that held-out test split; keep it the same for runs that are compared, so
+            that they share one test set.
+
+    ``val/`` selects the best checkpoint and calibrates the ADCs, so it is never the test set.
+    With ``root/test/``, that folder is the test set as is. Without it, the test set is carved
+    out of ``train/``: a seeded, stratified ``test_fraction`` of each class (rounded, at least
+    one image per class, and at least one left to train on; so each class needs 2 images or
+    more), seen with the eval transform (no augmentation) and never trained on. The rest of
+    ``train/`` is the training set.
 
     Images are normalized to mean 0.5, std 0.5 per channel (values in [-1, 1]).
     """
@@ -252,18 +263,23 @@ class ImageFolderDataModule(_SplitDataModule):
         batch_size: int = 64,
         num_workers: int = 4,
         augment: bool = True,
+        test_fraction: float = 0.1,
+        seed: int = 0,
     ):
         super().__init__()
         check_int("image_size", image_size, minimum=4)
         check_choice("channels", channels, (1, 3))
         _check_loader_args(batch_size, num_workers)
         _check_bool("augment", augment)
-        self.save_hyperparameters()
+        _check_fraction("test_fraction", test_fraction)
+        check_int("seed", seed, minimum=0)
+        self.save_hyperparameters()  # the checkpoint records these to rebuild the same splits
         self.root = Path(root)
         self.image_size, self.in_channels, self.augment = image_size, channels, augment
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.splits = {"train": "train", "val": "val"}
-        self.splits["test"] = "test" if (self.root / "test").is_dir() else "val"
+        self.test_fraction, self.seed = test_fraction, seed
+        # Without root/test/, the test set is held out of train/ (never val/: see the docstring).
+        self.carve_test = not (self.root / "test").is_dir()
         self.classes = self._check_layout()
         self.num_classes = len(self.classes)
 
@@ -284,7 +300,7 @@ class ImageFolderDataModule(_SplitDataModule):
                 + layout
                 + " and optionally root/test/<class>/<images>",
             )
-        for split in sorted(set(self.splits.values()) - {"train"}):
+        for split in ["val"] + ([] if self.carve_test else ["test"]):
             other = self._classes(split)
             if other != classes:
                 raise ConfigError(
@@ -312,12 +328,57 @@ class ImageFolderDataModule(_SplitDataModule):
         if self.train_set is not None:
             return
         try:
-            self.train_set = self._folder("train", train=True)
+            train_view = self._folder("train", train=True)
             self.val_set = self._folder("val", train=False)
-            self.test_set = self._folder(self.splits["test"], train=False)
+            if self.carve_test:
+                # Two views of the same train/ files: augmented for train, plain for test.
+                train_idx, test_idx = self._carve_test(train_view.targets)
+                self.test_set = Subset(self._folder("train", train=False), test_idx)
+                self.train_set = Subset(train_view, train_idx)
+            else:
+                self.test_set = self._folder("test", train=False)
+                self.train_set = train_view
         except FileNotFoundError as e:  # a class folder without images
-            self.train_set = None
             raise ConfigError("root", str(self.root), str(e)) from e
 
     def _folder(self, split: str, train: bool) -> datasets.ImageFolder:
         return datasets.ImageFolder(self.root / split, transform=self.transform(train))
+
+    def _carve_test(self, targets: list[int]) -> tuple[list[int], list[int]]:
+        """``(train, test)`` indices into ``train/``; fails if a class has fewer than 2 images."""
+        counts = np.bincount(targets, minlength=self.num_classes)
+        if counts.min() < 2:
+            small = self.classes[int(counts.argmin())]
+            raise ConfigError(
+                "root",
+                str(self.root),
+                f"class {small!r} has {counts.min()} image(s) in train/; without root/test/ the "
+                "test set is held out of train/, which needs >= 2 images per class. Add images "
+                "or a root/test/<class>/<images> folder",
+            )
+        return stratified_holdout(targets, self.test_fraction, self.seed)
+
+
+def stratified_holdout(
+    targets: list[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
+    """Split indices ``0..N-1`` into ``(kept, held_out)``, stratified by class and seeded.
+
+    Args:
+        targets: the class of each item, ``(N,)``; every class needs at least 2 items.
+        fraction: the share of each class held out, rounded, clipped to ``[1, n_class - 1]``.
+        seed: seed of the draw; the same seed gives the same split.
+
+    Returns:
+        Two sorted, disjoint index lists that together cover ``0..N-1``.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(targets)
+    kept, held_out = [], []
+    for c in labels.unique().tolist():
+        members = torch.nonzero(labels == c).flatten()  # (n_class,)
+        members = members[torch.randperm(len(members), generator=generator)]
+        k = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held_out += members[:k].tolist()
+        kept += members[k:].tolist()
+    return sorted(kept), sorted(held_out)
