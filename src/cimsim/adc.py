@@ -1,4 +1,4 @@
-"""ADC output quantization of mixed-signal CIM chips (MODEL.md section 3).
+"""ADC output quantization of mixed-signal CIM chips (docs/model.md, "ADC").
 
 ``adc_quantize`` is the maths; ``ADC`` holds the calibrated range. A model marks the points
 where the authors' chip digitizes (block outputs) with ``ADC()`` modules: with ``levels=None``
@@ -12,7 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from cimsim.validation import check_int
+from cimsim.validation import ConfigError, check_int, check_number
 
 
 def adc_quantize(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, levels: int) -> torch.Tensor:
@@ -42,52 +42,69 @@ class ADC(nn.Module):
 
     Args:
         levels: number of output levels (>= 2), or ``None`` for no ADC (identity).
-        momentum: weight of each new batch in the moving average of the running min/max.
+        momentum: weight of each new batch in the moving average of the running min/max while
+            training with the ADC in the loop (0.01, the constant of the authors' observer).
         placement: ``block`` for points a model marks itself, ``layer`` for the ADCs that
             ``convert_to_analog`` attaches after every analog layer.
 
     In ``train()`` mode the range tracks the batches (moving average) and the output is quantized
     with it, so a network can be trained with the ADC in the loop. In ``eval()`` mode the range is
-    frozen and must have been calibrated (``calibrate_adc``) or tracked in training.
+    frozen and must have been calibrated (``calibrate_adc``) or tracked in training. The range is
+    part of the state_dict, so a network trained in the loop checkpoints and resumes with it.
     """
 
-    def __init__(self, levels: int | None = None, momentum: float = 0.1, placement: str = "block"):
+    def __init__(self, levels: int | None = None, momentum: float = 0.01, placement: str = "block"):
         super().__init__()
         self.levels = levels
         self.momentum = momentum
         self.placement = placement
         self.active = True  # False when the model's placement is the other one
-        self.observing = False  # calibration: track the range, output unquantized
-        # The range is calibration state of one programmed chip, not a weight: not in state_dict.
-        self.register_buffer("lo", torch.zeros(()), persistent=False)
-        self.register_buffer("hi", torch.zeros(()), persistent=False)
-        self.calibrated = False
+        self.observing = False  # calibration: track the range (with calib_momentum)
+        self.calib_momentum = momentum
+        self.tracking = True  # False: train-mode forwards quantize without moving the range
+        self.register_buffer("lo", torch.zeros(()))
+        self.register_buffer("hi", torch.zeros(()))
+        self.register_buffer("_calibrated", torch.zeros((), dtype=torch.bool))
 
     @property
     def enabled(self) -> bool:
         return self.active and self.levels is not None
 
+    @property
+    def calibrated(self) -> bool:
+        return bool(self._calibrated)
+
+    @calibrated.setter
+    def calibrated(self, value: bool) -> None:
+        self._calibrated.fill_(bool(value))
+
     def reset_calibration(self) -> None:
         self.calibrated = False
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written before the range was saved: load as uncalibrated.
+        for key, value in (("lo", 0.0), ("hi", 0.0), ("_calibrated", False)):
+            state_dict.setdefault(prefix + key, torch.tensor(value))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     @torch.no_grad()
-    def _observe(self, x: torch.Tensor) -> None:
+    def _observe(self, x: torch.Tensor, momentum: float) -> None:
         lo, hi = torch.aminmax(x.detach().float())
         if not self.calibrated:
             self.lo.copy_(lo)
             self.hi.copy_(hi)
             self.calibrated = True
         else:
-            self.lo.lerp_(lo, self.momentum)
-            self.hi.lerp_(hi, self.momentum)
+            self.lo.lerp_(lo, momentum)
+            self.hi.lerp_(hi, momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.training or self.observing:
-            self._observe(x)
-            if self.observing:
-                return x
+        if self.observing:
+            self._observe(x, self.calib_momentum)
+        elif self.training and (self.tracking or not self.calibrated):
+            self._observe(x, self.momentum)
         elif not self.calibrated:
             raise RuntimeError(
                 "ADC range is not calibrated: call cimsim.calibrate_adc(model, batches) after "
@@ -125,22 +142,38 @@ def _input_of(batch) -> torch.Tensor:
 
 
 @torch.no_grad()
-def calibrate_adc(model: nn.Module, batches: Iterable, max_batches: int | None = None) -> int:
+def calibrate_adc(
+    model: nn.Module, batches: Iterable, max_batches: int | None = None, momentum: float = 0.01
+) -> int:
     """Calibrate every enabled ADC's range on data, with the chip as currently programmed.
 
-    Runs the model in ``eval()`` mode over ``batches`` (tensors or ``(x, y)`` pairs), with the
-    ADCs observing a moving average of their input's min/max and passing it through unquantized;
-    the ranges are then frozen. Returns the number of batches used.
+    Runs the model in ``eval()`` mode over ``batches`` (tensors or ``(x, y)`` pairs; training or
+    validation data, never the test set). Sequentially, as the chip digitizes: on each batch an
+    ADC first moves its range (the first batch sets it to the batch's min/max, later ones move
+    it by ``momentum``, the moving average of the authors' observer) and then quantizes with it,
+    so every ADC sees its upstream ADCs already quantizing. The ranges are then frozen.
+
+    Args:
+        model: a converted model with enabled ADCs.
+        batches: calibration data in a fixed order (the ranges are then reproducible).
+        max_batches: use only the first ``max_batches`` batches (None = all).
+        momentum: weight of each batch after the first in the moving min/max, in (0, 1].
+
+    Returns:
+        The number of batches used.
     """
     targets = [a for a in adcs(model) if a.enabled]
     if not targets:
         return 0
-    device = next(model.parameters()).device
+    check_number("calib_momentum", momentum, minimum=0.0, maximum=1.0)
+    if momentum == 0:
+        raise ConfigError("calib_momentum", momentum, "must be in (0, 1]")
+    device = next(iter(model.parameters()), targets[0].lo).device
     was_training = model.training
     model.eval()
     for adc in targets:
         adc.reset_calibration()
-        adc.observing = True
+        adc.observing, adc.calib_momentum = True, momentum
     n = 0
     try:
         for batch in batches:

@@ -1,4 +1,4 @@
-"""``AnalogConfig``: what the chip does to a network (see MODEL.md sections 1 and 3)."""
+"""``AnalogConfig``: what the chip does to a network (see docs/model.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from cimsim.validation import check_choice, check_int, check_number
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 SCALES = ("half_range", "abs_max")
-BIAS_MODES = ("separate", "shared", "digital")
+BIAS_MODES = ("separate", "per_tensor", "shared", "digital")
+IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
 
 
@@ -24,11 +25,22 @@ class AnalogConfig:
         scale: the range ``r`` noise is relative to: ``half_range`` = (max - min) / 2 (default,
             the authors'), or ``abs_max`` = max |p| (aihwkit, Joshi et al. 2020).
         per_channel: one range per output channel (row of the crossbar) instead of per tensor.
-        bias: ``separate`` = bi-scale mapping [W b/s], bias perturbed relative to its own range
-            (default, Wan et al. 2022); ``shared`` = relative to the weights' range (the naive
-            mapping); ``digital`` = bias not perturbed.
+        bias: how the bias is stored. ``separate`` (default, the authors' bi-scale mapping,
+            Wan et al. 2022): the augmented row ``[W, b/f]`` with ``f = r(b) / r(W)`` lives on one
+            conductance scale, so the noise scale is the range of the union
+            ``R = r(concat(W, b/f))``: W is perturbed relative to ``R`` and b relative to ``R f``
+            (their ``match_range``). ``per_tensor``: W relative to ``r(W)``, b relative to
+            ``r(b)`` (each tensor on its own scale; equals ``separate`` only when both tensors
+            are centred). ``shared``: b relative to ``r(W)`` (the naive mapping the paper
+            improves on). ``digital``: the bias is not perturbed.
         analog_bn: BatchNorm runs on the chip as a per-channel affine layer (default true).
-        identity_noise: identity shortcuts get multiplicative noise ``x * (1 + mu + sigma*eps)``.
+        identity_noise: identity shortcuts get multiplicative noise ``x * (1 + sigma*eps)``.
+        identity_draws: ``element`` (default, the authors' ``NoisyIdentity``): one draw per
+            activation element (C, H, W); ``channel``: one gain per channel, the diagonal of an
+            identity crossbar, shared by all spatial positions.
+        identity_mean_shift: identity shortcuts also get the mean shift,
+            ``x * (1 + mu + sigma*eps)`` (off by default: the authors' identity ignores mu; on
+            models a drifting identity crossbar).
         adc_levels: ``None`` = no ADC; else the number of uniform ADC output levels (>= 2).
         adc_placement: ``block`` = at the points a model marks with ``ADCPoint`` (the authors'
             WRN: first conv, each residual block, before the classifier); ``layer`` = after every
@@ -43,6 +55,8 @@ class AnalogConfig:
     bias: str = "separate"
     analog_bn: bool = True
     identity_noise: bool = True
+    identity_draws: str = "element"
+    identity_mean_shift: bool = False
     adc_levels: int | None = None
     adc_placement: str = "block"
 
@@ -55,6 +69,8 @@ class AnalogConfig:
         check_choice("bias", self.bias, BIAS_MODES)
         check_choice("analog_bn", self.analog_bn, (True, False))
         check_choice("identity_noise", self.identity_noise, (True, False))
+        check_choice("identity_draws", self.identity_draws, IDENTITY_DRAWS)
+        check_choice("identity_mean_shift", self.identity_mean_shift, (True, False))
         if self.adc_levels is not None:
             check_int("adc_levels", self.adc_levels, minimum=2)
         check_choice("adc_placement", self.adc_placement, ADC_PLACEMENTS)

@@ -9,7 +9,14 @@ from torch import nn
 
 from cimsim.adc import adcs
 from cimsim.config import AnalogConfig
-from cimsim.layers import AnalogBatchNorm2d, AnalogConv2d, AnalogIdentity, AnalogLayer, AnalogLinear
+from cimsim.layers import (
+    AnalogBatchNorm2d,
+    AnalogConv2d,
+    AnalogIdentity,
+    AnalogLayer,
+    AnalogLinear,
+    AnalogSyncBatchNorm,
+)
 from cimsim.validation import ConfigError, check_number
 
 # Exact digital type -> analog type. Subclasses are left alone: their forward may differ.
@@ -17,12 +24,13 @@ _ANALOG_TYPES = {
     nn.Conv2d: AnalogConv2d,
     nn.Linear: AnalogLinear,
     nn.BatchNorm2d: AnalogBatchNorm2d,
+    nn.SyncBatchNorm: AnalogSyncBatchNorm,
     nn.Identity: AnalogIdentity,
 }
 
 
 def _wanted(module: nn.Module, config: AnalogConfig) -> bool:
-    if isinstance(module, nn.BatchNorm2d):
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
         # Without running statistics there is no fixed affine to store on a chip.
         return config.analog_bn and module.track_running_stats
     if isinstance(module, nn.Identity):
@@ -31,12 +39,13 @@ def _wanted(module: nn.Module, config: AnalogConfig) -> bool:
 
 
 def convert_to_analog(model: nn.Module, config: AnalogConfig, inplace: bool = False) -> nn.Module:
-    """Return ``model`` with its layers replaced by analog ones (MODEL.md section 1).
+    """Return ``model`` with its layers replaced by analog ones (docs/model.md).
 
-    Converts modules whose type is exactly ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d``
-    (when ``config.analog_bn``) and ``nn.Identity`` (when ``config.identity_noise``; in a
-    residual network these are the identity shortcuts). Parameters keep their names and values,
-    so ``state_dict`` stays interchangeable with the digital model's. ADC points the model marks
+    Converts modules whose type is exactly ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` or
+    ``nn.SyncBatchNorm`` (when ``config.analog_bn``) and ``nn.Identity`` (when
+    ``config.identity_noise``; in a residual network these are the identity shortcuts).
+    Parameters keep their names and values, so ``state_dict`` stays interchangeable with the
+    digital model's. ADC points the model marks
     with ``cimsim.ADC()`` are used when ``adc_placement='block'``.
 
     Args:

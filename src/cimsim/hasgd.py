@@ -1,29 +1,61 @@
-"""HA-SGD (Hessian-Aware SGD, Wan et al. 2022, Algorithm 1) as a plain function.
+"""HA-SGD (Hessian-Aware SGD, Wan et al. 2022, Algorithm 1) as plain functions.
 
 Per mini-batch: L forward/backward passes, each at ``w + dw_l`` with a fresh perturbation
 ``dw_l ~ q`` (the analog layers draw it in ``train()`` mode), the gradients averaged by
 back-propagating ``loss / L`` each time, then one optimizer step on the clean ``w``. For
 zero-mean noise this minimises ``E[J(w + dw)] ~ J(w) + sigma^2/2 * sum_l r_l^2 tr(H_l)``: a
 range-weighted Hessian-trace penalty without ever forming the Hessian.
+
+The L samples are one step: running statistics (BatchNorm, ADC ranges) are updated by the first
+sample only, gradients are all-reduced across data-parallel ranks once, by the last backward,
+and buffers are made identical across ranks after the step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+import torch.distributed as dist
+from torch import nn
+
+from cimsim.adc import ADC
 
 
-def _always(enabled: bool) -> AbstractContextManager:
-    return nullcontext()
+@contextmanager
+def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
+    """Forward passes inside use, but do not update, running statistics: BatchNorm layers
+    normalize by the batch without tracking it (``track_running_stats=False`` in ``train()``
+    mode) and ADCs quantize with their current range without moving it."""
+    if model is None:
+        yield
+        return
+    norms = [
+        m
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    converters = [m for m in model.modules() if isinstance(m, ADC) and m.tracking]
+    for m in norms:
+        m.track_running_stats = False
+    for a in converters:
+        a.tracking = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+        for a in converters:
+            a.tracking = True
 
 
 def hasgd_backward(
     closure: Callable[[], torch.Tensor],
     samples: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
-    grad_sync: Callable[[bool], AbstractContextManager] = _always,
+    grad_sync: Callable[[bool], AbstractContextManager] | None = None,
+    model: nn.Module | None = None,
 ) -> torch.Tensor:
     """Accumulate the HA-SGD gradient ``1/L sum_l grad J(w + dw_l)`` into ``.grad``.
 
@@ -36,16 +68,41 @@ def hasgd_backward(
         grad_sync: ``grad_sync(enabled)`` is a context in which backward does (or does not)
             all-reduce gradients across data-parallel ranks: off for the first L - 1 samples, on
             for the last, so ranks synchronize once per step, not L times.
+        model: the network; samples after the first run under ``frozen_running_stats(model)``
+            so its running statistics move once per step, as with a digital step.
 
     Returns:
         The mean loss over the samples (detached).
     """
     if samples < 1:
-        raise ValueError(f"samples={samples!r} is invalid: must be an integer >= 1")
+        raise ValueError(f"L={samples!r} is invalid: must be an integer >= 1")
     total = None
     for i in range(samples):
-        with grad_sync(i == samples - 1):
+        sync = grad_sync(i == samples - 1) if grad_sync is not None else nullcontext()
+        with sync, frozen_running_stats(model if i > 0 else None):
             loss = closure()
             backward(loss / samples)
         total = loss.detach() if total is None else total + loss.detach()
     return total / samples
+
+
+@torch.no_grad()
+def sync_buffers(model: nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BatchNorm running statistics, ADC ranges) from rank ``src`` to all
+    ranks, as DDP's own buffer broadcast would at the next forward: after a step, every rank
+    then holds the same model (what validation, chips and checkpoints see). No-op without an
+    initialized process group of more than one process."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for b in model.buffers():
+        by_dtype.setdefault(b.dtype, []).append(b)
+    for dtype, tensors in by_dtype.items():  # one broadcast per dtype, not one per buffer
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        wire = flat.to(torch.uint8) if dtype == torch.bool else flat  # not every backend has bool
+        dist.broadcast(wire, src=src)
+        flat = wire.to(dtype)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()

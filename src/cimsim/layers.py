@@ -11,12 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
 from cimsim.adc import ADC
 from cimsim.config import AnalogConfig
-from cimsim.noise import chip_noise, perturbation, standard_noise, tensor_range
+from cimsim.noise import chip_noise, noise_scales, perturbation, standard_noise
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -113,18 +115,15 @@ class AnalogLayer:
         )
 
     def _noisy_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """``(W + nu_W, b + nu_b)`` under the bi-scale mapping (MODEL.md section 1)."""
+        """``(W + nu_W, b + nu_b)`` under the configured bias mapping (``noise_scales``)."""
         cfg = self.config
         if not self.perturbed:
             return weight, bias
-        r_w = tensor_range(weight, cfg.scale, cfg.per_channel)
+        r_w, r_b = noise_scales(weight, bias, cfg.scale, cfg.per_channel, cfg.bias)
         nu_w = self._nu("weight", weight, r_w)
         if nu_w is not None:
             weight = weight + nu_w
-        if bias is not None and cfg.bias != "digital":
-            # separate: [W b/s] with s matching the ranges -> bias noise relative to r(b);
-            # shared: one scale for the augmented row -> relative to the row's weight range.
-            r_b = tensor_range(bias, cfg.scale) if cfg.bias == "separate" else r_w.reshape(-1)
+        if r_b is not None:
             nu_b = self._nu("bias", bias, r_b)
             if nu_b is not None:
                 bias = bias + nu_b
@@ -171,15 +170,16 @@ class AnalogLinear(AnalogLayer, nn.Linear):
 
 
 class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
-    """BatchNorm as a per-channel analog affine layer ``y = w x + b`` with
-    ``w = gamma / sqrt(var + eps)`` and ``b = beta - mean * w`` (MODEL.md section 1).
+    """BatchNorm as a per-channel analog affine layer ``y = w x + b`` (docs/model.md).
 
-    The perturbed affine is folded back into BatchNorm's own parameters, so the layer costs
-    one ``F.batch_norm`` like the digital one:
-    ``gamma' = gamma + nu_w * s`` and ``beta' = beta + nu_b + mean * nu_w`` with
-    ``s = sqrt(var + eps)``. In ``eval()`` this is exactly ``(w + nu_w) x + (b + nu_b)``. In
-    ``train()`` BatchNorm normalizes by batch statistics; the ranges and the fold use the running
-    statistics, so the noise is that of the chip's affine up to the ratio of running to batch std.
+    ``w = gamma / sqrt(var + eps)`` and ``b = beta - mean * w`` are perturbed like any weight and
+    bias (the bi-scale rule of ``AnalogConfig.bias`` applies to the pair), as the authors'
+    ``NoisyBN``. In ``train()`` mean and var are the batch statistics, so the noise is relative
+    to the fold of the batch statistics and the gradient flows through them as in BatchNorm; a
+    fresh BN is perturbed from the first step. In ``eval()`` they are the running statistics,
+    and a programmed chip's perturbed ``(w, b)`` is computed once. Unperturbed, the layer is
+    ``nn.BatchNorm2d`` exactly. Running statistics are updated only while
+    ``track_running_stats`` is true (HA-SGD clears it for all but one of its L samples).
     """
 
     def analog_tensors(self):
@@ -188,56 +188,126 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
             shapes["bias"] = torch.Size([self.num_features])
         return shapes
 
-    @torch.no_grad()
-    def _perturbed_affine(self, gamma: torch.Tensor, beta: torch.Tensor):
-        """(delta_gamma, delta_beta) that realise the analog perturbation (when perturbed)."""
-        cfg = self.config
-        std = torch.sqrt(self.running_var + self.eps)
-        w = gamma / std
-        b = beta - self.running_mean * w
-        # One value per channel: a per-channel range would be degenerate, so BN is per tensor.
-        r_w = tensor_range(w, cfg.scale)
-        nu_w = self._nu("weight", w, r_w)
-        nu_b = None
-        if cfg.bias != "digital":
-            nu_b = self._nu(
-                "bias", b, tensor_range(b, cfg.scale) if cfg.bias == "separate" else r_w
-            )
-        d_beta = self.running_mean * nu_w
-        if nu_b is not None:
-            d_beta = d_beta + nu_b
-        return nu_w * std, d_beta
+    def _syncs(self) -> bool:
+        """Whether batch statistics are reduced across processes (``AnalogSyncBatchNorm``)."""
+        return False
 
-    def _noisy_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This forward's perturbed ``(gamma', beta')``."""
-        gamma = self.weight if self.weight is not None else torch.ones_like(self.running_var)
-        beta = self.bias if self.bias is not None else torch.zeros_like(self.running_mean)
-        d_gamma, d_beta = self._perturbed_affine(gamma.detach(), beta.detach())
-        return gamma + d_gamma, beta + d_beta
+    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Per-channel batch mean, biased variance and the element count per channel."""
+        return x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False), x.numel() // x.shape[1]
+
+    @torch.no_grad()
+    def _track(self, mean: torch.Tensor, var: torch.Tensor, n: int) -> None:
+        """Update the running statistics as ``nn.BatchNorm2d`` does (unbiased running var)."""
+        if not self.track_running_stats:
+            return
+        self.num_batches_tracked.add_(1)
+        factor = self.momentum
+        if factor is None:  # cumulative moving average, as torch
+            factor = 1.0 / float(self.num_batches_tracked)
+        self.running_mean.lerp_(mean, factor)
+        self.running_var.lerp_(var * (n / max(n - 1, 1)), factor)
+
+    def _affine(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chip's per-channel ``(w, b)`` for these statistics."""
+        gamma = self.weight if self.weight is not None else torch.ones_like(var)
+        beta = self.bias if self.bias is not None else torch.zeros_like(mean)
+        w = gamma / torch.sqrt(var + self.eps)
+        return w, beta - mean * w
+
+    def _noisy_affine(self, mean: torch.Tensor, var: torch.Tensor):
+        """``(w + nu_w, b + nu_b)``: the perturbation is a constant, the gradient reaches w, b."""
+        w, b = self._affine(mean, var)
+        return self._noisy_weight_bias(w, b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.perturbed:
-            return self._output(super().forward(x))
-        sources = (self.weight, self.bias, self.running_mean, self.running_var)
-        gamma, beta = self._on_chip(self._noisy_affine, *sources)
-        return self._output(self._batch_norm(x, gamma, beta))
-
-    def _batch_norm(self, x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor):
-        """``nn.BatchNorm2d.forward`` (with running statistics) for the given affine."""
         self._check_input_dim(x)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, as torch
-                factor = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(
-            x, self.running_mean, self.running_var, gamma, beta, self.training, factor, self.eps
-        )
+        if self.training and (self.perturbed or self._syncs()):
+            mean, var, n = self._batch_moments(x)  # (C,), (C,)
+            self._track(mean.detach(), var.detach(), n)
+            w, b = self._noisy_affine(mean, var)
+        elif self.perturbed:  # a programmed chip
+            sources = (self.weight, self.bias, self.running_mean, self.running_var)
+            w, b = self._on_chip(
+                lambda: self._noisy_affine(self.running_mean, self.running_var), *sources
+            )
+        else:
+            return self._output(nn.BatchNorm2d.forward(self, x))
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return self._output(torch.addcmul(b.reshape(shape), x, w.reshape(shape)))
+
+
+class AnalogSyncBatchNorm(AnalogBatchNorm2d, nn.SyncBatchNorm):
+    """``AnalogBatchNorm2d`` whose training batch statistics are reduced over all processes.
+
+    What ``sync_batchnorm=True`` (Lightning's ``TorchSyncBatchNorm``, i.e.
+    ``nn.SyncBatchNorm.convert_sync_batchnorm``) turns an analog BatchNorm into: cimsim
+    intercepts that conversion (``_keep_analog``) so synchronized BN stays on the chip. The
+    reduction is a differentiable all-reduce of the per-channel sums, so it runs on any backend
+    (gloo on CPU too); in ``eval()`` it is ``AnalogBatchNorm2d``.
+    """
+
+    def _syncs(self) -> bool:
+        return dist.is_available() and dist.is_initialized() and self._world() > 1
+
+    def _world(self) -> int:
+        return dist.get_world_size(self.process_group or dist.group.WORLD)
+
+    def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        group = self.process_group or dist.group.WORLD
+        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=x.dtype)
+        sums = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])  # (2C+1,)
+        sums = dist_fn.all_reduce(sums, group=group)
+        c = x.shape[1]
+        n = sums[-1]
+        mean = sums[:c] / n
+        var = (sums[c : 2 * c] / n - mean * mean).clamp_min(0.0)
+        return mean, var, int(n.item())
+
+
+def _swap_class(new: nn.Module, cls: type, old: AnalogLayer) -> nn.Module:
+    """Make ``new`` (a freshly converted BatchNorm) an analog layer carrying ``old``'s chip."""
+    new.__class__ = cls
+    new._init_analog(old.config)
+    new.training = old.training  # Lightning's revert builds its BatchNorm in train mode
+    if old.chip_seed is not None:
+        new.chip_seed = old.chip_seed
+        for name in old.analog_tensors():
+            setattr(new, f"chip_{name}", getattr(old, f"chip_{name}"))
+    return new
+
+
+def _keep_analog(parent: nn.Module, name: str, module: nn.Module | None):
+    """Global module-registration hook: keep BatchNorm analog through (re)conversions.
+
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (and Lightning's ``revert``) build a new plain
+    BatchNorm with the old one's parameters and buffers and register it in place of the old; it
+    would silently take BN off the chip. While the old module is still registered under ``name``
+    we can see it was analog, and return the analog counterpart instead.
+    """
+    old = getattr(parent, "_modules", {}).get(name)
+    if not isinstance(old, AnalogBatchNorm2d) or module is None or isinstance(module, AnalogLayer):
+        return None
+    if type(module) is nn.SyncBatchNorm:
+        return _swap_class(module, AnalogSyncBatchNorm, old)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(old, AnalogSyncBatchNorm):
+        return _swap_class(module, AnalogBatchNorm2d, old)
+    return None
+
+
+nn.modules.module.register_module_module_registration_hook(_keep_analog)
 
 
 class AnalogIdentity(AnalogLayer, nn.Identity):
-    """An identity shortcut on the chip: ``x * (1 + mu + sigma * eps)``, one draw per channel
-    (the diagonal of an identity crossbar), shared by the batch and spatial positions."""
+    """An identity shortcut on the chip: ``x * (1 + sigma * eps)`` (docs/model.md).
+
+    ``identity_draws='element'`` (default, as the authors' ``NoisyIdentity``): one draw per
+    activation element (C, H, W); ``'channel'``: one gain per channel, the diagonal of an
+    identity crossbar. Either way a draw is shared by the samples of a batch: fresh every
+    forward in training, frozen for a programmed chip (drawn from the chip seed at the first
+    forward, when the shape is known). The mean shift applies only with
+    ``identity_mean_shift`` (the authors' identity ignores it).
+    """
 
     has_adc = False
 
@@ -249,36 +319,36 @@ class AnalogIdentity(AnalogLayer, nn.Identity):
         return {}
 
     def program(self, seed: int, prefix: str) -> None:
-        # The channel count is known only at the first forward: draw then, from (seed, name).
+        # The shape is known only at the first forward: draw then, from (seed, name).
         self.chip_seed, self._chip_name, self.chip_gain = seed, f"{prefix}.gain", None
 
     def clear(self) -> None:
         self.chip_seed, self.chip_gain = None, None
 
+    @property
+    def _mean_shift(self) -> float:
+        return self.config.mean_shift if self.config.identity_mean_shift else 0.0
+
     def _gain(self, x: torch.Tensor) -> torch.Tensor | None:
         c = self.config
-        channels = x.shape[1]
-        if not c.noisy:
+        if c.sigma == 0.0 and self._mean_shift == 0.0:
             return None
+        shape = (x.shape[1],) if c.identity_draws == "channel" else tuple(x.shape[1:])
         if self.training:
-            eps = standard_noise((channels,), c.distribution, device=x.device, dtype=x.dtype)
+            eps = standard_noise(shape, c.distribution, device=x.device, dtype=x.dtype)
         elif self.chip_seed is None:
             return None
         else:
-            if self.chip_gain is None or self.chip_gain.shape[0] != channels:
+            if self.chip_gain is None or tuple(self.chip_gain.shape) != shape:
                 self.chip_gain = chip_noise(
-                    self.chip_seed,
-                    self._chip_name,
-                    (channels,),
-                    c.distribution,
-                    device=x.device,
-                    dtype=x.dtype,
+                    self.chip_seed, self._chip_name, shape, c.distribution, x.device, x.dtype
                 )
             eps = self.chip_gain
-        gain = perturbation(
-            eps, torch.ones((), device=x.device, dtype=x.dtype), c.sigma, c.mean_shift
-        ).add_(1.0)
-        return gain.reshape((1, channels) + (1,) * (x.dim() - 2))
+        one = torch.ones((), device=x.device, dtype=x.dtype)
+        gain = perturbation(eps, one, c.sigma, self._mean_shift).add_(1.0)
+        if c.identity_draws == "channel":
+            return gain.reshape((1, -1) + (1,) * (x.dim() - 2))  # (1, C, 1, 1)
+        return gain.unsqueeze(0)  # (1, C, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gain = self._gain(x)
@@ -286,4 +356,4 @@ class AnalogIdentity(AnalogLayer, nn.Identity):
 
     def extra_repr(self) -> str:
         c = self.config
-        return f"sigma={c.sigma}, mean_shift={c.mean_shift}"
+        return f"sigma={c.sigma}, mean_shift={self._mean_shift}, draws={c.identity_draws}"

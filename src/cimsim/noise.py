@@ -1,4 +1,4 @@
-"""The perturbation model as plain functions (MODEL.md section 1).
+"""The perturbation model as plain functions (docs/model.md, "The perturbation").
 
 A stored tensor ``p`` becomes ``p + r(p) * (mu + sigma * eps)`` where ``r`` is its range,
 ``eps`` zero-mean unit-variance draws, ``mu`` the mean shift and ``sigma`` the relative std.
@@ -39,6 +39,63 @@ def tensor_range(p: torch.Tensor, scale: str, per_channel: bool = False) -> torc
     if per_channel:
         return r.reshape((-1,) + (1,) * (p.dim() - 1))
     return r.reshape(())
+
+
+@torch.no_grad()
+def noise_scales(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: str,
+    per_channel: bool = False,
+    bias_mode: str = "separate",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The noise scales of a weight and its bias under a bias mapping (``AnalogConfig.bias``).
+
+    ``separate`` is the authors' bi-scale mapping (``match_range`` in their
+    ``networks/noisy_layers.py``): the crossbar stores the augmented row ``[W, b/f]`` with
+    ``f = r(b) / r(W)``, so both share the scale of the union ``R = r(concat(W, b/f))``: W is
+    perturbed relative to ``R`` and b relative to ``R * f``. When ``r(W)`` or ``r(b)`` is 0 there
+    is nothing to match and each tensor keeps its own range (as the authors' code does).
+    ``per_tensor``: ``r(W)`` and ``r(b)``; ``shared``: ``r(W)`` for both; ``digital``: no bias
+    noise (``None``).
+
+    Args:
+        weight: (C_out, ...) weights.
+        bias: (C_out,) bias or ``None``.
+        scale: ``half_range`` or ``abs_max`` (see ``tensor_range``).
+        per_channel: one scale per output channel (row of the augmented matrix); ``f`` stays one
+            per tensor (the one extra input line that carries the bias).
+        bias_mode: ``separate``, ``per_tensor``, ``shared`` or ``digital``.
+
+    Returns:
+        ``(r_w, r_b)``: ``r_w`` broadcasts against ``weight``, ``r_b`` against ``bias`` (or None).
+    """
+    r_w = tensor_range(weight, scale, per_channel)
+    if bias is None or bias_mode == "digital":
+        return r_w, None
+    if bias_mode == "shared":
+        return r_w, r_w.reshape(-1)
+    r_b = tensor_range(bias, scale)
+    if bias_mode == "per_tensor":
+        return r_w, r_b
+    if bias_mode != "separate":
+        raise ValueError(
+            f"bias_mode={bias_mode!r} is invalid: allowed values are 'separate', 'per_tensor', "
+            "'shared', 'digital'"
+        )
+    r_w_tensor = r_w if not per_channel else tensor_range(weight, scale)
+    matched = (r_w_tensor > 0) & (r_b > 0)
+    f = torch.where(matched, r_b / torch.where(matched, r_w_tensor, 1.0), 1.0)  # 0-d
+    rows = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
+    cols = (bias / f).reshape(-1, 1) if per_channel else (bias / f).reshape(1, -1)
+    union = tensor_range(torch.cat([rows, cols], dim=1), scale, per_channel=True).reshape(-1)
+    if per_channel:
+        r_union_w = union.reshape(r_w.shape)
+        r_union_b = union
+    else:
+        r_union_w = r_union_b = union.reshape(())
+    r_w = torch.where(matched, r_union_w, r_w)
+    return r_w, torch.where(matched, r_union_b * f, r_b)
 
 
 def standard_noise(
