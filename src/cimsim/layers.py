@@ -114,19 +114,23 @@ class AnalogLayer:
             eps, r, self.config.sigma, self.config.mean_shift, out=eps if fresh else None
         )
 
-    def _noisy_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        """``(W + nu_W, b + nu_b)`` under the configured bias mapping (``noise_scales``)."""
-        cfg = self.config
+    def _perturbations(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(nu_W, nu_b)`` under the configured bias mapping (``noise_scales``); None = clean."""
         if not self.perturbed:
-            return weight, bias
+            return None, None
+        cfg = self.config
         r_w, r_b = noise_scales(weight, bias, cfg.scale, cfg.per_channel, cfg.bias)
         nu_w = self._nu("weight", weight, r_w)
+        nu_b = None if r_b is None else self._nu("bias", bias, r_b)
+        return nu_w, nu_b
+
+    def _noisy_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        """``(W + nu_W, b + nu_b)``: the perturbation is a constant, the gradient reaches W, b."""
+        nu_w, nu_b = self._perturbations(weight, bias)
         if nu_w is not None:
             weight = weight + nu_w
-        if r_b is not None:
-            nu_b = self._nu("bias", bias, r_b)
-            if nu_b is not None:
-                bias = bias + nu_b
+        if nu_b is not None:
+            bias = bias + nu_b
         return weight, bias
 
     def _noisy_parameters(self):
@@ -208,6 +212,25 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
         self.running_mean.lerp_(mean, factor)
         self.running_var.lerp_(var * (n / max(n - 1, 1)), factor)
 
+    def _train_batch_norm(self, x: torch.Tensor):
+        """``nn.BatchNorm2d``'s training forward, also returning the batch mean and 1/std."""
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, as torch
+                factor = 1.0 / float(self.num_batches_tracked)
+        track = self.track_running_stats
+        return torch.native_batch_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            True,
+            factor,
+            self.eps,
+        )
+
     def _affine(self, mean: torch.Tensor, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The chip's per-channel ``(w, b)`` for these statistics."""
         gamma = self.weight if self.weight is not None else torch.ones_like(var)
@@ -222,19 +245,30 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if self.training and (self.perturbed or self._syncs()):
-            mean, var, n = self._batch_moments(x)  # (C,), (C,)
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        if self.training and self._syncs():
+            mean, var, n = self._batch_moments(x)  # (C,), (C,): over every process
             self._track(mean.detach(), var.detach(), n)
             w, b = self._noisy_affine(mean, var)
-        elif self.perturbed:  # a programmed chip
+            return self._output(torch.addcmul(b.reshape(shape), x, w.reshape(shape)))
+        if self.training and self.perturbed:
+            # (w + nu_w) x + (b + nu_b) = BN(x) + nu_w x + nu_b: BatchNorm's fused kernel (and its
+            # gradient through the batch statistics), plus the constant perturbation of the fold,
+            # added in place (BatchNorm's backward does not need its output).
+            y, mean, invstd = self._train_batch_norm(x)
+            with torch.no_grad():
+                nu_w, nu_b = self._perturbations(*self._affine(mean, invstd.pow(-2) - self.eps))
+            y = y.addcmul_(x, nu_w.reshape(shape).to(y.dtype))
+            if nu_b is not None:
+                y = y.add_(nu_b.reshape(shape).to(y.dtype))
+            return self._output(y)
+        if self.perturbed:  # a programmed chip
             sources = (self.weight, self.bias, self.running_mean, self.running_var)
             w, b = self._on_chip(
                 lambda: self._noisy_affine(self.running_mean, self.running_var), *sources
             )
-        else:
-            return self._output(nn.BatchNorm2d.forward(self, x))
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return self._output(torch.addcmul(b.reshape(shape), x, w.reshape(shape)))
+            return self._output(torch.addcmul(b.reshape(shape), x, w.reshape(shape)))
+        return self._output(nn.BatchNorm2d.forward(self, x))
 
 
 class AnalogSyncBatchNorm(AnalogBatchNorm2d, nn.SyncBatchNorm):

@@ -16,6 +16,26 @@ import torch
 _SQRT3 = math.sqrt(3.0)
 
 
+def _span(lo: torch.Tensor, hi: torch.Tensor, scale: str) -> torch.Tensor:
+    """The range of values spanning ``[lo, hi]``: (hi - lo) / 2, or max(|lo|, |hi|)."""
+    if scale == "half_range":
+        return (hi - lo) * 0.5
+    if scale == "abs_max":
+        return torch.maximum(-lo, hi).clamp_min(0.0)
+    raise ValueError(f"scale={scale!r} is invalid: allowed values are 'half_range', 'abs_max'")
+
+
+def _extremes(p: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(min, max) of ``p``: 0-d, or (C_out,) per output channel. One pass over ``p``."""
+    flat = p.reshape(p.shape[0], -1) if per_channel else p.reshape(1, -1)
+    lo, hi = torch.aminmax(flat, dim=1)
+    return (lo, hi) if per_channel else (lo.reshape(()), hi.reshape(()))
+
+
+def _as_weight(r: torch.Tensor, p: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    return r.reshape((-1,) + (1,) * (p.dim() - 1)) if per_channel else r
+
+
 @torch.no_grad()
 def tensor_range(p: torch.Tensor, scale: str, per_channel: bool = False) -> torch.Tensor:
     """The range ``r`` that noise is relative to.
@@ -28,17 +48,7 @@ def tensor_range(p: torch.Tensor, scale: str, per_channel: bool = False) -> torc
     Returns:
         A 0-d tensor, or (C_out, 1, ..., 1) with ``per_channel``, broadcastable against ``p``.
     """
-    flat = p.reshape(p.shape[0], -1) if per_channel else p.reshape(1, -1)
-    if scale == "half_range":
-        lo, hi = torch.aminmax(flat, dim=1)
-        r = (hi - lo) * 0.5
-    elif scale == "abs_max":
-        r = flat.abs().amax(dim=1)
-    else:
-        raise ValueError(f"scale={scale!r} is invalid: allowed values are 'half_range', 'abs_max'")
-    if per_channel:
-        return r.reshape((-1,) + (1,) * (p.dim() - 1))
-    return r.reshape(())
+    return _as_weight(_span(*_extremes(p, per_channel), scale), p, per_channel)
 
 
 @torch.no_grad()
@@ -57,7 +67,8 @@ def noise_scales(
     perturbed relative to ``R`` and b relative to ``R * f``. When ``r(W)`` or ``r(b)`` is 0 there
     is nothing to match and each tensor keeps its own range (as the authors' code does).
     ``per_tensor``: ``r(W)`` and ``r(b)``; ``shared``: ``r(W)`` for both; ``digital``: no bias
-    noise (``None``).
+    noise (``None``). The union's range comes from the extremes of W and b (f > 0 keeps their
+    order), so no copy of the weights is made.
 
     Args:
         weight: (C_out, ...) weights.
@@ -70,32 +81,31 @@ def noise_scales(
     Returns:
         ``(r_w, r_b)``: ``r_w`` broadcasts against ``weight``, ``r_b`` against ``bias`` (or None).
     """
-    r_w = tensor_range(weight, scale, per_channel)
+    lo_w, hi_w = _extremes(weight, per_channel)
+    r_w = _span(lo_w, hi_w, scale)  # 0-d or (C_out,)
     if bias is None or bias_mode == "digital":
-        return r_w, None
+        return _as_weight(r_w, weight, per_channel), None
     if bias_mode == "shared":
-        return r_w, r_w.reshape(-1)
-    r_b = tensor_range(bias, scale)
+        return _as_weight(r_w, weight, per_channel), r_w
+    lo_b, hi_b = torch.aminmax(bias.reshape(-1))
+    r_b = _span(lo_b, hi_b, scale)
     if bias_mode == "per_tensor":
-        return r_w, r_b
+        return _as_weight(r_w, weight, per_channel), r_b
     if bias_mode != "separate":
         raise ValueError(
             f"bias_mode={bias_mode!r} is invalid: allowed values are 'separate', 'per_tensor', "
             "'shared', 'digital'"
         )
-    r_w_tensor = r_w if not per_channel else tensor_range(weight, scale)
+    r_w_tensor = _span(lo_w.min(), hi_w.max(), scale)
     matched = (r_w_tensor > 0) & (r_b > 0)
     f = torch.where(matched, r_b / torch.where(matched, r_w_tensor, 1.0), 1.0)  # 0-d
-    rows = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
-    cols = (bias / f).reshape(-1, 1) if per_channel else (bias / f).reshape(1, -1)
-    union = tensor_range(torch.cat([rows, cols], dim=1), scale, per_channel=True).reshape(-1)
-    if per_channel:
-        r_union_w = union.reshape(r_w.shape)
-        r_union_b = union
+    if per_channel:  # row i of [W, b/f]: its own extremes and b_i / f
+        lo_u, hi_u = torch.minimum(lo_w, bias / f), torch.maximum(hi_w, bias / f)
     else:
-        r_union_w = r_union_b = union.reshape(())
-    r_w = torch.where(matched, r_union_w, r_w)
-    return r_w, torch.where(matched, r_union_b * f, r_b)
+        lo_u, hi_u = torch.minimum(lo_w, lo_b / f), torch.maximum(hi_w, hi_b / f)
+    r_union = _span(lo_u, hi_u, scale)
+    r_w = torch.where(matched, r_union, r_w)
+    return _as_weight(r_w, weight, per_channel), torch.where(matched, r_union * f, r_b)
 
 
 def standard_noise(
