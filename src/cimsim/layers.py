@@ -271,15 +271,18 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
         return self._output(nn.BatchNorm2d.forward(self, x))
 
 
-class AnalogSyncBatchNorm(AnalogBatchNorm2d, nn.SyncBatchNorm):
+class AnalogSyncBatchNorm(AnalogBatchNorm2d):
     """``AnalogBatchNorm2d`` whose training batch statistics are reduced over all processes.
 
     What ``sync_batchnorm=True`` (Lightning's ``TorchSyncBatchNorm``, i.e.
     ``nn.SyncBatchNorm.convert_sync_batchnorm``) turns an analog BatchNorm into: cimsim
     intercepts that conversion (``_keep_analog``) so synchronized BN stays on the chip. The
-    reduction is a differentiable all-reduce of the per-channel sums, so it runs on any backend
-    (gloo on CPU too); in ``eval()`` it is ``AnalogBatchNorm2d``.
+    reduction is a differentiable all-reduce of the per-channel sums over ``process_group`` (the
+    whole world when None), so it runs on any backend (gloo on CPU too); in ``eval()`` it is
+    ``AnalogBatchNorm2d``. Not an ``nn.SyncBatchNorm`` subclass: DDP refuses those on the CPU.
     """
+
+    process_group = None
 
     def _syncs(self) -> bool:
         return dist.is_available() and dist.is_initialized() and self._world() > 1
@@ -303,7 +306,7 @@ def _swap_class(new: nn.Module, cls: type, old: AnalogLayer) -> nn.Module:
     """Make ``new`` (a freshly converted BatchNorm) an analog layer carrying ``old``'s chip."""
     new.__class__ = cls
     new._init_analog(old.config)
-    new.training = old.training  # Lightning's revert builds its BatchNorm in train mode
+    new.training = old.training
     if old.chip_seed is not None:
         new.chip_seed = old.chip_seed
         for name in old.analog_tensors():
@@ -312,20 +315,18 @@ def _swap_class(new: nn.Module, cls: type, old: AnalogLayer) -> nn.Module:
 
 
 def _keep_analog(parent: nn.Module, name: str, module: nn.Module | None):
-    """Global module-registration hook: keep BatchNorm analog through (re)conversions.
+    """Global module-registration hook: keep BatchNorm analog through SyncBatchNorm conversion.
 
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` (and Lightning's ``revert``) build a new plain
-    BatchNorm with the old one's parameters and buffers and register it in place of the old; it
-    would silently take BN off the chip. While the old module is still registered under ``name``
+    ``nn.SyncBatchNorm.convert_sync_batchnorm`` builds a new plain ``SyncBatchNorm`` with the old
+    one's parameters and buffers and registers it in place of the old: that would silently take
+    BN off the chip. While the old module is still registered under ``name``
     we can see it was analog, and return the analog counterpart instead.
     """
     old = getattr(parent, "_modules", {}).get(name)
     if not isinstance(old, AnalogBatchNorm2d) or module is None or isinstance(module, AnalogLayer):
         return None
-    if type(module) is nn.SyncBatchNorm:
+    if type(module) is nn.SyncBatchNorm:  # keeps its process_group attribute
         return _swap_class(module, AnalogSyncBatchNorm, old)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(old, AnalogSyncBatchNorm):
-        return _swap_class(module, AnalogBatchNorm2d, old)
     return None
 
 
