@@ -4,35 +4,47 @@
     python evaluate.py 'ckpt=[A.ckpt,B.ckpt]'                    # several models, one figure
     python evaluate.py ckpt_glob='outputs/train/runs/*/checkpoints/epoch_*.ckpt'
     python evaluate.py ckpt=A.ckpt robustness=mean_shift_sweep   # or robustness=adc_sweep
+    python evaluate.py ckpt=A.ckpt chip.bias=shared              # on another chip than trained
     python evaluate.py sweep_dir=outputs/train/multiruns/<date>  # every job of a train.py -m sweep
     python evaluate.py ckpt=A.ckpt devices=4                     # chips split over 4 processes
 
 Writes robustness_rows.csv (one row per chip and grid point), robustness_summary.csv,
 robustness.json and robustness.png into outputs/evaluate/<run_name>/, logs them to W&B, and
-prints a summary table. Rerunning the same command resumes from the rows already written.
+prints a summary table. Rerunning the same command resumes from the rows already written; rows
+computed with other settings are moved to robustness_rows.stale.csv and recomputed.
 A sweep's study goes to <sweep_dir>/evaluate/<run_name>/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import glob
+import hashlib
+import io
 import sys
 from pathlib import Path
 
 import hydra
 import torch
+from hydra.core.config_store import ConfigStore
 from hydra.utils import instantiate
 from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
-from cimsim import ConfigError
+from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
-from cimsim.robustness import SWEEPS, RobustnessGrid, format_summary
-from cimsim.study import Evaluation, Subject, run_study
+from cimsim.robustness import GRID_AXES, SWEEPS, RobustnessGrid, check_limits, format_summary
+from cimsim.study import (
+    Evaluation,
+    Subject,
+    calibration_loader,
+    check_calib_split,
+    run_study,
+    subject_label,
+)
 from cimsim.tracking import default_wandb_mode, log_robustness
 from cimsim.validation import check_choice, check_int, config_scope
 
-TRAIN_SIGMA = "train"  # in robustness.sigmas: each model's own training sigma
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 
 
@@ -42,6 +54,11 @@ def output_dir(sweep_dir: str | None, task_name: str, run_name: str) -> str:
 
 
 OmegaConf.register_new_resolver("eval_dir", output_dir, replace=True)
+# The test chip, `chip.<field>=VALUE`: an open node, so an override needs no '+' (Hydra closes a
+# `chip: {}` written in YAML).
+_open = OmegaConf.create({})
+OmegaConf.set_struct(_open, False)
+ConfigStore.instance().store(group="chip", name="checkpoint", node=_open)
 
 
 def checkpoint_paths(cfg: DictConfig) -> list[Path]:
@@ -67,72 +84,169 @@ def checkpoint_paths(cfg: DictConfig) -> list[Path]:
     return [Path(p) for p in paths]
 
 
-def grid_for(cfg: DictConfig, train_sigma: float) -> RobustnessGrid:
-    """The robustness grid, with ``train`` in ``sigmas`` replaced by ``train_sigma``."""
+def grid_for(cfg: DictConfig) -> RobustnessGrid:
+    """The preset's grid; ``train`` in ``sigmas`` and ``adc_levels`` stands for each model's own
+    training value (``RobustnessGrid.for_chip``)."""
     r = cfg.robustness
-    sigmas = [train_sigma if s == TRAIN_SIGMA else s for s in r.sigmas]
     with config_scope("robustness"):
         return RobustnessGrid(
-            sigmas=list(dict.fromkeys(sigmas)),
+            sigmas=list(r.sigmas),
             mean_shifts=list(r.mean_shifts),
             adc_levels=list(r.adc_levels),
             chips=r.chips,
         )
 
 
-def load_subjects(cfg: DictConfig, paths: list[Path], device: torch.device) -> list[Subject]:
-    subjects = []
-    for path in paths:
-        model = AnalogClassifier.load_from_checkpoint(path, map_location=device, weights_only=False)
-        subjects.append(
-            Subject(
-                model.label,
-                model.net.to(device).eval(),
-                grid_for(cfg, model.chip.sigma),
-                ckpt=str(path),
-            )
+def chip_overrides(cfg: DictConfig) -> dict:
+    """The ``chip.<field>=VALUE`` settings that replace the training chip's on the test chip."""
+    overrides = OmegaConf.to_container(cfg.chip) if cfg.get("chip") else {}
+    names = [f.name for f in dataclasses.fields(AnalogConfig) if f.name not in GRID_AXES]
+    for key, value in overrides.items():
+        if key in GRID_AXES:
+            axis = {"sigma": "sigmas", "mean_shift": "mean_shifts"}.get(key, key)
+            raise ConfigError(f"chip.{key}", value, f"is swept by the grid: set robustness.{axis}")
+        if key not in names:
+            allowed = "unknown chip field; allowed fields are " + ", ".join(names)
+            raise ConfigError(f"chip.{key}", value, allowed)
+    with config_scope("chip"):
+        AnalogConfig(**overrides)  # each value checked before any checkpoint is loaded
+    return overrides
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:120] if text else ''}"
+
+
+def read_checkpoint(path: Path) -> tuple[bytes, dict]:
+    """The file's bytes and contents, loaded with ``weights_only=True``: a downloaded checkpoint
+    can hold only tensors and plain types, never code that runs on loading."""
+    data = path.read_bytes()
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or objects beyond tensors
+        why = "is not a PyTorch checkpoint that loads with weights_only=True (truncated, another"
+        why += f" format, or objects other than tensors and plain types): {_one_line(err)}"
+        raise ConfigError("ckpt", str(path), why) from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "hyper_parameters"} <= set(ckpt):
+        raise ConfigError(
+            "ckpt", str(path), "is not a checkpoint of train.py: no state_dict/hyper_parameters"
         )
+    return data, ckpt
+
+
+def load_subject(
+    path: Path, grid: RobustnessGrid, overrides: dict, device: torch.device
+) -> tuple[Subject, dict | None]:
+    """One checkpoint rebuilt on its test chip (its training chip with ``overrides``), and the
+    data it was trained on."""
+    data, ckpt = read_checkpoint(path)
+
+    def load(**chip) -> AnalogClassifier:
+        stream = io.BytesIO(data)
+        return AnalogClassifier.load_from_checkpoint(
+            stream, map_location=device, weights_only=True, **chip
+        )
+
+    try:
+        model = load()
+    except (ConfigError, KeyError, TypeError, RuntimeError, ImportError) as err:
+        raise ConfigError("ckpt", str(path), f"does not load ({_one_line(err)})") from None
+    recipe, trained = model.label, model.chip
+    with config_scope("chip"):
+        chip = dataclasses.replace(trained, **overrides)
+        if chip != trained:
+            model = load(chip=chip)
+    grid = grid.for_chip(chip)
+    label = subject_label(recipe, chip, grid)
+    sha = hashlib.sha256(data).hexdigest()
+    subject = Subject(label, model.net.to(device).eval(), grid, str(path), ckpt_sha256=sha)
+    return subject, ckpt.get("datamodule")
+
+
+def load_subjects(
+    cfg: DictConfig, paths: list[Path], grid: RobustnessGrid, device: torch.device
+) -> tuple[list[Subject], list[dict | None]]:
+    """Every checkpoint's subject, and the data each one was trained on."""
+    overrides = chip_overrides(cfg)
+    loaded = [load_subject(p, grid, overrides, device) for p in paths]
+    subjects = [s for s, _ in loaded]
     labels = [s.label for s in subjects]
     for s in subjects:  # same recipe twice (e.g. two seeds): tell them apart by run folder
         if labels.count(s.label) > 1:
             s.label = f"{s.label} ({Path(s.ckpt).parent.parent.name})"
-    return subjects
+    return subjects, [spec for _, spec in loaded]
 
 
-def load_datamodule(cfg: DictConfig, path: Path):
-    """``cfg.data`` if given, else the data the checkpoint was trained on."""
-    spec = cfg.get("data")
-    if spec is None:
-        spec = torch.load(path, map_location="cpu", weights_only=False).get("datamodule")
-        if spec is None:
-            raise ConfigError("data", None, f"{path} does not record its data: pass data=NAME")
+# Keys of a datamodule spec that decide which images are held out for testing.
+SPLIT_KEYS = ("_target_", "name", "seed", "val_fraction", "test_fraction", "val_size")
+
+
+def check_same_split(spec: dict, trained_on: list[dict | None], paths: list[Path]) -> None:
+    """Every model must be tested on images it never trained on: the split being tested must be
+    the one each checkpoint was trained with (e.g. ``data=digits`` resolves ``data.seed`` to
+    evaluate's chip seed, and two training seeds hold out different digits)."""
+    for path, theirs in zip(paths, trained_on, strict=True):
+        if theirs is None or theirs.get("_target_") != spec.get("_target_"):
+            continue
+        for key in SPLIT_KEYS:
+            if key in theirs and spec.get(key) != theirs[key]:
+                raise ConfigError(
+                    f"data.{key}",
+                    spec.get(key),
+                    f"{path} was trained with {key}={theirs[key]!r}: with another split its test "
+                    f"images may include its training images. Set data.{key}={theirs[key]!r}, "
+                    "or evaluate models trained on different splits separately",
+                )
+
+
+def load_datamodule(spec: dict):
+    """The datamodule of ``spec`` (``{"_target_": ..., **kwargs}``), set up for every split."""
     with config_scope("data"):
         datamodule = instantiate(spec)
+    datamodule.setup("fit")  # train and val: ADC calibration data
     datamodule.setup("test")
     return datamodule
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Fail on a bad setting before anything is loaded."""
+    grid_for(cfg)
+    chip_overrides(cfg)
+    r = cfg.robustness
+    with config_scope("robustness"):
+        check_choice("x", r.x, SWEEPS)
+        check_calib_split(r.calib_split)
+        check_limits(r.max_batches, r.calib_batches, r.calib_momentum)
+    check_choice("accelerator", cfg.accelerator, ACCELERATORS)
+    check_int("devices", cfg.devices, minimum=1)
+    check_int("num_nodes", cfg.num_nodes, minimum=1)
 
 
 def evaluate(cfg: DictConfig):
     """Run the study and write its files; returns the ``RobustnessResult`` (on every rank)."""
     paths = checkpoint_paths(cfg)
-    grid_for(cfg, 0.0)  # validate the grid before loading anything
-    check_choice("robustness.x", cfg.robustness.x, SWEEPS)
-    check_choice("accelerator", cfg.accelerator, ACCELERATORS)
-    check_int("devices", cfg.devices, minimum=1)
-    check_int("num_nodes", cfg.num_nodes, minimum=1)
+    check_settings(cfg)
     fabric = launch(cfg)
-    datamodule = load_datamodule(cfg, paths[0])
-    subjects = load_subjects(cfg, paths, fabric.device)
+    subjects, trained_on = load_subjects(cfg, paths, grid_for(cfg), fabric.device)
+    spec = OmegaConf.to_container(cfg.data, resolve=True) if cfg.get("data") else trained_on[0]
+    if spec is None:
+        raise ConfigError("data", None, f"{paths[0]} does not record its data: pass data=NAME")
+    check_same_split(spec, trained_on, paths)
+    datamodule = load_datamodule(spec)
     r = cfg.robustness
     ev = Evaluation(
         datamodule.test_dataloader(),
         cfg.seed,
-        datamodule.val_dataloader(),
-        r.max_batches,
-        r.calib_batches,
-        cfg.progress,
-        fabric.global_rank,
-        fabric.world_size,
+        calib_loader=calibration_loader(datamodule, r.calib_split),
+        max_batches=r.max_batches,
+        calib_batches=r.calib_batches,
+        progress=cfg.progress,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        calib_momentum=r.calib_momentum,
+        calib_split=r.calib_split,
+        data_spec=spec,
     )
     title = f"{r.name}: {r.chips} chips per point, seed {cfg.seed}"
     result, files = run_study(subjects, ev, cfg.paths.output_dir, r.x, title=title)

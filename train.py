@@ -107,7 +107,7 @@ def train(cfg: DictConfig) -> float | None:
 def fit_and_test(cfg: DictConfig, datamodule, model, trainer) -> float | None:
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=False)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     ckpt_dir = Path(cfg.paths.output_dir) / "checkpoints"
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if not best:  # fast_dev_run and friends save nothing: every run still ends with a checkpoint
@@ -115,7 +115,7 @@ def fit_and_test(cfg: DictConfig, datamodule, model, trainer) -> float | None:
         trainer.save_checkpoint(best)
     metrics = dict(trainer.callback_metrics)  # test() replaces them
     if cfg.get("test"):
-        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=False)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best, weights_only=True)
         metrics.update(trainer.callback_metrics)
     report(cfg, trainer, best, metrics)
     metric = metrics.get(cfg.optimized_metric)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -64,3 +65,19 @@ def train_cfg(tmp_path):
         return compose_cfg("train", out or tmp_path, FAST + list(overrides))
 
     return make
+
+
+def authors_scales(w: torch.Tensor, b: torch.Tensor, scale: str = "half_range"):
+    """The noise scales of (W, b) by the authors' match_range, recomputed in numpy: f = r(b)/r(W),
+    R = r(concat(W, b/f)); W gets R, b gets R*f (each its own range when one range is 0)."""
+    W, B = (t.detach().double().numpy().ravel() for t in (w, b))
+
+    def r(a):
+        return (a.max() - a.min()) / 2 if scale == "half_range" else np.abs(a).max()
+
+    rw, rb = r(W), r(B)
+    if rw == 0 or rb == 0:
+        return rw, rb
+    f = rb / rw
+    R = r(np.concatenate([W, B / f]))
+    return R, R * f

@@ -1,6 +1,7 @@
 """A callback that reports, from inside a DDP run, what the scale-out tests check: whether all
-ranks hold the same weights, whether their random streams differ, and how many gradient
-all-reduces ran. Loaded by the train.py subprocess with PYTHONPATH=tests."""
+ranks hold the same weights and buffers (BN running statistics, ADC ranges), whether their random
+streams differ, how many gradient all-reduces ran, and which BatchNorm classes trained. Loaded by
+the train.py subprocess with PYTHONPATH=tests."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ class DDPProbe(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         flat = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
         params = trainer.strategy.all_gather(flat)  # (world, n)
+        bufs = torch.cat([b.detach().double().flatten() for b in pl_module.buffers()])
+        buffers = trainer.strategy.all_gather(bufs)  # (world, m)
         draws = trainer.strategy.all_gather(torch.randn(8))  # each rank's global RNG
         if trainer.is_global_zero:
             report = {
@@ -32,6 +35,19 @@ class DDPProbe(pl.Callback):
                 "steps": trainer.global_step,
                 "allreduces": self.allreduces,
                 "max_param_diff": (params - params[0]).abs().max().item(),
+                "max_buffer_diff": (buffers - buffers[0]).abs().max().item(),
+                "batches_tracked": [
+                    int(m.num_batches_tracked)
+                    for m in pl_module.modules()
+                    if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                ][:1],
+                "bn_types": sorted(
+                    {
+                        type(m).__name__
+                        for m in pl_module.modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+                    }
+                ),
                 "draws_differ": not torch.equal(draws[0], draws[1]),
             }
             with open(self.out, "w") as f:

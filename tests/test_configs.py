@@ -7,7 +7,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cimsim import ConfigError
+from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import build_network
 from cimsim.validation import config_scope
 from conftest import CONF, compose_cfg
@@ -81,7 +81,10 @@ def check(cfg, group, tmp_path):
         from cimsim.robustness import SWEEPS
         from evaluate import grid_for
 
-        assert grid_for(cfg, train_sigma=0.05).chips >= 1 and cfg.robustness.x in SWEEPS
+        assert (
+            grid_for(cfg).for_chip(AnalogConfig(sigma=0.05)).chips >= 1
+            and cfg.robustness.x in SWEEPS
+        )
     elif group == "experiment":
         check_data(cfg, tmp_path)
         assert OmegaConf.to_container(cfg, resolve=True)

@@ -1,13 +1,18 @@
-"""Monte Carlo robustness evaluation: seeding, common random numbers, statistics, resuming,
-ADC sweeps, plots and user errors, on a tiny convnet trained for a few steps on sklearn digits."""
+"""Monte Carlo robustness evaluation: seeding, chip streams, common random numbers, statistics,
+resuming and fingerprints, ADC sweeps and calibration, plots and user errors, on a tiny convnet
+trained for a few steps on sklearn digits. Values are checked against independent computations:
+a chip programmed and measured by hand, statistics recomputed with numpy and scipy."""
 
 from __future__ import annotations
 
+import copy
+import csv
 import json
 import math
 import struct
 
 import matplotlib.image
+import numpy as np
 import pytest
 import torch
 from scipy import stats
@@ -15,14 +20,27 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import cimsim.robustness as rb
-from cimsim import ADC, AnalogConfig, ConfigError, analog_layers, convert_to_analog
+from cimsim import (
+    ADC,
+    AnalogConfig,
+    ConfigError,
+    analog_layers,
+    calibrate_adc,
+    convert_to_analog,
+    program_chip,
+    set_adc,
+    set_noise,
+)
 from cimsim.adc import adcs
 from cimsim.robustness import (
     RobustnessGrid,
+    StaleRowsWarning,
     chip_seed,
     evaluate_robustness,
     format_summary,
     plot_robustness,
+    read_fingerprints,
+    state_sha256,
     summarize,
     write_results,
 )
@@ -85,6 +103,33 @@ def _state(model):
     return layers, converters, [m.training for m in model.modules()]
 
 
+@torch.no_grad()
+def _by_hand(model, test, seed, sigma, mean_shift=0.0, levels=None, calib=None, momentum=0.01):
+    """(accuracy, loss, n) of one chip, programmed and measured without evaluate_robustness:
+    a copy of the model, the chip seed, the noise level, ADC calibration with torch's CPU
+    generator seeded by the chip seed, then the whole test set."""
+    chip = copy.deepcopy(model)
+    program_chip(chip, seed)
+    set_noise(chip, sigma=sigma, mean_shift=mean_shift)
+    set_adc(chip, levels)
+    chip.eval()
+    if levels is not None:
+        torch.manual_seed(seed)
+        calibrate_adc(chip, calib, momentum=momentum)
+    correct, loss, n = 0, 0.0, 0
+    for x, y in test:
+        logits = chip(x)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        n += len(y)
+    return correct / n, loss / n, n
+
+
+def _csv_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 # ----------------------------------------------------------------------------- the grid
 
 
@@ -131,11 +176,45 @@ def test_adc_levels_without_calibration_data_fail_before_any_work(model, digits,
         )
 
 
-def test_chip_seed_depends_only_on_seed_and_chip():
+def test_grid_train_tokens_resolve_per_model_and_fail_unresolved(model, digits):
+    grid = RobustnessGrid(sigmas=[0.0, "train"], adc_levels=[None, "train"], chips=2)
+    trained = grid.for_chip(AnalogConfig(sigma=0.1, adc_levels=4))
+    assert (trained.sigmas, trained.adc_levels) == ((0.0, 0.1), (None, 4))
+    clean = grid.for_chip(AnalogConfig())  # train sigma 0, no ADC: repeats are kept once
+    assert (clean.sigmas, clean.adc_levels, clean.chips) == ((0.0,), (None,), 2)
+    with pytest.raises(ConfigError, match="^sigmas='train'"):
+        evaluate_robustness(model, digits[1], grid, SEED, progress=False)
+
+
+def test_chip_seed_depends_only_on_seed_chip_and_stream():
     assert chip_seed(0, 0) == chip_seed(0, 0) == 5699566862254019512  # pinned: reproducibility
+    assert chip_seed(0, 0, "test") == chip_seed(0, 0)  # the reported chips did not change
     seeds = {chip_seed(s, c) for s in range(10) for c in range(10)}
     assert len(seeds) == 100  # (0, 1) and (1, 0) are different chips
     assert all(0 <= s < 2**63 for s in seeds)
+    with pytest.raises(ConfigError, match="^stream='train'"):
+        chip_seed(0, 0, "train")
+
+
+def test_validation_chips_never_coincide_with_test_chips():
+    """Checkpoint selection (val stream) never sees a chip of a reported curve (test stream)."""
+    test = {chip_seed(s, c, "test") for s in range(5) for c in range(1000)}
+    val = {chip_seed(s, c, "val") for s in range(5) for c in range(1000)}
+    assert len(test) == len(val) == 5000
+    assert not test & val
+    assert all(0 <= s < 2**63 for s in val)
+
+
+def test_val_stream_programs_val_chips(model, digits, monkeypatch):
+    calls = _counting(monkeypatch)
+    grid = RobustnessGrid(sigmas=[0.1], chips=3)
+    result = evaluate_robustness(model, digits[1], grid, SEED, stream="val", progress=False)
+    val = [chip_seed(SEED, c, "val") for c in range(3)]
+    assert calls == val and [r["chip_seed"] for r in result.rows] == val
+    assert result.rows[1]["acc"] == _by_hand(model, digits[1], val[1], 0.1)[0]
+    with pytest.raises(ConfigError, match="^stream='validation'"):
+        evaluate_robustness(model, digits[1], grid, SEED, stream="validation", progress=False)
+    assert len(calls) == 3  # the bad stream failed before programming a chip
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -164,6 +243,10 @@ def test_same_seed_same_rows_different_seed_different_rows(model, digits):
     assert len(set(clean)) == 1 and clean[0] > 0.85  # no noise: every chip is the digital net
     noisy = [(r["acc"], r["loss"]) for r in a.rows if r["sigma"] == 0.1]
     assert len(set(noisy)) > 1  # ...with noise, the chips differ
+    for r in a.rows:  # every row is exactly what its chip gives when measured by hand
+        acc, loss, n = _by_hand(model, digits[1], r["chip_seed"], r["sigma"], r["mean_shift"])
+        assert (r["acc"], r["n"]) == (acc, n)
+        assert r["loss"] == pytest.approx(loss, rel=1e-6)
     assert [r["loss"] for r in a.rows if r["sigma"] > 0] != [
         r["loss"] for r in c.rows if r["sigma"] > 0
     ]
@@ -212,18 +295,15 @@ def test_common_random_numbers_across_sigma(model, digits):
 def test_summary_uses_student_t_and_matches_the_rows(model, digits):
     grid = RobustnessGrid(sigmas=[0.05, 0.15], chips=5)
     result = evaluate_robustness(model, digits[1], grid, SEED, progress=False)
-    t = stats.t.ppf(0.975, 4)
-    assert abs(t - 2.776) < 1e-3
     assert [(s["sigma"], s["chips"]) for s in result.summary] == [(0.05, 5), (0.15, 5)]
     for s in result.summary:
-        acc = torch.tensor(
-            [r["acc"] for r in result.rows if r["sigma"] == s["sigma"]], dtype=torch.float64
-        )
-        loss = [r["loss"] for r in result.rows if r["sigma"] == s["sigma"]]
-        assert s["acc_mean"] == pytest.approx(acc.mean().item(), rel=1e-12)
-        assert s["acc_std"] == pytest.approx(acc.std(correction=1).item(), rel=1e-12)
-        assert s["acc_ci95"] == pytest.approx(t * acc.std(correction=1).item() / math.sqrt(5))
-        assert s["loss_mean"] == pytest.approx(sum(loss) / 5)
+        acc = np.array([r["acc"] for r in result.rows if r["sigma"] == s["sigma"]])
+        loss = np.array([r["loss"] for r in result.rows if r["sigma"] == s["sigma"]])
+        low, high = stats.t.interval(0.95, df=4, loc=acc.mean(), scale=stats.sem(acc))
+        assert s["acc_mean"] == pytest.approx(acc.mean(), rel=1e-12)
+        assert s["acc_std"] == pytest.approx(acc.std(ddof=1), rel=1e-12)
+        assert s["acc_ci95"] == pytest.approx((high - low) / 2, rel=1e-9)
+        assert s["loss_mean"] == pytest.approx(loss.mean(), rel=1e-12)
         assert s["acc_std"] > 0
     assert result.summary[1]["acc_mean"] < result.summary[0]["acc_mean"]  # more noise, worse
     assert summarize(result.rows) == result.summary
@@ -295,28 +375,94 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(
     assert calls == [chip_seed(SEED, c) for c in (2, 3, 4)] and again.rows == full.rows
 
 
-def test_resume_does_not_confuse_other_models_or_seeds(model, digits, tmp_path, monkeypatch):
+def test_resume_keeps_other_models_and_recomputes_another_seed(
+    model, digits, tmp_path, monkeypatch
+):
     grid = RobustnessGrid(sigmas=[0.1], chips=2)
     path = tmp_path / "rows.csv"
     calls = _counting(monkeypatch)
-    a = evaluate_robustness(
-        model, digits[1], grid, SEED, rows_path=path, extra={"model": "a"}, progress=False
-    )
-    evaluate_robustness(
-        model, digits[1], grid, SEED, rows_path=path, extra={"model": "b"}, progress=False
-    )
-    evaluate_robustness(
-        model, digits[1], grid, SEED + 1, rows_path=path, extra={"model": "a"}, progress=False
-    )
-    assert len(calls) == 6
+
+    def run(label, seed, grid=grid):
+        return evaluate_robustness(
+            model, digits[1], grid, seed, rows_path=path, extra={"model": label}, progress=False
+        )
+
+    a, b = run("a", SEED), run("b", SEED)
+    assert len(calls) == 4 and a.rows[0]["fingerprint"] == b.rows[0]["fingerprint"]
+    with pytest.warns(StaleRowsWarning, match=r"rows of model='a' .*\(seed: 7 -> 8\)"):
+        a8 = run("a", SEED + 1)  # the same model with another seed: never mixed
+    assert calls[4:] == [chip_seed(SEED + 1, c) for c in range(2)]
+    rows = _csv_rows(path)
+    assert [(r["model"], int(r["chip_seed"])) for r in rows] == [
+        ("b", chip_seed(SEED, 0)), ("b", chip_seed(SEED, 1)),
+        ("a", chip_seed(SEED + 1, 0)), ("a", chip_seed(SEED + 1, 1)),
+    ]  # fmt: skip
+    assert [r["model"] for r in _csv_rows(tmp_path / "rows.stale.csv")] == ["a", "a"]
     wider = RobustnessGrid(sigmas=[0.1], chips=3)  # one more chip: only it is evaluated
-    a3 = evaluate_robustness(
-        model, digits[1], wider, SEED, rows_path=path, extra={"model": "a"}, progress=False
-    )
-    assert calls[6:] == [chip_seed(SEED, 2)]
-    assert a3.rows[:2] == a.rows
+    a3 = run("a", SEED + 1, wider)
+    assert calls[6:] == [chip_seed(SEED + 1, 2)]
+    assert a3.rows[:2] == a8.rows
     with pytest.raises(ConfigError, match="rows_path"):  # other columns: never mix files
         evaluate_robustness(model, digits[1], grid, SEED, rows_path=path, progress=False)
+
+
+def test_changed_settings_move_stale_rows_aside_and_say_what_changed(
+    model, digits, tmp_path, monkeypatch
+):
+    grid = RobustnessGrid(sigmas=[0.0, 0.1], chips=2)
+    path = tmp_path / "rows.csv"
+    ckpt = {"ckpt_sha256": "ab" * 32, "data": {"seed": 1}}
+
+    def run(label="m", max_batches=None, settings=ckpt):
+        extra = {"model": label, "ckpt": "m.ckpt"}
+        return evaluate_robustness(
+            model, digits[1], grid, SEED, rows_path=path, extra=extra, progress=False,
+            max_batches=max_batches, settings=settings,
+        )  # fmt: skip
+
+    quick = run(max_batches=1)
+    other = run(label="other", max_batches=1)
+    assert {r["n"] for r in quick.rows} == {128}
+    calls = _counting(monkeypatch)
+    with pytest.warns(StaleRowsWarning) as caught:
+        full = run()
+    assert len(caught) == 1
+    assert "4 rows of model='m', ckpt='m.ckpt'" in str(caught[0].message)
+    assert "(max_batches: 1 -> None)" in str(caught[0].message)
+    assert len(calls) == 2  # both chips recomputed
+    rows = _csv_rows(path)
+    assert [r["model"] for r in rows] == ["other"] * 4 + ["m"] * 4  # the other model stays
+    assert {int(r["n"]) for r in rows if r["model"] == "m"} == {397}
+    assert [r["n"] for r in _csv_rows(tmp_path / "rows.stale.csv")] == ["128"] * 4
+    fp_quick, fp_full = quick.rows[0]["fingerprint"], full.rows[0]["fingerprint"]
+    assert other.rows[0]["fingerprint"] == fp_quick != fp_full
+    known = read_fingerprints(path)
+    assert known[fp_full] == full.fingerprints[fp_full]
+    assert known[fp_quick]["max_batches"] == 1 and known[fp_full]["max_batches"] is None
+    assert known[fp_full]["chip"] == {
+        k: v for k, v in vars(AnalogConfig()).items() if k not in rb.GRID_AXES
+    }  # the test chip of the model's layers
+    assert known[fp_full]["seed"] == SEED and known[fp_full]["stream"] == "test"
+    retrained = {**ckpt, "ckpt_sha256": "cd" * 32}
+    with pytest.warns(StaleRowsWarning, match=r"ckpt_sha256: abababababab\.\.\. -> cdcdcd"):
+        run(settings=retrained)
+    with pytest.warns(StaleRowsWarning, match=r"data\.seed: 1 -> 2"):
+        run(settings={**retrained, "data": {"seed": 2}})
+
+
+def test_in_memory_weights_are_fingerprinted(model, digits, tmp_path, monkeypatch):
+    grid = RobustnessGrid(sigmas=[0.1], chips=2)
+    path = tmp_path / "rows.csv"
+    first = evaluate_robustness(model, digits[1], grid, SEED, rows_path=path, progress=False)
+    assert first.fingerprints[first.rows[0]["fingerprint"]]["state_sha256"] == state_sha256(model)
+    changed = copy.deepcopy(model)
+    with torch.no_grad():
+        changed[0].weight[0, 0, 0, 0] += 0.5
+    assert state_sha256(changed) != state_sha256(model)
+    calls = _counting(monkeypatch)
+    with pytest.warns(StaleRowsWarning, match="state_sha256"):
+        evaluate_robustness(changed, digits[1], grid, SEED, rows_path=path, progress=False)
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------- ADC
@@ -333,6 +479,51 @@ def test_adc_sweep_two_levels_hurt_eighteen_do_not(model, digits):
     assert acc[2] < acc[None] - 0.05
     assert abs(acc[18] - acc[None]) < 0.02
     assert all(a.levels is None for a in adcs(model))  # the model's own setting is back
+
+
+class _Augmented:
+    """Calibration batches that draw from torch's RNG, like random crops of training images."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        for x, y in self.batches:
+            yield x + 0.3 * torch.randn_like(x), y
+
+
+def test_adc_calibration_is_seeded_by_the_chip_and_uses_the_momentum(model, digits, monkeypatch):
+    train, test = digits
+    calib = _Augmented(train)
+    grid = RobustnessGrid(sigmas=[0.1], adc_levels=[3], chips=2)
+    seen = []
+    real = rb.calibrate_adc
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["max_batches"], kwargs["momentum"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "calibrate_adc", spy)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    a = evaluate_robustness(
+        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.2, progress=False
+    )
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
+    torch.manual_seed(2)  # another global state: the same rows
+    b = evaluate_robustness(
+        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.2, progress=False
+    )
+    assert a.rows == b.rows and seen == [(None, 0.2)] * 4
+    for r in a.rows:
+        by_hand = _by_hand(model, test, r["chip_seed"], 0.1, levels=3, calib=calib, momentum=0.2)
+        assert (r["acc"], r["n"]) == by_hand[::2]
+    slow = evaluate_robustness(
+        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.01, progress=False
+    )
+    assert [r["loss"] for r in slow.rows] != [r["loss"] for r in a.rows]
+    with pytest.raises(ConfigError, match="^calib_momentum=0"):
+        evaluate_robustness(model, test, grid, SEED, calib_loader=calib, calib_momentum=0)
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -378,7 +569,11 @@ def test_plots_and_result_files(model, digits, tmp_path):
     doc = json.loads(json_path.read_text())
     assert doc["rows"] == single.rows
     assert doc["summary"][0]["acc_ci95"] is None  # NaN (one chip) as valid JSON null
-    assert csv_path.read_text().splitlines()[0].startswith("sigma,mean_shift,adc_levels,acc_mean")
+    (written,) = _csv_rows(csv_path)
+    assert list(written) == list(single.summary[0])  # sigma, mean_shift, adc_levels, acc_mean..
+    assert float(written["acc_mean"]) == single.rows[0]["acc"]  # one chip: its accuracy
+    assert float(written["loss_mean"]) == single.rows[0]["loss"]
+    assert written["adc_levels"] == "" and math.isnan(float(written["acc_std"]))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temps
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "robustness.json",

@@ -49,7 +49,7 @@ def test_paper_sweeps_compose_as_multiruns(tmp_path, name):
     assert cfg.model.depth == 28 and cfg.data.name == "cifar100"
 
 
-def ddp_run(tmp_path, L):
+def ddp_run(tmp_path, L, *extra):
     out = tmp_path / f"L{L}"
     run(
         [
@@ -63,6 +63,8 @@ def ddp_run(tmp_path, L):
             f"hydra.run.dir={out}",
             "+callbacks.probe._target_=ddp_probe.DDPProbe",
             f"+callbacks.probe.out={out}/probe.json",
+            "trainer.limit_train_batches=3",
+            *extra,
         ]
     )
     return out, json.loads((out / "probe.json").read_text())
@@ -70,10 +72,16 @@ def ddp_run(tmp_path, L):
 
 def test_ddp_cpu_hasgd_syncs_once_per_step_and_ranks_agree(tmp_path):
     out, probe = ddp_run(tmp_path, L=3)
-    assert probe["world_size"] == 2 and probe["steps"] == 2
+    assert probe["world_size"] == 2 and probe["steps"] == 3
     assert probe["max_param_diff"] == 0.0  # identical weights on both ranks
+    assert probe["max_buffer_diff"] == 0.0  # and identical BN statistics: one model, not two
+    assert probe["batches_tracked"] == [3]  # running statistics moved once per step, not L
+    assert probe["bn_types"] == ["AnalogBatchNorm2d"]
     assert probe["draws_differ"]  # each rank draws its own perturbations
-    _, single = ddp_run(tmp_path, L=1)
+    # synchronized BN (trainer=ddp's default) trains and stays on the chip
+    _, single = ddp_run(tmp_path, 1, "+trainer.sync_batchnorm=true")
+    assert single["bn_types"] == ["AnalogSyncBatchNorm"]
+    assert single["max_param_diff"] == single["max_buffer_diff"] == 0.0
     assert probe["allreduces"] == single["allreduces"] > 0  # L=3 all-reduces as often as L=1
     assert len(list((out / "checkpoints").glob("epoch_*.ckpt"))) == 1
     # the end-of-fit sweep split its chips over the two ranks and merged them

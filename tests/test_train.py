@@ -13,12 +13,12 @@ from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, TensorDataset
 
+import cimsim
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.adc import adcs
 from cimsim.classifier import AnalogClassifier, build_network
 from cimsim.hasgd import hasgd_backward
-from cimsim.noise import tensor_range
-from conftest import ROOT
+from conftest import ROOT, authors_scales
 from train import train
 
 WRN = {
@@ -56,13 +56,15 @@ def test_hasgd_step_is_one_step_on_the_mean_of_per_sample_gradients():
     # the digital network at each perturbed point, average, and step once.
     digital = mlp()
     params = dict(digital.named_parameters())
+    scales = {}  # the bi-scale mapping: W relative to R, b to R f (authors' match_range)
+    for layer in ("0", "2"):
+        R, Rf = authors_scales(params[f"{layer}.weight"], params[f"{layer}.bias"])
+        scales[f"{layer}.weight"], scales[f"{layer}.bias"] = float(R), float(Rf)
     torch.manual_seed(123)
     mean_grad = {k: torch.zeros_like(p) for k, p in params.items()}
     for _ in range(L):
         perturbed = {
-            k: (p + sigma * tensor_range(p, "half_range") * torch.randn(p.shape))
-            .detach()
-            .requires_grad_()
+            k: (p + sigma * scales[k] * torch.randn(p.shape)).detach().requires_grad_()
             for k, p in params.items()
         }
         loss = F.cross_entropy(functional_call(digital, perturbed, (x,)), y)
@@ -122,25 +124,39 @@ def test_one_optimizer_step_per_batch_whatever_L():
     trainer.fit(model, train_dataloaders=tiny_loader())
     assert trainer.global_step == 2  # 2 batches -> 2 steps
     assert len(calls) == 6  # L = 3 forwards per step
+    tracked = {
+        int(m.num_batches_tracked) for m in model.net.modules() if isinstance(m, nn.BatchNorm2d)
+    }
+    assert tracked == {2}  # BN statistics move once per step, not once per sample
 
 
-def test_checkpoint_reloads_without_hydra_and_onto_another_chip(tmp_path):
+def test_checkpoint_loads_as_the_readme_says(tmp_path):
     model = AnalogClassifier(WRN, AnalogConfig(sigma=0.05), samples=2, optimizer=sgd)
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, train_dataloaders=tiny_loader())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
-    same = AnalogClassifier.load_from_checkpoint(path, weights_only=False)
+    # exactly the README's calls (torch's default weights_only=True: no code runs from a file)
+    same = AnalogClassifier.load_from_checkpoint(path)
     assert same.samples == 2 and same.chip == AnalogConfig(sigma=0.05)
-    other = AnalogClassifier.load_from_checkpoint(
-        path, chip=AnalogConfig(sigma=0.2, adc_levels=8), weights_only=False
-    )
-    assert other.chip.sigma == 0.2
-    assert {a.levels for a in adcs(other.net)} == {8}  # the new chip's ADCs are in place
+    other = AnalogClassifier.load_from_checkpoint(path, chip=cimsim.AnalogConfig(sigma=0.1))
+    assert other.chip.sigma == 0.1
+    adc8 = AnalogClassifier.load_from_checkpoint(path, chip=AnalogConfig(sigma=0.2, adc_levels=8))
+    assert {a.levels for a in adcs(adc8.net)} == {8}  # the new chip's ADCs are in place
     for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    state = torch.load(path, weights_only=False)["state_dict"]
+    state = torch.load(path, weights_only=True)["state_dict"]
     assert not any("chip" in k for k in state)  # clean weights only
+
+
+# ----------------------------------------------------------------------------- train() end to end
+
+
+def test_a_real_run_checkpoint_is_weights_only_loadable(train_cfg, tmp_path):
+    train(train_cfg(["noise.sigma=0.05", "logger=none", "callbacks.robustness=null"]))
+    for path in (tmp_path / "checkpoints").glob("*.ckpt"):
+        ckpt = torch.load(path, weights_only=True)  # optimizer, RNG states, data spec: all plain
+        assert {"rng_states", "datamodule", "optimizer_states"} <= set(ckpt)
 
 
 # ----------------------------------------------------------------------------- train() end to end
@@ -150,8 +166,11 @@ def test_checkpoint_reloads_without_hydra_and_onto_another_chip(tmp_path):
 def test_train_end_to_end_writes_checkpoint_and_offline_wandb_run(train_cfg, tmp_path, L):
     cfg = train_cfg([f"hasgd.L={L}", "noise.sigma=0.05"])
     metric = train(cfg)
-    assert metric is not None and 0.0 <= metric <= 1.0
-    assert list((tmp_path / "checkpoints").glob("*.ckpt"))
+    best = next((tmp_path / "checkpoints").glob("epoch_*.ckpt"))
+    # the returned metric is the one the best checkpoint was chosen on
+    callbacks = torch.load(best, weights_only=True)["callbacks"]
+    scores = [v["best_model_score"] for k, v in callbacks.items() if "ModelCheckpoint" in k]
+    assert metric == pytest.approx(float(scores[0]))
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
 
@@ -161,30 +180,38 @@ def test_fast_dev_run_still_leaves_a_checkpoint(train_cfg, tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
 
 
-def test_resume_continues_where_the_run_stopped(train_cfg, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["quant=in_loop", "quant.adc_levels=4"]])
+def test_resume_continues_where_the_run_stopped(train_cfg, tmp_path, extra):
     common = [
         "noise.sigma=0.05",
         "hasgd.L=2",
         "logger=none",
         "test=false",
         "trainer.limit_train_batches=3",
+        "hasgd.scheduler.step_size=1",  # the learning rate steps inside the resumed span
+        "callbacks.robustness=null",
+        *extra,
     ]
     full = train_cfg(common + ["trainer.max_epochs=2"], out=tmp_path / "full")
     train(full)
     first = train_cfg(common + ["trainer.max_epochs=1"], out=tmp_path / "part")
     train(first)  # "killed" after one epoch: last.ckpt is what a crash leaves
     last = tmp_path / "part" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["epoch"] == 0
+    assert torch.load(last, weights_only=True)["epoch"] == 0
     resumed = train_cfg(
         common + ["trainer.max_epochs=2", f"ckpt_path={last}"], out=tmp_path / "part"
     )
     train(resumed)
-    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False)
-    b = torch.load(last, weights_only=False)
+    a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(last, weights_only=True)
     assert a["global_step"] == b["global_step"] == 2 * 3 * 1
+    lr = b["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.05 * 0.2**2)  # two schedule steps, one of them after resuming
     # weights, optimizer, schedule and random streams restored: the same run, bit for bit
     for k, v in a["state_dict"].items():
         assert torch.equal(v, b["state_dict"][k]), k
+    if extra:  # trained with ADCs in the loop: their ranges are part of the checkpoint
+        assert any(k.endswith("adc_stem._calibrated") and v for k, v in b["state_dict"].items())
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -7,8 +7,22 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
-from cimsim.robustness import RobustnessGrid, evaluate_robustness, format_summary
-from cimsim.study import Evaluation, Subject, run_study
+from cimsim.robustness import (
+    TRAIN,
+    RobustnessGrid,
+    check_limits,
+    evaluate_robustness,
+    format_summary,
+)
+from cimsim.study import (
+    Evaluation,
+    Subject,
+    calibration_loader,
+    check_calib_split,
+    data_spec,
+    run_study,
+    subject_label,
+)
 from cimsim.tracking import log_robustness
 from cimsim.validation import check_int
 
@@ -18,17 +32,24 @@ class RobustnessMonitor(pl.Callback):
 
     Every ``every_n_epochs`` epochs: a small sweep over ``sigmas`` with ``chips`` chips on the
     first ``max_batches`` validation batches, logged as ``robust/val_acc@sigma=S`` scalars (one
-    evolving line per sigma on a dashboard) and, on W&B, as a curve. At the end of ``fit``: the
-    full ``final`` grid on the test set with the best checkpoint's weights, written next to the
-    checkpoints as ``robustness_*.csv/json/png`` (the files of ``evaluate.py``).
+    evolving line per sigma on a dashboard) and, on W&B, as a curve. Its chips come from the
+    ``val`` stream of ``chip_seed``, never the chips of a reported curve. At the end of ``fit``:
+    the full ``final`` grid on the test set (``test`` stream) with the best checkpoint's weights,
+    written next to the checkpoints as ``robustness_*.csv/json/png`` (the files of
+    ``evaluate.py``). A model trained with ADCs in the loop is swept at its training ADC levels
+    (and ``final`` may say ``adc_levels=["train"]``), with the ranges calibrated per chip on
+    ``calib_split`` data.
 
     Args:
         every_n_epochs: period of the small sweep; 0 switches it off.
         sigmas: test sigmas of the small sweep.
         chips: chips per sigma in the small sweep.
         max_batches: validation batches per chip in the small sweep (None = all).
-        final: the end-of-fit grid; None switches it off.
+        final: the end-of-fit grid (``train`` tokens allowed); None switches it off.
         seed: chip seed of both sweeps (the same chips every time: common random numbers).
+        calib_split: ADC calibration data, ``val`` or ``train`` (never ``test``).
+        calib_batches: calibration batches per chip and grid point (None = the whole split).
+        calib_momentum: moving-average weight of each calibration batch (the authors: 0.01).
     """
 
     def __init__(
@@ -39,27 +60,50 @@ class RobustnessMonitor(pl.Callback):
         max_batches: int | None = 4,
         final: RobustnessGrid | None = None,
         seed: int = 0,
+        calib_split: str = "val",
+        calib_batches: int | None = None,
+        calib_momentum: float = 0.01,
     ):
         check_int("every_n_epochs", every_n_epochs, minimum=0)
+        check_calib_split(calib_split)
+        check_limits(max_batches, calib_batches, calib_momentum)
         self.every_n_epochs, self.max_batches, self.final, self.seed = (
             every_n_epochs,
             max_batches,
             final,
             seed,
         )
-        self.grid = RobustnessGrid(sigmas=list(sigmas), chips=chips)
+        self.calib_split, self.calib_batches, self.calib_momentum = (
+            calib_split,
+            calib_batches,
+            calib_momentum,
+        )
+        self.grid = RobustnessGrid(sigmas=list(sigmas), adc_levels=[TRAIN], chips=chips)
+
+    def _calib_loader(self, trainer: pl.Trainer, grid: RobustnessGrid):
+        if all(levels is None for levels in grid.adc_levels):
+            return None
+        if trainer.datamodule is not None:
+            return calibration_loader(trainer.datamodule, self.calib_split)
+        # fit() with bare dataloaders: calibrate on the loaders the trainer has.
+        return trainer.val_dataloaders if self.calib_split == "val" else trainer.train_dataloader
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         epoch = trainer.current_epoch + 1
         if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
             return
+        grid = self.grid.for_chip(pl_module.chip)
         result = evaluate_robustness(
             pl_module.net,
             trainer.val_dataloaders,
-            self.grid,
+            grid,
             self.seed,
+            calib_loader=self._calib_loader(trainer, grid),
             progress=False,
             max_batches=self.max_batches,
+            calib_batches=self.calib_batches,
+            calib_momentum=self.calib_momentum,
+            stream="val",
         )
         for s in result.summary:
             pl_module.log(f"robust/val_acc@sigma={s['sigma']:g}", s["acc_mean"], sync_dist=True)
@@ -75,27 +119,33 @@ class RobustnessMonitor(pl.Callback):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         module = (
             type(pl_module).load_from_checkpoint(
-                best, map_location=pl_module.device, weights_only=False
+                best, map_location=pl_module.device, weights_only=True
             )
             if best
             else pl_module
         )
         datamodule = trainer.datamodule
         datamodule.setup("test")
+        grid = self.final.for_chip(module.chip)
         # Every rank evaluates its share of the chips on the whole test set; rank 0 writes.
         ev = Evaluation(
             datamodule.test_dataloader(),
             self.seed,
-            datamodule.val_dataloader(),
+            calib_loader=calibration_loader(datamodule, self.calib_split),
+            calib_batches=self.calib_batches,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
+            calib_momentum=self.calib_momentum,
+            calib_split=self.calib_split,
+            data_spec=data_spec(datamodule),
         )
+        label = subject_label(module.label, module.chip, grid)
         result, files = run_study(
-            [Subject(module.label, module.net.eval(), self.final, ckpt=best)],
+            [Subject(label, module.net.eval(), grid, ckpt=best)],
             ev,
             trainer.default_root_dir,
             "sigma",
-            title=f"test accuracy vs. sigma, {self.final.chips} chips per point",
+            title=f"test accuracy vs. sigma, {grid.chips} chips per point",
         )
         if files is not None:
             log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")

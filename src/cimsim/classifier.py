@@ -9,6 +9,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -17,13 +18,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
 
+from cimsim.adc import adcs, calibrate_adc
 from cimsim.config import AnalogConfig
 from cimsim.convert import convert_to_analog
-from cimsim.hasgd import hasgd_backward
+from cimsim.hasgd import hasgd_backward, sync_buffers
 from cimsim.noise import tensor_seed
+from cimsim.robustness import RobustnessGrid, evaluate_robustness
 from cimsim.validation import ConfigError, check_int, config_scope
 
-VAL_CHIP_SEED = 0  # the same chips every epoch: the val/acc_noisy curve reflects the weights
+# The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
+# from the "val" stream, disjoint from the chips of every reported (test) curve.
+VAL_CHIP_SEED = 0
+CALIB_BATCHES = 4  # validation batches that calibrate ADC ranges during training
 
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
@@ -150,8 +156,12 @@ class AnalogClassifier(pl.LightningModule):
             correct.append((logits.detach().argmax(1) == y).float().mean())
             return F.cross_entropy(logits, y)
 
-        loss = hasgd_backward(closure, self.samples, self.manual_backward, self._grad_sync)
+        loss = hasgd_backward(
+            closure, self.samples, self.manual_backward, self._grad_sync, model=self.net
+        )
         opt.step()
+        if self._ddp() is not None:  # every rank then holds rank 0's statistics (BN, ADC)
+            sync_buffers(self.net)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", torch.stack(correct).mean(), on_epoch=True, prog_bar=True)
         return loss
@@ -177,6 +187,12 @@ class AnalogClassifier(pl.LightningModule):
     def test_step(self, batch, batch_idx):
         self._clean_step(batch, "test")
 
+    def on_validation_epoch_start(self):
+        # ADCs trained in the loop track their range; before the first step (Lightning's sanity
+        # check) they have none yet: calibrate them on validation data (never test data).
+        if any(a.enabled and not a.calibrated for a in adcs(self.net)):
+            calibrate_adc(self.net, self.trainer.val_dataloaders, max_batches=CALIB_BATCHES)
+
     def on_validation_epoch_end(self):
         """``val/acc_noisy``: mean accuracy over ``val_chips`` programmed chips at the training
         noise (the clean accuracy when ``val_chips=0`` or the chip is noise-free)."""
@@ -185,8 +201,6 @@ class AnalogClassifier(pl.LightningModule):
         if self.val_chips == 0 or not self.chip.noisy:
             self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
             return
-        from cimsim.robustness import RobustnessGrid, evaluate_robustness
-
         grid = RobustnessGrid(
             sigmas=[self.chip.sigma],
             mean_shifts=[self.chip.mean_shift],
@@ -199,10 +213,11 @@ class AnalogClassifier(pl.LightningModule):
             self.trainer.val_dataloaders,
             grid,
             seed=VAL_CHIP_SEED,
+            stream="val",
             progress=False,
-            calib_loader=self.trainer.train_dataloader if self.chip.adc_levels else None,
+            calib_loader=self.trainer.val_dataloaders if self.chip.adc_levels else None,
             max_batches=limit if isinstance(limit, int) else None,
-            calib_batches=4,
+            calib_batches=CALIB_BATCHES,
         )
         self.log(
             "val/acc_noisy", float(result.summary[0]["acc_mean"]), prog_bar=True, sync_dist=True
@@ -217,16 +232,34 @@ class AnalogClassifier(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
     # Resuming continues the same random streams (noise draws, shuffling) as the interrupted run.
+    # Stored as tensors and plain types so the checkpoint loads with ``weights_only=True``.
     def on_save_checkpoint(self, checkpoint):
-        checkpoint["rng_states"] = _collect_rng_states()
+        checkpoint["rng_states"] = plain_rng_states()
         datamodule = self.trainer.datamodule if self._trainer is not None else None
         if datamodule is not None:  # so evaluate.py finds the test set without being told
             cls = type(datamodule)
             checkpoint["datamodule"] = {
                 "_target_": f"{cls.__module__}.{cls.__qualname__}",
-                **datamodule.hparams,
+                **dict(datamodule.hparams),
             }
 
     def on_load_checkpoint(self, checkpoint):
         if "rng_states" in checkpoint and self._trainer is not None:
-            _set_rng_states(checkpoint["rng_states"])
+            restore_rng_states(checkpoint["rng_states"])
+
+
+def plain_rng_states() -> dict:
+    """Lightning's RNG states with numpy's key array as a tensor (no numpy objects to unpickle)."""
+    states = _collect_rng_states()
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    """Inverse of ``plain_rng_states``."""
+    states = dict(states)
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    keys = keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys
+    states["numpy"] = (name, keys, pos, has_gauss, cached)
+    _set_rng_states(states)

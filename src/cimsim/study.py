@@ -1,45 +1,61 @@
 """A robustness study: several models, one Monte Carlo sweep each, one set of files and one figure.
 
 Shared by ``evaluate.py`` and the end-of-training ``RobustnessMonitor`` so both write the same
-files: ``robustness_rows.csv`` (per chip, resumable), ``robustness_summary.csv``,
-``robustness.json`` and ``robustness.png``. With several processes (DDP), each evaluates its
-share of the chips (``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0
-merges them into exactly the files a single process would have written.
+files: ``robustness_rows.csv`` (per chip, resumable; its fingerprints in
+``robustness_rows.fingerprints.json``), ``robustness_summary.csv``, ``robustness.json`` and
+``robustness.png``. With several processes (DDP), each evaluates its share of the chips
+(``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0 merges them into
+exactly the files a single process would have written.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import DataLoader
 
+from cimsim.config import AnalogConfig
 from cimsim.robustness import (
     ROWS_FILE,
     RobustnessGrid,
     RobustnessResult,
+    chip_settings,
     evaluate_robustness,
     plot_robustness,
+    record_fingerprints,
     sort_rows,
     summarize,
     write_results,
     write_rows,
 )
+from cimsim.validation import ConfigError, check_choice
 
 PLOT_FILE = "robustness.png"
+CALIB_SPLITS = ("train", "val")
+# Datamodule arguments that change how images are fetched, not which or in what order.
+LOADER_ONLY = ("num_workers", "download")
 
 
 @dataclass
 class Subject:
-    """One model under test: its label in tables and figures, the analog network, its grid."""
+    """One model under test: its label in tables and figures, the analog network, its grid.
+
+    ``ckpt_sha256`` is the SHA-256 of the checkpoint file's bytes (computed from ``ckpt`` when
+    left ``None``); without a checkpoint file, the fingerprint hashes the network's weights.
+    """
 
     label: str
     net: nn.Module
     grid: RobustnessGrid
     ckpt: str = ""
+    ckpt_sha256: str | None = None
 
 
 @dataclass
@@ -52,7 +68,9 @@ class StudyFiles:
 
 @dataclass
 class Evaluation:
-    """How to run the sweep: data, chip seed, limits, and this process's place among several."""
+    """How to run the sweep: data, chip seed, limits, calibration, and this process's place
+    among several. ``calib_split`` and ``data_spec`` only describe where the loaders come from,
+    for the rows' fingerprints."""
 
     test_loader: Iterable
     seed: int = 0
@@ -62,6 +80,91 @@ class Evaluation:
     progress: bool = True
     rank: int = 0
     world_size: int = 1
+    calib_momentum: float = 0.01
+    calib_split: str | None = None
+    data_spec: dict | None = None
+
+
+def check_calib_split(split: str) -> None:
+    """ADC calibration data is ``train`` or ``val``; never ``test``, whose images score the chip."""
+    if split == "test":
+        raise ConfigError(
+            "calib_split",
+            split,
+            "allowed values are 'train', 'val': never the test set, which would fit the ADC "
+            "ranges to the images that score them",
+        )
+    check_choice("calib_split", split, CALIB_SPLITS)
+
+
+def calibration_loader(datamodule, split: str) -> DataLoader:
+    """The batches that calibrate ADC ranges after each chip is programmed, in a fixed order.
+
+    ``val`` (the default of the presets): the validation loader (eval transform). ``train``: the
+    training images (``shuffle=False``) as ``datamodule.train_set`` serves them; where that set
+    is augmented (CIFAR, image folders with ``augment``) its crops and flips are random draws,
+    which ``evaluate_robustness`` seeds from the chip seed, so rows stay reproducible. The
+    authors calibrated on their shuffled, augmented training loader.
+    """
+    check_calib_split(split)
+    if split == "val":
+        return datamodule.val_dataloader()
+    if datamodule.train_set is None:
+        raise RuntimeError(f"{type(datamodule).__name__}.setup('fit') has not been called")
+    return DataLoader(
+        datamodule.train_set,
+        batch_size=datamodule.batch_size,
+        shuffle=False,
+        num_workers=datamodule.num_workers,
+    )
+
+
+def data_spec(datamodule) -> dict:
+    """``{"_target_": class path, **hparams}``: the datamodule as a checkpoint records it."""
+    cls = type(datamodule)
+    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **dict(datamodule.hparams)}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)
+
+
+def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
+    """A curve's name: the training ``recipe`` (``AnalogClassifier.label``), then every setting
+    of the test ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
+    ``train sigma=0.1, L=4 | chip bias=shared``. The grid's axes are the rows' own columns and
+    the figure's axes, except one: a single ADC setting other than the training chip's
+    ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have."""
+    default = chip_settings(AnalogConfig())
+    parts = [f"{k}={_text(v)}" for k, v in chip_settings(chip).items() if v != default[k]]
+    if len(grid.adc_levels) == 1 and grid.adc_levels[0] != chip.adc_levels:
+        parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
+    return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
+
+
+def _settings(subject: Subject, ev: Evaluation) -> dict:
+    """What the fingerprint of ``subject``'s rows needs beyond what ``evaluate_robustness``
+    knows: the checkpoint file's hash, the data and the calibration split."""
+    spec = None if ev.data_spec is None else dict(ev.data_spec)
+    if spec is not None:
+        spec = {k: v for k, v in spec.items() if k not in LOADER_ONLY}
+    settings = {"data": spec, "calib_split": ev.calib_split}
+    if subject.ckpt_sha256 is not None:
+        settings["ckpt_sha256"] = subject.ckpt_sha256
+    elif subject.ckpt and Path(subject.ckpt).is_file():
+        settings["ckpt_sha256"] = file_sha256(subject.ckpt)
+    return settings
 
 
 def gather_rows(rows: list[dict], world_size: int) -> list[dict]:
@@ -79,10 +182,9 @@ def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) ->
     name = (
         ROWS_FILE if ev.world_size == 1 else f"robustness_rows.rank{ev.rank}of{ev.world_size}.csv"
     )
-    mine = []
+    mine, fingerprints = [], {}
     for s in subjects:
-        extra = {"model": s.label, "ckpt": s.ckpt}
-        mine += evaluate_robustness(
+        result = evaluate_robustness(
             s.net,
             ev.test_loader,
             s.grid,
@@ -93,8 +195,12 @@ def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) ->
             progress=ev.progress and ev.rank == 0,
             max_batches=ev.max_batches,
             calib_batches=ev.calib_batches,
-            extra=extra,
-        ).rows
+            extra={"model": s.label, "ckpt": s.ckpt},
+            calib_momentum=ev.calib_momentum,
+            settings=_settings(s, ev),
+        )
+        mine += result.rows
+        fingerprints.update(result.fingerprints)
     everyone = gather_rows(mine, ev.world_size)
     rows = []
     for s in subjects:
@@ -103,6 +209,7 @@ def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) ->
         )
     if ev.world_size > 1 and ev.rank == 0:
         write_rows(out / ROWS_FILE, rows)
+        record_fingerprints(out / ROWS_FILE, fingerprints)
     return rows
 
 
@@ -116,7 +223,9 @@ def run_study(
     """Evaluate every subject with chips from the same seed (common random numbers across
     models), then, on rank 0, write the summary, the JSON and a figure of accuracy against ``x``.
 
-    Rerunning the same study skips the chips already in the rows file(s). Returns the combined
+    Rerunning the same study skips the chips already in the rows file(s); rows computed with
+    other settings (another checkpoint file at the same path, other data, test chip, limits or
+    calibration) are moved to ``robustness_rows.stale.csv`` and recomputed. Returns the combined
     result (on every rank) and the files written (``None`` on other ranks).
     """
     out = Path(out_dir)
