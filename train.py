@@ -75,6 +75,8 @@ def build(cfg: DictConfig):
             optimizer=hasgd.optimizer,
             scheduler=hasgd.get("scheduler"),
             val_chips=cfg.val_chips,
+            calib_batches=cfg.val_calib_batches,
+            calib_momentum=cfg.val_calib_momentum,
         )
     loggers, callbacks = build_loggers(cfg), build_callbacks(cfg)
     with config_scope("trainer"):

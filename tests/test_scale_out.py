@@ -10,8 +10,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hydra.utils import instantiate
+from torch import nn
 
+from cimsim import AnalogConfig, convert_to_analog
 from conftest import FAST, ROOT, compose_cfg
 
 QUIET = ["logger=none", "+trainer.enable_model_summary=false"]
@@ -47,6 +52,41 @@ def test_paper_sweeps_compose_as_multiruns(tmp_path, name):
     cfg = compose_cfg("train", tmp_path, [f"experiment={name}"])
     assert cfg.hydra.mode.name == "MULTIRUN" and cfg.hydra.sweeper.params
     assert cfg.model.depth == 28 and cfg.data.name == "cifar100"
+
+
+def _sync_bn_rank(rank: int, init: str, out: str, dtype: torch.dtype) -> None:
+    """One of two ranks: an analog BN converted to sync BN, trained on this rank's half."""
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=2)
+    x = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(
+        convert_to_analog(nn.Sequential(nn.BatchNorm2d(4)), AnalogConfig())
+    ).train()
+    half = x[4 * rank : 4 * (rank + 1)].to(dtype).requires_grad_()
+    y = model(half)
+    (y.float() ** 2).sum().backward()
+    bn = model[0]
+    state = [type(bn).__name__, y.float(), half.grad.float(), bn.running_mean, bn.running_var]
+    torch.save(state, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_analog_sync_batchnorm_equals_batchnorm_on_the_whole_batch(tmp_path, dtype):
+    mp.spawn(_sync_bn_rank, args=(str(tmp_path / "init"), str(tmp_path), dtype), nprocs=2)
+    x = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0)) * 2 + 1
+    x.requires_grad_()
+    reference = nn.BatchNorm2d(4).train()
+    y = reference(x)
+    (y**2).sum().backward()
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}
+    for rank in range(2):
+        name, y_r, grad_r, mean_r, var_r = torch.load(tmp_path / f"rank{rank}.pt")
+        assert name == "AnalogSyncBatchNorm"
+        rows = slice(4 * rank, 4 * (rank + 1))
+        torch.testing.assert_close(y_r, y[rows].detach(), **tol)
+        torch.testing.assert_close(grad_r, x.grad[rows], **tol)  # through the global stats
+        torch.testing.assert_close(mean_r, reference.running_mean, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(var_r, reference.running_var, rtol=1e-3, atol=1e-3)
 
 
 def ddp_run(tmp_path, L, *extra):

@@ -24,12 +24,11 @@ from cimsim.convert import convert_to_analog
 from cimsim.hasgd import hasgd_backward, sync_buffers
 from cimsim.noise import tensor_seed
 from cimsim.robustness import RobustnessGrid, evaluate_robustness
-from cimsim.validation import ConfigError, check_int, config_scope
+from cimsim.validation import ConfigError, check_int, check_number, config_scope
 
 # The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
 # from the "val" stream, disjoint from the chips of every reported (test) curve.
 VAL_CHIP_SEED = 0
-CALIB_BATCHES = 4  # validation batches that calibrate ADC ranges during training
 
 
 def build_network(spec: dict[str, Any]) -> nn.Module:
@@ -60,6 +59,9 @@ class AnalogClassifier(pl.LightningModule):
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or ``None``.
         val_chips: programmed chips at the training noise averaged into ``val/acc_noisy``.
+        calib_batches: validation batches that calibrate ADC ranges in validation (``None`` =
+            the whole split; validation data only, never test).
+        calib_momentum: moving-average weight of each calibration batch after the first.
     """
 
     def __init__(
@@ -70,10 +72,15 @@ class AnalogClassifier(pl.LightningModule):
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         val_chips: int = 3,
+        calib_batches: int | None = None,
+        calib_momentum: float = 0.01,
     ):
         super().__init__()
         check_int("L", samples, minimum=1)
         check_int("val_chips", val_chips, minimum=0)
+        if calib_batches is not None:
+            check_int("val_calib_batches", calib_batches, minimum=1)
+        check_number("val_calib_momentum", calib_momentum, minimum=0.0, maximum=1.0)
         chip = chip if chip is not None else AnalogConfig()
         chip = chip if isinstance(chip, AnalogConfig) else AnalogConfig(**chip)
         self.save_hyperparameters(
@@ -85,6 +92,7 @@ class AnalogClassifier(pl.LightningModule):
             }
         )
         self.chip, self.samples, self.val_chips = chip, samples, val_chips
+        self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         with config_scope("model"):
             network = build_network(net)
@@ -144,6 +152,8 @@ class AnalogClassifier(pl.LightningModule):
         if self.trainer.world_size > 1:
             seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
             torch.manual_seed(tensor_seed(seed, f"rank{self.global_rank}/step{self.global_step}"))
+            # ranks calibrated ADCs on their own validation shards in the sanity check
+            sync_buffers(self.net)
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -191,7 +201,12 @@ class AnalogClassifier(pl.LightningModule):
         # ADCs trained in the loop track their range; before the first step (Lightning's sanity
         # check) they have none yet: calibrate them on validation data (never test data).
         if any(a.enabled and not a.calibrated for a in adcs(self.net)):
-            calibrate_adc(self.net, self.trainer.val_dataloaders, max_batches=CALIB_BATCHES)
+            calibrate_adc(
+                self.net,
+                self.trainer.val_dataloaders,
+                max_batches=self.calib_batches,
+                momentum=self.calib_momentum,
+            )
 
     def on_validation_epoch_end(self):
         """``val/acc_noisy``: mean accuracy over ``val_chips`` programmed chips at the training
@@ -217,7 +232,8 @@ class AnalogClassifier(pl.LightningModule):
             progress=False,
             calib_loader=self.trainer.val_dataloaders if self.chip.adc_levels else None,
             max_batches=limit if isinstance(limit, int) else None,
-            calib_batches=CALIB_BATCHES,
+            calib_batches=self.calib_batches,
+            calib_momentum=self.calib_momentum,
         )
         self.log(
             "val/acc_noisy", float(result.summary[0]["acc_mean"]), prog_bar=True, sync_dist=True

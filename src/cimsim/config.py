@@ -24,7 +24,8 @@ class AnalogConfig:
         distribution: ``gaussian`` (default) or ``uniform`` with the same std.
         scale: the range ``r`` noise is relative to: ``half_range`` = (max - min) / 2 (default,
             the authors'), or ``abs_max`` = max |p| (aihwkit, Joshi et al. 2020).
-        per_channel: one range per output channel (row of the crossbar) instead of per tensor.
+        per_channel: one range per output channel (row of the crossbar) instead of per tensor
+            (Conv/Linear; BatchNorm's affine, one value per channel, stays per tensor).
         bias: how the bias is stored. ``separate`` (default, the authors' bi-scale mapping,
             Wan et al. 2022): the augmented row ``[W, b/f]`` with ``f = r(b) / r(W)`` lives on one
             conductance scale, so the noise scale is the range of the union
@@ -35,9 +36,9 @@ class AnalogConfig:
             improves on). ``digital``: the bias is not perturbed.
         analog_bn: BatchNorm runs on the chip as a per-channel affine layer (default true).
         identity_noise: identity shortcuts get multiplicative noise ``x * (1 + sigma*eps)``.
-        identity_draws: ``element`` (default, the authors' ``NoisyIdentity``): one draw per
-            activation element (C, H, W); ``channel``: one gain per channel, the diagonal of an
-            identity crossbar, shared by all spatial positions.
+        identity_draws: ``element`` (default): one draw per activation element (C, H, W), as
+            the authors' ``NoisyIdentity`` (which also drew per sample); ``channel``: one gain
+            per channel, the diagonal of an identity crossbar, shared by all spatial positions.
         identity_mean_shift: identity shortcuts also get the mean shift,
             ``x * (1 + mu + sigma*eps)`` (off by default: the authors' identity ignores mu; on
             models a drifting identity crossbar).

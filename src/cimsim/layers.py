@@ -114,12 +114,15 @@ class AnalogLayer:
             eps, r, self.config.sigma, self.config.mean_shift, out=eps if fresh else None
         )
 
+    per_channel_ranges = True  # False where a row holds one value (BatchNorm's affine)
+
     def _perturbations(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """``(nu_W, nu_b)`` under the configured bias mapping (``noise_scales``); None = clean."""
         if not self.perturbed:
             return None, None
         cfg = self.config
-        r_w, r_b = noise_scales(weight, bias, cfg.scale, cfg.per_channel, cfg.bias)
+        per_channel = cfg.per_channel and self.per_channel_ranges
+        r_w, r_b = noise_scales(weight, bias, cfg.scale, per_channel, cfg.bias)
         nu_w = self._nu("weight", weight, r_w)
         nu_b = None if r_b is None else self._nu("bias", bias, r_b)
         return nu_w, nu_b
@@ -185,6 +188,10 @@ class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):
     ``nn.BatchNorm2d`` exactly. Running statistics are updated only while
     ``track_running_stats`` is true (HA-SGD clears it for all but one of its L samples).
     """
+
+    # One value per channel: a per-channel range would be 0 (no noise). BN's w and b are ranged
+    # per tensor even with per_channel=True, as the authors' NoisyBN.
+    per_channel_ranges = False
 
     def analog_tensors(self):
         shapes = {"weight": torch.Size([self.num_features])}
@@ -291,21 +298,24 @@ class AnalogSyncBatchNorm(AnalogBatchNorm2d):
         return dist.get_world_size(self.process_group or dist.group.WORLD)
 
     def _batch_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Global per-channel mean and biased variance: each rank's (count, mean, var) in fp32
+        (stable under bf16 inputs), gathered differentiably and combined exactly (Chan et al.)."""
         group = self.process_group or dist.group.WORLD
-        count = torch.tensor([x.numel() // x.shape[1]], device=x.device, dtype=x.dtype)
-        sums = torch.cat([x.sum(dim=(0, 2, 3)), (x * x).sum(dim=(0, 2, 3)), count])  # (2C+1,)
-        sums = dist_fn.all_reduce(sums, group=group)
-        c = x.shape[1]
-        n = sums[-1]
-        mean = sums[:c] / n
-        var = (sums[c : 2 * c] / n - mean * mean).clamp_min(0.0)
-        return mean, var, int(n.item())
+        var, mean = torch.var_mean(x.float(), dim=(0, 2, 3), unbiased=False)  # (C,), (C,)
+        count = torch.full_like(mean, x.numel() // x.shape[1])
+        parts = dist_fn.all_gather(torch.stack([count, mean, var]), group=group)  # world x (3, C)
+        counts, means, variances = torch.stack(parts).unbind(1)  # (world, C) each
+        n = counts.sum(0)
+        global_mean = (counts * means).sum(0) / n
+        m2 = (counts * (variances + (means - global_mean) ** 2)).sum(0)
+        return global_mean, m2 / n, int(n[0].item())
 
 
 def _swap_class(new: nn.Module, cls: type, old: AnalogLayer) -> nn.Module:
     """Make ``new`` (a freshly converted BatchNorm) an analog layer carrying ``old``'s chip."""
     new.__class__ = cls
     new._init_analog(old.config)
+    new.adc = old.adc  # a layer ADC keeps its calibrated range (restored from a checkpoint)
     new.training = old.training
     if old.chip_seed is not None:
         new.chip_seed = old.chip_seed
@@ -375,10 +385,10 @@ class AnalogIdentity(AnalogLayer, nn.Identity):
             return None
         else:
             if self.chip_gain is None or tuple(self.chip_gain.shape) != shape:
-                self.chip_gain = chip_noise(
-                    self.chip_seed, self._chip_name, shape, c.distribution, x.device, x.dtype
-                )
-            eps = self.chip_gain
+                # kept in fp32 and cast per forward: the chip does not depend on the first
+                # forward's dtype (bf16 autocast) or device
+                self.chip_gain = chip_noise(self.chip_seed, self._chip_name, shape, c.distribution)
+            eps = self.chip_gain.to(device=x.device, dtype=x.dtype)
         one = torch.ones((), device=x.device, dtype=x.dtype)
         gain = perturbation(eps, one, c.sigma, self._mean_shift).add_(1.0)
         if c.identity_draws == "channel":
