@@ -12,7 +12,6 @@ prints it.
 from __future__ import annotations
 
 import sys
-import warnings
 from pathlib import Path
 
 import hydra
@@ -23,13 +22,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cimsim import AnalogConfig, ConfigError
+from cimsim.checkpoint import ResumeState
 from cimsim.classifier import AnalogClassifier
 from cimsim.tracking import default_wandb_mode, finish_wandb
 from cimsim.validation import check_int, config_scope
-
-# conf/hydra/launcher/*.yaml set the plugins' fields and are checked against their schemas on
-# purpose (a typo'd launcher key fails); Hydra warns about that pattern.
-warnings.filterwarnings("ignore", message=".*is validated against ConfigStore schema")
 
 
 def chip_config(cfg: DictConfig) -> AnalogConfig:
@@ -50,8 +46,11 @@ def build_loggers(cfg: DictConfig) -> list:
 
 
 def build_callbacks(cfg: DictConfig) -> list:
+    """The configured callbacks, plus ``ResumeState`` (RNG streams and data spec in every
+    checkpoint: resuming and ``evaluate.py`` depend on it, so it is not optional)."""
     with config_scope("callbacks"):
-        return [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+        configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    return [*configured, ResumeState()]
 
 
 def build(cfg: DictConfig):
@@ -71,7 +70,7 @@ def build(cfg: DictConfig):
         model = AnalogClassifier(
             net=net,
             chip=chip_config(cfg),
-            samples=hasgd.L,
+            L=hasgd.L,
             optimizer=hasgd.optimizer,
             scheduler=hasgd.get("scheduler"),
             val_chips=cfg.val_chips,

@@ -31,7 +31,7 @@ def test_hasgd_step_under_bf16_autocast_reaches_the_fp32_weights():
         assert logits.dtype == torch.bfloat16  # autocast is really on
         return F.cross_entropy(logits.float(), y)
 
-    loss = hasgd_backward(closure, samples=2)
+    loss = hasgd_backward(closure, L=2)
     assert torch.isfinite(loss)
     for name, p in model.named_parameters():
         assert p.dtype == torch.float32, name

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -37,14 +38,17 @@ def run(args, **kwargs):
     return proc
 
 
-@pytest.mark.parametrize("launcher", ["joblib", "submitit_slurm"])
-def test_launcher_configs_compose_and_instantiate(tmp_path, launcher):
-    cfg = compose_cfg("train", tmp_path, [f"hydra/launcher={launcher}"])
-    plugin = instantiate(cfg.hydra.launcher)
-    assert (
-        type(plugin).__name__
-        == {"joblib": "JoblibLauncher", "submitit_slurm": "SlurmLauncher"}[launcher]
-    )
+@pytest.mark.parametrize(
+    "launcher, plugin, ours",
+    [("parallel", "JoblibLauncher", {"n_jobs": 2}), ("slurm", "SlurmLauncher", {"mem_gb": 32})],
+)
+def test_launcher_configs_compose_and_instantiate(tmp_path, launcher, plugin, ours):
+    with warnings.catch_warnings():  # our files extend the plugins' configs, never shadow them
+        warnings.simplefilter("error")
+        cfg = compose_cfg("train", tmp_path, [f"hydra/launcher={launcher}"])
+    assert type(instantiate(cfg.hydra.launcher)).__name__ == plugin
+    for key, value in ours.items():
+        assert cfg.hydra.launcher[key] == value
 
 
 @pytest.mark.parametrize("name", ["paper_fig7", "paper_fig8", "paper_fig9"])
@@ -132,7 +136,7 @@ def test_ddp_cpu_hasgd_syncs_once_per_step_and_ranks_agree(tmp_path):
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    """A parallel 2x2 sweep (joblib launcher): training sigma x L."""
+    """A parallel 2x2 sweep (joblib launcher, hydra/launcher=parallel): training sigma x L."""
     sweep_dir = tmp_path_factory.mktemp("sweep")
     run(
         [
@@ -140,7 +144,7 @@ def sweep(tmp_path_factory):
             "-m",
             *FAST,
             *QUIET,
-            "hydra/launcher=joblib",
+            "hydra/launcher=parallel",
             "noise.sigma=0,0.1",
             "hasgd.L=1,2",
             f"hydra.sweep.dir={sweep_dir}",

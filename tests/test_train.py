@@ -100,7 +100,7 @@ def quiet_trainer(**kwargs) -> pl.Trainer:
 
 def test_clean_single_sample_is_plain_sgd_bit_for_bit():
     torch.manual_seed(0)
-    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.0), samples=1, optimizer=sgd)
+    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.0), L=1, optimizer=sgd)
     torch.manual_seed(0)
     digital = build_network(WRN)
     assert all(
@@ -117,7 +117,7 @@ def test_clean_single_sample_is_plain_sgd_bit_for_bit():
 
 
 def test_one_optimizer_step_per_batch_whatever_L():
-    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.05), samples=3, optimizer=sgd)
+    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.05), L=3, optimizer=sgd)
     calls = []
     model.net.register_forward_hook(lambda *_: calls.append(1))
     trainer = quiet_trainer(max_epochs=1)
@@ -131,14 +131,14 @@ def test_one_optimizer_step_per_batch_whatever_L():
 
 
 def test_checkpoint_loads_as_the_readme_says(tmp_path):
-    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.05), samples=2, optimizer=sgd)
+    model = AnalogClassifier(WRN, AnalogConfig(sigma=0.05), L=2, optimizer=sgd)
     trainer = quiet_trainer(max_steps=1)
     trainer.fit(model, train_dataloaders=tiny_loader())
     path = tmp_path / "m.ckpt"
     trainer.save_checkpoint(path)
     # exactly the README's calls (torch's default weights_only=True: no code runs from a file)
     same = AnalogClassifier.load_from_checkpoint(path)
-    assert same.samples == 2 and same.chip == AnalogConfig(sigma=0.05)
+    assert same.L == 2 and same.chip == AnalogConfig(sigma=0.05)
     other = AnalogClassifier.load_from_checkpoint(path, chip=cimsim.AnalogConfig(sigma=0.1))
     assert other.chip.sigma == 0.1
     adc8 = AnalogClassifier.load_from_checkpoint(path, chip=AnalogConfig(sigma=0.2, adc_levels=8))

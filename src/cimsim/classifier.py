@@ -6,14 +6,11 @@ import dataclasses
 import importlib
 import os
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightning_fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torchmetrics import MeanMetric
@@ -21,7 +18,7 @@ from torchmetrics import MeanMetric
 from cimsim.adc import adcs, calibrate_adc
 from cimsim.config import AnalogConfig
 from cimsim.convert import convert_to_analog
-from cimsim.hasgd import hasgd_backward, sync_buffers
+from cimsim.hasgd import ddp_grad_sync, hasgd_backward, sync_buffers
 from cimsim.noise import tensor_seed
 from cimsim.robustness import RobustnessGrid, evaluate_robustness
 from cimsim.validation import ConfigError, check_int, check_number, config_scope
@@ -55,7 +52,7 @@ class AnalogClassifier(pl.LightningModule):
             spec (not a module) so a checkpoint reloads with ``load_from_checkpoint(path)`` alone.
         chip: the training perturbation q (and ADC, when trained in the loop), as an
             ``AnalogConfig`` or its fields. Override it when loading to run on another chip.
-        samples: L, the perturbation samples per HA-SGD step (1 = plain noise injection).
+        L: the perturbation samples per HA-SGD step (1 = plain noise injection).
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
         scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or ``None``.
         val_chips: programmed chips at the training noise averaged into ``val/acc_noisy``.
@@ -68,7 +65,7 @@ class AnalogClassifier(pl.LightningModule):
         self,
         net: dict[str, Any],
         chip: AnalogConfig | dict[str, Any] | None = None,
-        samples: int = 1,
+        L: int = 1,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
         val_chips: int = 3,
@@ -76,7 +73,7 @@ class AnalogClassifier(pl.LightningModule):
         calib_momentum: float = 0.01,
     ):
         super().__init__()
-        check_int("L", samples, minimum=1)
+        check_int("L", L, minimum=1)
         check_int("val_chips", val_chips, minimum=0)
         if calib_batches is not None:
             check_int("val_calib_batches", calib_batches, minimum=1)
@@ -87,11 +84,11 @@ class AnalogClassifier(pl.LightningModule):
             {
                 "net": dict(net),
                 "chip": dataclasses.asdict(chip),
-                "samples": samples,
+                "L": L,
                 "val_chips": val_chips,
             }
         )
-        self.chip, self.samples, self.val_chips = chip, samples, val_chips
+        self.chip, self.L, self.val_chips = chip, L, val_chips
         self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
         with config_scope("model"):
@@ -112,7 +109,7 @@ class AnalogClassifier(pl.LightningModule):
     def label(self) -> str:
         """How this model is named in robustness tables and figures: its training recipe."""
         c = self.chip
-        parts = [f"train sigma={c.sigma:g}", f"L={self.samples}"]
+        parts = [f"train sigma={c.sigma:g}", f"L={self.L}"]
         if c.mean_shift:
             parts.append(f"mu={c.mean_shift:g}")
         if c.adc_levels:
@@ -125,26 +122,6 @@ class AnalogClassifier(pl.LightningModule):
     def _ddp(self) -> DistributedDataParallel | None:
         model = self.trainer.strategy.model if self._trainer is not None else None
         return model if isinstance(model, DistributedDataParallel) else None
-
-    @contextmanager
-    def _grad_sync(self, enabled: bool):
-        """Under DDP, whether this backward all-reduces gradients (once per HA-SGD step)."""
-        ddp = self._ddp()
-        if ddp is None:
-            yield
-            return
-        previous, ddp.require_backward_grad_sync = ddp.require_backward_grad_sync, enabled
-        try:
-            yield
-        finally:
-            ddp.require_backward_grad_sync = previous
-
-    def on_train_batch_start(self, batch, batch_idx):
-        # DDP's own forward would arm the gradient all-reduce for the first backward; HA-SGD arms
-        # it only for the last of its L backward passes (``_grad_sync``).
-        ddp = self._ddp()
-        if ddp is not None:
-            ddp.require_backward_grad_sync = False
 
     def on_train_start(self):
         # Data-parallel ranks draw their own perturbations: L x world_size samples per step.
@@ -166,9 +143,8 @@ class AnalogClassifier(pl.LightningModule):
             correct.append((logits.detach().argmax(1) == y).float().mean())
             return F.cross_entropy(logits, y)
 
-        loss = hasgd_backward(
-            closure, self.samples, self.manual_backward, self._grad_sync, model=self.net
-        )
+        grad_sync = ddp_grad_sync(self._ddp())  # one all-reduce per step, by the L-th backward
+        loss = hasgd_backward(closure, self.L, self.manual_backward, grad_sync, model=self.net)
         opt.step()
         if self._ddp() is not None:  # every rank then holds rank 0's statistics (BN, ADC)
             sync_buffers(self.net)
@@ -246,36 +222,3 @@ class AnalogClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
-
-    # Resuming continues the same random streams (noise draws, shuffling) as the interrupted run.
-    # Stored as tensors and plain types so the checkpoint loads with ``weights_only=True``.
-    def on_save_checkpoint(self, checkpoint):
-        checkpoint["rng_states"] = plain_rng_states()
-        datamodule = self.trainer.datamodule if self._trainer is not None else None
-        if datamodule is not None:  # so evaluate.py finds the test set without being told
-            cls = type(datamodule)
-            checkpoint["datamodule"] = {
-                "_target_": f"{cls.__module__}.{cls.__qualname__}",
-                **dict(datamodule.hparams),
-            }
-
-    def on_load_checkpoint(self, checkpoint):
-        if "rng_states" in checkpoint and self._trainer is not None:
-            restore_rng_states(checkpoint["rng_states"])
-
-
-def plain_rng_states() -> dict:
-    """Lightning's RNG states with numpy's key array as a tensor (no numpy objects to unpickle)."""
-    states = _collect_rng_states()
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
-    return states
-
-
-def restore_rng_states(states: dict) -> None:
-    """Inverse of ``plain_rng_states``."""
-    states = dict(states)
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    keys = keys.numpy().astype(np.uint32) if isinstance(keys, torch.Tensor) else keys
-    states["numpy"] = (name, keys, pos, has_gauss, cached)
-    _set_rng_states(states)

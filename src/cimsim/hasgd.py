@@ -19,6 +19,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from cimsim.adc import ADC
 
@@ -50,9 +51,29 @@ def frozen_running_stats(model: nn.Module | None) -> Iterator[None]:
             a.tracking = True
 
 
+def ddp_grad_sync(
+    ddp: DistributedDataParallel | None,
+) -> Callable[[bool], AbstractContextManager] | None:
+    """``grad_sync`` for ``hasgd_backward`` under DDP: within ``grad_sync(enabled)`` a forward and
+    backward all-reduce gradients only when ``enabled`` (DDP's ``require_backward_grad_sync``,
+    which its forward reads). ``None`` without DDP."""
+    if ddp is None:
+        return None
+
+    @contextmanager
+    def grad_sync(enabled: bool) -> Iterator[None]:
+        previous, ddp.require_backward_grad_sync = ddp.require_backward_grad_sync, enabled
+        try:
+            yield
+        finally:
+            ddp.require_backward_grad_sync = previous
+
+    return grad_sync
+
+
 def hasgd_backward(
     closure: Callable[[], torch.Tensor],
-    samples: int,
+    L: int,
     backward: Callable[[torch.Tensor], None] = torch.Tensor.backward,
     grad_sync: Callable[[bool], AbstractContextManager] | None = None,
     model: nn.Module | None = None,
@@ -63,7 +84,7 @@ def hasgd_backward(
 
     Args:
         closure: runs one forward with a fresh perturbation and returns the loss.
-        samples: L, the number of perturbation samples (>= 1).
+        L: the number of perturbation samples (>= 1).
         backward: how to backpropagate (``LightningModule.manual_backward`` under Lightning).
         grad_sync: ``grad_sync(enabled)`` is a context in which backward does (or does not)
             all-reduce gradients across data-parallel ranks: off for the first L - 1 samples, on
@@ -74,16 +95,16 @@ def hasgd_backward(
     Returns:
         The mean loss over the samples (detached).
     """
-    if samples < 1:
-        raise ValueError(f"L={samples!r} is invalid: must be an integer >= 1")
+    if L < 1:
+        raise ValueError(f"L={L!r} is invalid: must be an integer >= 1")
     total = None
-    for i in range(samples):
-        sync = grad_sync(i == samples - 1) if grad_sync is not None else nullcontext()
+    for i in range(L):
+        sync = grad_sync(i == L - 1) if grad_sync is not None else nullcontext()
         with sync, frozen_running_stats(model if i > 0 else None):
             loss = closure()
-            backward(loss / samples)
+            backward(loss / L)
         total = loss.detach() if total is None else total + loss.detach()
-    return total / samples
+    return total / L
 
 
 @torch.no_grad()

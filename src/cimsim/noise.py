@@ -8,8 +8,8 @@ Everything here is detached: the perturbation is a constant for autograd, so the
 
 from __future__ import annotations
 
+import hashlib
 import math
-import zlib
 
 import torch
 
@@ -137,6 +137,14 @@ def perturbation(
     return out.mul_(r)
 
 
+def derive_seed(*parts: object) -> int:
+    """The project's one seed derivation: a 63-bit integer from BLAKE2b of
+    ``"cimsim-" + ":".join(parts)``. It depends on nothing else, is the same on every platform and
+    Python version (unlike ``hash``), and nearby inputs give unrelated seeds (unlike sums)."""
+    text = "cimsim-" + ":".join(str(p) for p in parts)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 1
+
+
 def tensor_seed(seed: int, name: str) -> int:
     """A 63-bit seed for one stored tensor of chip ``seed``, from the tensor's qualified name.
 
@@ -144,7 +152,7 @@ def tensor_seed(seed: int, name: str) -> int:
     tensor's shape and of the module order, so the same chip seed gives the same draws for a
     layer in any model that has a layer of that name and shape.
     """
-    return (int(seed) * 0x9E3779B1 + zlib.crc32(name.encode())) % (2**63 - 1)
+    return derive_seed("tensor", int(seed), name)
 
 
 @torch.compiler.disable  # a seeded CPU generator: runs eagerly, outside a compiled graph

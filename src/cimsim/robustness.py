@@ -1,4 +1,4 @@
-"""Monte Carlo robustness evaluation over programmed chip instances (MODEL.md section 2).
+"""Monte Carlo robustness evaluation over programmed chip instances (docs/model.md).
 
 Accuracy under noise is a distribution over chips: each chip instance is one frozen draw of the
 perturbation, reproducible from ``chip_seed(seed, chip, stream)``. Every chip is programmed once
@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from cimsim.adc import adcs, calibrate_adc, set_adc
 from cimsim.convert import analog_layers, program_chip, set_noise
+from cimsim.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 ROW_COLUMNS = ("chip", "chip_seed", "sigma", "mean_shift", "adc_levels", "acc", "loss", "n")
@@ -156,9 +157,7 @@ def chip_seed(seed: int, chip: int, stream: str = "test") -> int:
             coincide, so checkpoint selection cannot favour the chips it is reported on.
     """
     check_choice("stream", stream, STREAMS)
-    domain = "cimsim-chip" if stream == "test" else f"cimsim-chip-{stream}"
-    digest = hashlib.blake2b(f"{domain}:{int(seed)}:{int(chip)}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "big") >> 1
+    return derive_seed("chip" if stream == "test" else f"chip-{stream}", int(seed), int(chip))
 
 
 # ----------------------------------------------------------------------------- measuring
