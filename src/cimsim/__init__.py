@@ -9,6 +9,7 @@ from cimsim.convert import (
     convert_to_analog,
     program_chip,
     set_noise,
+    set_time,
 )
 from cimsim.layers import (
     AnalogBatchNorm2d,
@@ -36,4 +37,5 @@ __all__ = [
     "program_chip",
     "set_adc",
     "set_noise",
+    "set_time",
 ]

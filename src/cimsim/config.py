@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from cimsim.validation import check_choice, check_int, check_number
+from cimsim.pcm import PCMConfig
+from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 SCALES = ("half_range", "abs_max")
 BIAS_MODES = ("separate", "per_tensor", "shared", "digital")
 IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
+DEVICES = ("relative", "pcm")
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,14 @@ class AnalogConfig:
         adc_placement: ``block`` = at the points a model marks with ``ADCPoint`` (the authors'
             WRN: first conv, each residual block, before the classifier); ``layer`` = after every
             analog Conv/Linear/BatchNorm.
+        device: the device model of Conv/Linear weights. ``relative`` (default, the paper's):
+            the relative perturbation above. ``pcm``: IBM aihwkit's statistical phase-change
+            memory model (``pcm``; programming noise, drift, read noise, drift compensation;
+            docs/model.md), moved in time with ``set_time``; biases, BatchNorm and identity
+            shortcuts then get the relative perturbation, digital at the default sigma = 0.
+        pcm: the PCM device (``cimsim.pcm.PCMConfig``, or its fields as a dict).
+        t_train: with ``device='pcm'``, the time after programming (s) whose weight distribution
+            HA-SGD trains against (programming noise plus the drift spread at that time).
     """
 
     sigma: float = 0.0
@@ -60,6 +70,9 @@ class AnalogConfig:
     identity_mean_shift: bool = False
     adc_levels: int | None = None
     adc_placement: str = "block"
+    device: str = "relative"
+    pcm: PCMConfig = field(default_factory=PCMConfig)
+    t_train: float = 0.0
 
     def __post_init__(self):
         check_number("sigma", self.sigma, minimum=0.0)
@@ -75,8 +88,24 @@ class AnalogConfig:
         if self.adc_levels is not None:
             check_int("adc_levels", self.adc_levels, minimum=2)
         check_choice("adc_placement", self.adc_placement, ADC_PLACEMENTS)
+        check_choice("device", self.device, DEVICES)
+        check_number("t_train", self.t_train, minimum=0.0)
+        if isinstance(self.pcm, dict):  # from a config file or a checkpoint's hparams
+            try:
+                object.__setattr__(self, "pcm", PCMConfig(**self.pcm))
+            except ConfigError as err:
+                raise err.with_prefix("pcm") from None
+            except TypeError as err:
+                raise ConfigError("pcm", self.pcm, str(err)) from None
+        if not isinstance(self.pcm, PCMConfig):
+            raise ConfigError("pcm", self.pcm, "must be a cimsim.pcm.PCMConfig or its fields")
 
     @property
     def noisy(self) -> bool:
-        """Whether the perturbation is non-zero (otherwise layers run their digital op exactly)."""
+        """Whether the relative perturbation is non-zero (else those layers run digitally)."""
         return self.sigma != 0.0 or self.mean_shift != 0.0
+
+    @property
+    def pcm_device(self) -> bool:
+        """Whether Conv/Linear weights follow the PCM device model."""
+        return self.device == "pcm"

@@ -130,6 +130,28 @@ def program_chip(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def set_time(model: nn.Module, t_inference: float, repetition: int = 0) -> nn.Module:
+    """Move a programmed PCM chip (``device='pcm'``) to ``t_inference`` seconds after
+    programming: every Conv/Linear reads its drifted, compensated weights once, with the read
+    noise of read-out ``repetition`` (the same ``(chip, t, repetition)`` always reads the same;
+    another repetition redraws only the read noise). ``program_chip`` starts at ``t = 0``. ADC
+    ranges must be recalibrated afterwards.
+    """
+    check_number("t_inference", t_inference, minimum=0.0)
+    if isinstance(repetition, bool) or not isinstance(repetition, int) or repetition < 0:
+        raise ConfigError("repetition", repetition, "must be an integer >= 0")
+    layers = [layer for _, layer in _require_analog(model) if layer._pcm is not None]
+    if not layers:
+        raise ValueError(
+            "set_time needs a programmed PCM chip: convert with AnalogConfig(device='pcm') and "
+            "call cimsim.program_chip(model, seed) first"
+        )
+    for layer in layers:
+        layer.set_time(t_inference, repetition)
+    _reset_adcs(model)
+    return model
+
+
 def clear_chip(model: nn.Module) -> nn.Module:
     """Forget the programmed chip: ``eval()`` runs without noise again."""
     for _, layer in analog_layers(model):

@@ -19,6 +19,7 @@ from torch import nn
 from cimsim.adc import ADC
 from cimsim.config import AnalogConfig
 from cimsim.noise import chip_noise, noise_scales, perturbation, standard_noise
+from cimsim.pcm import PCMWeights, pcm_training_perturbation
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -35,6 +36,7 @@ class AnalogLayer:
 
     config: AnalogConfig
     has_adc = True  # whether ``adc_placement='layer'`` puts an ADC after this layer
+    uses_device = False  # whether the weights follow ``config.device`` (crossbar Conv/Linear)
 
     def _init_analog(self, config: AnalogConfig) -> None:
         self.config = config
@@ -46,6 +48,10 @@ class AnalogLayer:
         for name in self.analog_tensors():
             # Frozen draws of a programmed chip: moved by .to(), never saved in a state_dict.
             self.register_buffer(f"chip_{name}", None, persistent=False)
+        # A programmed PCM chip: its device state, and its weights at the current chip time.
+        self._pcm: PCMWeights | None = None
+        self.chip_time: tuple[float, int] | None = None
+        self.register_buffer("chip_pcm_weight", None, persistent=False)
 
     def analog_tensors(self) -> dict[str, torch.Size]:
         raise NotImplementedError
@@ -67,16 +73,32 @@ class AnalogLayer:
                 dtype=like.dtype,
             )
             setattr(self, f"chip_{name}", eps)
+        if self._pcm_weights:
+            self._pcm = PCMWeights(self.weight, self.config.pcm, seed, f"{prefix}.weight")
+            self.set_time(0.0)
+
+    def set_time(self, t_inference: float, repetition: int = 0) -> None:
+        """Read the programmed PCM chip ``t_inference`` seconds after programming (read noise of
+        read-out ``repetition``); computed once here, used by every forward until the next."""
+        w = self._pcm.weights_at(t_inference, repetition)
+        self.chip_pcm_weight = w.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.chip_time, self._chip_cache = (float(t_inference), int(repetition)), None
 
     def clear(self) -> None:
         self.chip_seed, self._chip_cache = None, None
         for name in self.analog_tensors():
             setattr(self, f"chip_{name}", None)
+        self._pcm, self.chip_time, self.chip_pcm_weight = None, None, None
+
+    @property
+    def _pcm_weights(self) -> bool:
+        return self.uses_device and self.config.pcm_device
 
     @property
     def perturbed(self) -> bool:
         """Whether this forward perturbs: noise is set and (training or a chip is programmed)."""
-        return self.config.noisy and (self.training or self.chip_seed is not None)
+        noisy = self.config.noisy or self._pcm_weights
+        return noisy and (self.training or self.chip_seed is not None)
 
     def _on_chip(self, compute: Callable[[], tuple], *sources: torch.Tensor | None) -> tuple:
         """``compute()``, kept and reused while the programmed chip's perturbed tensors cannot have
@@ -123,9 +145,20 @@ class AnalogLayer:
         cfg = self.config
         per_channel = cfg.per_channel and self.per_channel_ranges
         r_w, r_b = noise_scales(weight, bias, cfg.scale, per_channel, cfg.bias)
-        nu_w = self._nu("weight", weight, r_w)
-        nu_b = None if r_b is None else self._nu("bias", bias, r_b)
+        if self._pcm_weights:  # the bias keeps the relative model (digital at sigma = mu = 0)
+            nu_w = self._pcm_perturbation(weight)
+        else:
+            nu_w = self._nu("weight", weight, r_w)
+        nu_b = None if r_b is None or not cfg.noisy else self._nu("bias", bias, r_b)
         return nu_w, nu_b
+
+    @torch.no_grad()
+    def _pcm_perturbation(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W_chip - W``: a fresh PCM chip at ``t_train`` in training, else the programmed chip
+        at its current time (``set_time``)."""
+        if self.training:
+            return pcm_training_perturbation(weight, self.config.pcm, self.config.t_train)
+        return self.chip_pcm_weight - weight
 
     def _noisy_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):
         """``(W + nu_W, b + nu_b)``: the perturbation is a constant, the gradient reaches W, b."""
@@ -141,7 +174,9 @@ class AnalogLayer:
         if not self.perturbed:
             return self.weight, self.bias
         sources = (self.weight, self.bias)
-        return self._on_chip(lambda: self._noisy_weight_bias(*sources), *sources)
+        return self._on_chip(
+            lambda: self._noisy_weight_bias(*sources), *sources, self.chip_pcm_weight
+        )
 
     def _output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.adc is None else self.adc(y)
@@ -154,6 +189,8 @@ class AnalogLayer:
 
 class AnalogConv2d(AnalogLayer, nn.Conv2d):
     """``nn.Conv2d`` on an analog crossbar."""
+
+    uses_device = True
 
     def analog_tensors(self):
         shapes = {"weight": self.weight.shape}
@@ -168,6 +205,8 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
 
 class AnalogLinear(AnalogLayer, nn.Linear):
     """``nn.Linear`` on an analog crossbar."""
+
+    uses_device = True
 
     analog_tensors = AnalogConv2d.analog_tensors
 
