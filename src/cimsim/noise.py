@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -108,10 +110,7 @@ def noise_scales(
     return _as_weight(r_w, weight, per_channel), torch.where(matched, r_union * f, r_b)
 
 
-def standard_noise(
-    shape, distribution: str, *, generator: torch.Generator | None = None, device=None, dtype=None
-) -> torch.Tensor:
-    """Zero-mean, unit-variance iid draws: N(0, 1) or U(-sqrt(3), sqrt(3))."""
+def _draw(shape, distribution: str, generator, device, dtype) -> torch.Tensor:
     if distribution == "gaussian":
         return torch.randn(shape, generator=generator, device=device, dtype=dtype)
     if distribution == "uniform":
@@ -120,6 +119,50 @@ def standard_noise(
     raise ValueError(
         f"distribution={distribution!r} is invalid: allowed values are 'gaussian', 'uniform'"
     )
+
+
+class _Tape:
+    """The training draws of one forward, kept to be replayed negated by the next (antithetic
+    pairs). ``mode`` is None (draw), ``record`` or ``replay``."""
+
+    mode: str | None = None
+    draws: list[torch.Tensor] = []
+
+
+@contextmanager
+def antithetic(mode: str) -> Iterator[None]:
+    """Within ``antithetic("record")`` every training draw ``eps`` is kept; within the following
+    ``antithetic("replay")`` the draws come back in the same order, negated: ``-eps``. For a
+    symmetric distribution ``-eps`` has the same law, and the pair's mean cancels every odd
+    term of the noise exactly (the mean shift, ``mu * r``, is not negated)."""
+    if mode not in ("record", "replay"):
+        raise ValueError(f"mode={mode!r} is invalid: allowed values are 'record', 'replay'")
+    if mode == "record":
+        _Tape.draws = []
+    _Tape.mode = mode
+    try:
+        yield
+    finally:
+        _Tape.mode = None
+        if mode == "replay":
+            left, _Tape.draws = len(_Tape.draws), []
+            if left:
+                raise RuntimeError(f"antithetic replay used {left} draws fewer than recorded")
+
+
+def standard_noise(
+    shape, distribution: str, *, generator: torch.Generator | None = None, device=None, dtype=None
+) -> torch.Tensor:
+    """Zero-mean, unit-variance iid draws: N(0, 1) or U(-sqrt(3), sqrt(3)). Unseeded (training)
+    draws follow ``antithetic`` when it is active; seeded ones (chips) never do."""
+    if generator is None and _Tape.mode == "replay":
+        if not _Tape.draws or tuple(_Tape.draws[0].shape) != tuple(shape):
+            raise RuntimeError("antithetic replay: the forward drew differently than recorded")
+        return _Tape.draws.pop(0).neg_()
+    eps = _draw(shape, distribution, generator, device, dtype)
+    if generator is None and _Tape.mode == "record":
+        _Tape.draws.append(eps.clone())
+    return eps
 
 
 @torch.no_grad()
