@@ -33,12 +33,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
-from cimsim.robustness import GRID_AXES, SWEEPS, RobustnessGrid, check_limits, format_summary
+from cimsim.robustness import SWEEPS, EvalSettings, RobustnessGrid, check_limits, format_summary
 from cimsim.study import (
     Evaluation,
     Subject,
     calibration_loader,
     check_calib_split,
+    recipe_label,
     run_study,
     subject_label,
 )
@@ -100,9 +101,9 @@ def grid_for(cfg: DictConfig) -> RobustnessGrid:
 def chip_overrides(cfg: DictConfig) -> dict:
     """The ``chip.<field>=VALUE`` settings that replace the training chip's on the test chip."""
     overrides = OmegaConf.to_container(cfg.chip) if cfg.get("chip") else {}
-    names = [f.name for f in dataclasses.fields(AnalogConfig) if f.name not in GRID_AXES]
+    names = [f.name for f in dataclasses.fields(AnalogConfig) if f.name not in SWEEPS]
     for key, value in overrides.items():
-        if key in GRID_AXES:
+        if key in SWEEPS:
             axis = {"sigma": "sigmas", "mean_shift": "mean_shifts"}.get(key, key)
             raise ConfigError(f"chip.{key}", value, f"is swept by the grid: set robustness.{axis}")
         if key not in names:
@@ -152,7 +153,7 @@ def load_subject(
         model = load()
     except (ConfigError, KeyError, TypeError, RuntimeError, ImportError) as err:
         raise ConfigError("ckpt", str(path), f"does not load ({_one_line(err)})") from None
-    recipe, trained = model.label, model.chip
+    recipe, trained = recipe_label(model.chip, model.L), model.chip
     with config_scope("chip"):
         chip = dataclasses.replace(trained, **overrides)
         if chip != trained:
@@ -223,6 +224,29 @@ def check_settings(cfg: DictConfig) -> None:
     check_int("num_nodes", cfg.num_nodes, minimum=1)
 
 
+def evaluation(cfg: DictConfig, spec: dict, fabric: Fabric) -> Evaluation:
+    """The test data of ``spec``, how ``cfg.robustness`` measures chips, and this process's share
+    of them."""
+    datamodule = load_datamodule(spec)
+    r = cfg.robustness
+    settings = EvalSettings(
+        seed=cfg.seed,
+        calib_loader=calibration_loader(datamodule, r.calib_split),
+        max_batches=r.max_batches,
+        calib_batches=r.calib_batches,
+        calib_momentum=r.calib_momentum,
+        progress=cfg.progress,
+    )
+    return Evaluation(
+        datamodule.test_dataloader(),
+        settings,
+        rank=fabric.global_rank,
+        world_size=fabric.world_size,
+        calib_split=r.calib_split,
+        data_spec=spec,
+    )
+
+
 def evaluate(cfg: DictConfig):
     """Run the study and write its files; returns the ``RobustnessResult`` (on every rank)."""
     paths = checkpoint_paths(cfg)
@@ -233,21 +257,8 @@ def evaluate(cfg: DictConfig):
     if spec is None:
         raise ConfigError("data", None, f"{paths[0]} does not record its data: pass data=NAME")
     check_same_split(spec, trained_on, paths)
-    datamodule = load_datamodule(spec)
+    ev = evaluation(cfg, spec, fabric)
     r = cfg.robustness
-    ev = Evaluation(
-        datamodule.test_dataloader(),
-        cfg.seed,
-        calib_loader=calibration_loader(datamodule, r.calib_split),
-        max_batches=r.max_batches,
-        calib_batches=r.calib_batches,
-        progress=cfg.progress,
-        rank=fabric.global_rank,
-        world_size=fabric.world_size,
-        calib_momentum=r.calib_momentum,
-        calib_split=r.calib_split,
-        data_spec=spec,
-    )
     title = f"{r.name}: {r.chips} chips per point, seed {cfg.seed}"
     result, files = run_study(subjects, ev, cfg.paths.output_dir, r.x, title=title)
     if files is None:  # not rank 0

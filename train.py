@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from cimsim import AnalogConfig, ConfigError
 from cimsim.checkpoint import ResumeState
 from cimsim.classifier import AnalogClassifier
+from cimsim.hasgd import TrainingMethods
 from cimsim.tracking import default_wandb_mode, finish_wandb
 from cimsim.validation import check_int, config_scope
 
@@ -31,12 +32,35 @@ from cimsim.validation import check_int, config_scope
 def chip_config(cfg: DictConfig) -> AnalogConfig:
     """The training chip from the ``noise`` (device) and ``quant`` (ADC) groups."""
     noise, quant = OmegaConf.to_container(cfg.noise), OmegaConf.to_container(cfg.quant)
+    noise.pop("schedule", None)  # a training method, not the chip
     try:
         return AnalogConfig(**noise, **quant)
     except ConfigError as err:
         raise err.with_prefix("quant" if err.key in quant else "noise") from None
     except TypeError as err:  # an unknown key such as noise.sigmaa
         raise ConfigError("noise", sorted(noise) + sorted(quant), str(err)) from None
+
+
+def training_methods(cfg: DictConfig) -> TrainingMethods:
+    """Antithetic pairs and SAM (``hasgd``), the noise schedule (``noise.schedule``) and
+    distillation (``distill``)."""
+    hasgd, distill = cfg.hasgd, cfg.get("distill") or {}
+    fields = {
+        "hasgd.antithetic": ("antithetic", hasgd.get("antithetic", False)),
+        "noise.schedule": ("schedule", OmegaConf.to_container(cfg.noise.get("schedule") or {})),
+        "hasgd.sam.rho": ("sam_rho", (hasgd.get("sam") or {}).get("rho", 0.0)),
+        "hasgd.sam.adaptive": ("sam_adaptive", (hasgd.get("sam") or {}).get("adaptive", False)),
+        "distill.teacher": ("teacher", distill.get("teacher")),
+        "distill.beta": ("distill_beta", distill.get("beta", 0.5)),
+        "distill.temperature": ("distill_temperature", distill.get("temperature", 4.0)),
+    }
+    try:
+        return TrainingMethods(**{name: value for name, value in fields.values()})
+    except ConfigError as err:
+        key = err.key.split(".")[0]
+        path = next(k for k, (name, _) in fields.items() if name == key)
+        rest = err.key[len(key) :]
+        raise ConfigError(path + rest, err.value, err.allowed) from None
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -76,6 +100,7 @@ def build(cfg: DictConfig):
             val_chips=cfg.val_chips,
             calib_batches=cfg.val_calib_batches,
             calib_momentum=cfg.val_calib_momentum,
+            methods=training_methods(cfg),
         )
     loggers, callbacks = build_loggers(cfg), build_callbacks(cfg)
     with config_scope("trainer"):

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader
 import cimsim.robustness
 from cimsim import ConfigError, calibrate_adc, program_chip, set_adc, set_noise
 from cimsim.classifier import AnalogClassifier
-from cimsim.robustness import StaleRowsWarning, chip_seed, read_fingerprints
+from cimsim.report import StaleRowsWarning, lines, read_fingerprints
+from cimsim.robustness import chip_seed
 from conftest import FAST, ROOT, compose_cfg
 from evaluate import evaluate
 from train import train
@@ -342,14 +343,14 @@ def test_quick_run_then_full_run_gives_full_rows(checkpoints, tmp_path):
     """A max_batches=1 run followed by the full run: every row covers the whole test set."""
     args = [f"ckpt={checkpoints[1]}", "robustness.chips=2"]
     quick = evaluate(eval_cfg(tmp_path, *args, "robustness.max_batches=1"))
-    assert {r["n"] for r in quick.rows} == {64}  # one batch
+    assert {r.n for r in quick.rows} == {64}  # one batch
     with pytest.warns(StaleRowsWarning) as caught:
         full = evaluate(eval_cfg(tmp_path, *args))
     assert len(caught) == 1 and "(max_batches: 1 -> None)" in str(caught[0].message)
     size = len(recorded_data(checkpoints[1]).test_set)
     rows = read_rows(tmp_path / "robustness_rows.csv")
     assert len(rows) == 2 * 2 and {int(r["n"]) for r in rows} == {size} == {270}
-    assert [r["n"] for r in full.rows] == [size] * 4
+    assert [r.n for r in full.rows] == [size] * 4
     assert {r["n"] for r in read_rows(tmp_path / "robustness_rows.stale.csv")} == {"64"}
     summary = read_rows(tmp_path / "robustness_summary.csv")
     assert [int(s["chips"]) for s in summary] == [2, 2]  # no chip counted twice
@@ -372,10 +373,10 @@ def test_a_retrained_checkpoint_at_the_same_path_is_recomputed(checkpoints, tmp_
     with pytest.warns(StaleRowsWarning, match=r"\(ckpt_sha256: [0-9a-f]{12}\.\.\. -> "):
         second = evaluate(eval_cfg(tmp_path / "out", *args))
     assert len(calls) == 2  # every chip again
-    assert [r["model"] for r in second.rows] == [r["model"] for r in first.rows]
-    assert [r["loss"] for r in second.rows] != [r["loss"] for r in first.rows]
+    assert [r.model for r in second.rows] == [r.model for r in first.rows]
+    assert [r.loss for r in second.rows] != [r.loss for r in first.rows]
     assert [float(r["loss"]) for r in read_rows(tmp_path / "out" / "robustness_rows.csv")] == [
-        r["loss"] for r in second.rows
+        r.loss for r in second.rows
     ]
 
 
@@ -439,8 +440,8 @@ def test_one_checkpoint_on_two_chips_gives_two_labelled_curves(checkpoints, tmp_
     assert len(rows) == 2 * 3 * 2  # both curves kept side by side in one file
     known = read_fingerprints(tmp_path / "robustness_rows.csv")
     assert {known[r["fingerprint"]]["chip"]["bias"] for r in rows} == {"separate", "shared"}
-    r = next(r for r in shared.rows if r["sigma"] == 0.1 and r["chip"] == 1)
-    assert (r["acc"], r["n"]) == by_hand(checkpoints[1], 1, 0.1, bias="shared")
+    r = next(r for r in shared.rows if r.sigma == 0.1 and r.chip == 1)
+    assert (r.acc, r.n) == by_hand(checkpoints[1], 1, 0.1, bias="shared")
 
 
 def test_a_model_trained_with_adcs_is_evaluated_at_its_levels(checkpoints, tmp_path):
@@ -450,17 +451,17 @@ def test_a_model_trained_with_adcs_is_evaluated_at_its_levels(checkpoints, tmp_p
     torch.save(contents, ckpt)
     small = ["robustness.chips=2", "robustness.sigmas=[0.1]"]
     adc = evaluate(eval_cfg(tmp_path / "a", f"ckpt={ckpt}", *small))  # the default preset
-    assert {(r["model"], r["adc_levels"]) for r in adc.rows} == {("train sigma=0, L=1, ADC 4", 4)}
+    assert {(r.model, r.adc_levels) for r in adc.rows} == {("train sigma=0, L=1, ADC 4", 4)}
     none = evaluate(
         eval_cfg(tmp_path / "b", f"ckpt={ckpt}", *small, "robustness.adc_levels=[null]")
     )
-    assert {(r["model"], r["adc_levels"]) for r in none.rows} == {
+    assert {(r.model, r.adc_levels) for r in none.rows} == {
         ("train sigma=0, L=1, ADC 4 | chip adc_levels=none", None)
     }  # the label says that these rows have no ADC
     clean = evaluate(eval_cfg(tmp_path / "c", f"ckpt={checkpoints[0]}", *small))
-    assert {r["adc_levels"] for r in clean.rows} == {None}  # trained without ADC: none
-    assert [r["acc"] for r in none.rows] == [r["acc"] for r in clean.rows]
-    assert [r["acc"] for r in adc.rows] != [r["acc"] for r in clean.rows]
+    assert {r.adc_levels for r in clean.rows} == {None}  # trained without ADC: none
+    assert [r.acc for r in none.rows] == [r.acc for r in clean.rows]
+    assert [r.acc for r in adc.rows] != [r.acc for r in clean.rows]
 
 
 def test_adc_ranges_are_calibrated_on_the_configured_split(checkpoints, tmp_path):
@@ -475,6 +476,39 @@ def test_adc_ranges_are_calibrated_on_the_configured_split(checkpoints, tmp_path
     on_train = evaluate(eval_cfg(tmp_path / "train", *args, "robustness.calib_split=train")).rows
     for rows, split in ((on_val, "val"), (on_train, "train")):
         for r in rows:
-            acc, n = by_hand(checkpoints[1], r["chip"], 0.1, levels=4, calib_split=split)
-            assert (r["acc"], r["n"]) == (acc, n)
-    assert [r["loss"] for r in on_val] != [r["loss"] for r in on_train]
+            acc, n = by_hand(checkpoints[1], r.chip, 0.1, levels=4, calib_split=split)
+            assert (r.acc, r.n) == (acc, n)
+    assert [r.loss for r in on_val] != [r.loss for r in on_train]
+
+
+def test_wandb_curves_are_the_figures_lines(checkpoints, tmp_path):
+    """An ADC sweep draws a line per model and test sigma (``report.lines``); the offline W&B run
+    holds one line series per line of the PNG, with the same points."""
+    cfg = eval_cfg(
+        tmp_path,
+        ckpt_list(checkpoints),
+        "robustness=adc_sweep",
+        "robustness.sigmas=[0.0,train]",
+        "robustness.chips=2",
+        "robustness.adc_levels=[null,2,4]",
+        "wandb.enabled=true",
+    )
+    result = evaluate(cfg)
+    summary = read_rows(tmp_path / "robustness_summary.csv")
+    # Counted without report.lines: the clean model at sigma 0, HA-SGD at 0 and at its own 0.1.
+    pairs = {(s["model"], float(s["sigma"])) for s in summary}
+    assert len(pairs) == 3
+    assert len(lines(result.summary, "adc_levels")) == len(pairs)  # the PNG's lines
+    (table,) = (tmp_path / "wandb").glob("offline-run-*/files/media/table/robust/acc_vs_adc*.json")
+    logged = json.loads(table.read_text())
+    assert logged["columns"] == ["step", "lineKey", "lineVal"]
+    series: dict[str, list] = {}
+    for levels, key, acc in logged["data"]:
+        series.setdefault(key, []).append((levels, acc))
+    assert len(series) == len(pairs)
+    expected = {}  # each (model, sigma) line's points from the summary file ("no ADC" is dashed)
+    for s in summary:
+        if s["adc_levels"]:
+            line = expected.setdefault((s["model"], float(s["sigma"])), [])
+            line.append((int(s["adc_levels"]), float(s["acc_mean"])))
+    assert sorted(series.values()) == sorted(expected.values())

@@ -1,12 +1,14 @@
-"""Monte Carlo robustness evaluation: seeding, chip streams, common random numbers, statistics,
-resuming and fingerprints, ADC sweeps and calibration, plots and user errors, on a tiny convnet
-trained for a few steps on sklearn digits. Values are checked against independent computations:
-a chip programmed and measured by hand, statistics recomputed with numpy and scipy."""
+"""Monte Carlo robustness evaluation (``cimsim.robustness``) and its files (``cimsim.report``):
+seeding, chip streams, common random numbers, statistics, resuming and fingerprints, ADC sweeps
+and calibration, plots and user errors, on a tiny convnet trained for a few steps on sklearn
+digits. Values are checked against independent computations: a chip programmed and measured by
+hand, statistics recomputed with numpy and scipy."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
 import math
 import struct
@@ -32,20 +34,32 @@ from cimsim import (
     set_noise,
 )
 from cimsim.adc import adcs
-from cimsim.robustness import (
-    RobustnessGrid,
+from cimsim.report import (
+    RowsFile,
     StaleRowsWarning,
-    chip_seed,
-    evaluate_robustness,
-    format_summary,
+    lines,
     plot_robustness,
     read_fingerprints,
     state_sha256,
-    summarize,
     write_results,
+)
+from cimsim.robustness import (
+    EvalSettings,
+    RobustnessGrid,
+    Row,
+    chip_seed,
+    evaluate_robustness,
+    format_summary,
+    summarize,
 )
 
 SEED = 7
+
+
+def run(model, test, grid, rows_file=None, **settings):
+    """``evaluate_robustness`` with seed SEED, no progress bar, and ``settings`` overriding."""
+    settings = EvalSettings(**{"seed": SEED, "progress": False, **settings})
+    return evaluate_robustness(model, test, grid, settings, rows_file)
 
 
 @pytest.fixture(autouse=True)
@@ -164,16 +178,25 @@ def test_adc_levels_without_calibration_data_fail_before_any_work(model, digits,
     monkeypatch.setattr(rb, "program_chip", lambda *a: pytest.fail("programmed a chip"))
     grid = RobustnessGrid(sigmas=[0.05], adc_levels=[None, 4], chips=2)
     with pytest.raises(ConfigError, match="calib_loader"):
-        evaluate_robustness(model, digits[1], grid, SEED, progress=False)
+        run(model, digits[1], grid)
     with pytest.raises(ConfigError, match="chip_indices"):
-        evaluate_robustness(
-            model,
-            digits[1],
-            RobustnessGrid(sigmas=[0.1], chips=2),
-            SEED,
-            chip_indices=[2],
-            progress=False,
-        )
+        run(model, digits[1], RobustnessGrid(sigmas=[0.1], chips=2), chip_indices=[2])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stream": "validation"}, "^stream='validation'"),
+        ({"seed": 0.5}, "^seed=0.5"),
+        ({"max_batches": 0}, "^max_batches=0"),
+        ({"calib_batches": 0}, "^calib_batches=0"),
+        ({"calib_momentum": 0}, "^calib_momentum=0"),
+        ({"calib_momentum": 1.5}, "^calib_momentum=1.5"),
+    ],
+)
+def test_eval_settings_reject_bad_values_naming_the_key(kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        EvalSettings(**kwargs)
 
 
 def test_grid_train_tokens_resolve_per_model_and_fail_unresolved(model, digits):
@@ -183,7 +206,7 @@ def test_grid_train_tokens_resolve_per_model_and_fail_unresolved(model, digits):
     clean = grid.for_chip(AnalogConfig())  # train sigma 0, no ADC: repeats are kept once
     assert (clean.sigmas, clean.adc_levels, clean.chips) == ((0.0,), (None,), 2)
     with pytest.raises(ConfigError, match="^sigmas='train'"):
-        evaluate_robustness(model, digits[1], grid, SEED, progress=False)
+        run(model, digits[1], grid)
 
 
 def test_chip_seed_depends_only_on_seed_chip_and_stream():
@@ -208,13 +231,10 @@ def test_validation_chips_never_coincide_with_test_chips():
 def test_val_stream_programs_val_chips(model, digits, monkeypatch):
     calls = _counting(monkeypatch)
     grid = RobustnessGrid(sigmas=[0.1], chips=3)
-    result = evaluate_robustness(model, digits[1], grid, SEED, stream="val", progress=False)
+    result = run(model, digits[1], grid, stream="val")
     val = [chip_seed(SEED, c, "val") for c in range(3)]
-    assert calls == val and [r["chip_seed"] for r in result.rows] == val
-    assert result.rows[1]["acc"] == _by_hand(model, digits[1], val[1], 0.1)[0]
-    with pytest.raises(ConfigError, match="^stream='validation'"):
-        evaluate_robustness(model, digits[1], grid, SEED, stream="validation", progress=False)
-    assert len(calls) == 3  # the bad stream failed before programming a chip
+    assert calls == val and [r.chip_seed for r in result.rows] == val
+    assert result.rows[1].acc == _by_hand(model, digits[1], val[1], 0.1)[0]
 
 
 # ----------------------------------------------------------------------------- seeding
@@ -224,38 +244,32 @@ def test_same_seed_same_rows_different_seed_different_rows(model, digits):
     grid = RobustnessGrid(sigmas=[0.0, 0.1], mean_shifts=[0.0, 0.02], chips=3)
     model.train()  # a mode to restore
     before = _state(model)
-    a = evaluate_robustness(model, digits[1], grid, SEED, progress=False, extra={"model": "m"})
+    a = run(model, digits[1], grid)
     assert _state(model) == before
-    b = evaluate_robustness(model, digits[1], grid, SEED, progress=False, extra={"model": "m"})
-    c = evaluate_robustness(model, digits[1], grid, SEED + 1, progress=False, extra={"model": "m"})
+    b = run(model, digits[1], grid)
+    c = run(model, digits[1], grid, seed=SEED + 1)
     assert a.rows == b.rows
     assert len(a.rows) == 3 * 4
-    assert a.rows[0] == {
-        **a.rows[0],
-        "chip": 0,
-        "chip_seed": chip_seed(SEED, 0),
-        "sigma": 0.0,
-        "adc_levels": None,
-        "n": 397,
-        "model": "m",
-    }
-    clean = [r["acc"] for r in a.rows if r["sigma"] == 0 and r["mean_shift"] == 0]
+    first = a.rows[0]
+    assert (first.chip, first.chip_seed, first.sigma, first.adc_levels, first.n) == (
+        0, chip_seed(SEED, 0), 0.0, None, 397,
+    )  # fmt: skip
+    assert (first.model, first.ckpt, first.fingerprint) == ("", "", "")  # no rows file
+    clean = [r.acc for r in a.rows if r.sigma == 0 and r.mean_shift == 0]
     assert len(set(clean)) == 1 and clean[0] > 0.85  # no noise: every chip is the digital net
-    noisy = [(r["acc"], r["loss"]) for r in a.rows if r["sigma"] == 0.1]
+    noisy = [(r.acc, r.loss) for r in a.rows if r.sigma == 0.1]
     assert len(set(noisy)) > 1  # ...with noise, the chips differ
     for r in a.rows:  # every row is exactly what its chip gives when measured by hand
-        acc, loss, n = _by_hand(model, digits[1], r["chip_seed"], r["sigma"], r["mean_shift"])
-        assert (r["acc"], r["n"]) == (acc, n)
-        assert r["loss"] == pytest.approx(loss, rel=1e-6)
-    assert [r["loss"] for r in a.rows if r["sigma"] > 0] != [
-        r["loss"] for r in c.rows if r["sigma"] > 0
-    ]
+        acc, loss, n = _by_hand(model, digits[1], r.chip_seed, r.sigma, r.mean_shift)
+        assert (r.acc, r.n) == (acc, n)
+        assert r.loss == pytest.approx(loss, rel=1e-6)
+    assert [r.loss for r in a.rows if r.sigma > 0] != [r.loss for r in c.rows if r.sigma > 0]
 
 
 def test_chip_indices_evaluate_a_subset_with_the_same_rows(model, digits):
     grid = RobustnessGrid(sigmas=[0.1], chips=4)
-    full = evaluate_robustness(model, digits[1], grid, SEED, progress=False)
-    part = evaluate_robustness(model, digits[1], grid, SEED, chip_indices=[3, 1], progress=False)
+    full = run(model, digits[1], grid)
+    part = run(model, digits[1], grid, chip_indices=[3, 1])
     assert part.rows == [full.rows[1], full.rows[3]]
 
 
@@ -272,8 +286,7 @@ def test_common_random_numbers_across_sigma(model, digits):
 
     handle = conv.register_forward_pre_hook(record)
     try:
-        grid = RobustnessGrid(sigmas=[0.02, 0.05, 0.0, 0.1], chips=2)
-        evaluate_robustness(model, digits[1], grid, SEED, progress=False)
+        run(model, digits[1], RobustnessGrid(sigmas=[0.02, 0.05, 0.0, 0.1], chips=2))
     finally:
         handle.remove()
     seeds = [chip_seed(SEED, c) for c in range(2)]
@@ -293,12 +306,12 @@ def test_common_random_numbers_across_sigma(model, digits):
 
 
 def test_summary_uses_student_t_and_matches_the_rows(model, digits):
-    grid = RobustnessGrid(sigmas=[0.05, 0.15], chips=5)
-    result = evaluate_robustness(model, digits[1], grid, SEED, progress=False)
+    result = run(model, digits[1], RobustnessGrid(sigmas=[0.05, 0.15], chips=5))
     assert [(s["sigma"], s["chips"]) for s in result.summary] == [(0.05, 5), (0.15, 5)]
+    assert "model" not in result.summary[0]  # rows without a model: no model column
     for s in result.summary:
-        acc = np.array([r["acc"] for r in result.rows if r["sigma"] == s["sigma"]])
-        loss = np.array([r["loss"] for r in result.rows if r["sigma"] == s["sigma"]])
+        acc = np.array([r.acc for r in result.rows if r.sigma == s["sigma"]])
+        loss = np.array([r.loss for r in result.rows if r.sigma == s["sigma"]])
         low, high = stats.t.interval(0.95, df=4, loc=acc.mean(), scale=stats.sem(acc))
         assert s["acc_mean"] == pytest.approx(acc.mean(), rel=1e-12)
         assert s["acc_std"] == pytest.approx(acc.std(ddof=1), rel=1e-12)
@@ -310,12 +323,11 @@ def test_summary_uses_student_t_and_matches_the_rows(model, digits):
 
 
 def test_summary_known_values_models_and_single_chip():
-    row = {"mean_shift": 0.0, "adc_levels": None, "loss": 1.0}
-    rows = [
-        {**row, "chip": c, "sigma": 0.1, "acc": a, "model": "hasgd"}
-        for c, a in enumerate([0.5, 0.6, 0.7, 0.8, 0.9])
-    ]
-    rows += [{**row, "chip": 0, "sigma": 0.1, "acc": 0.3, "model": "sgd"}]
+    def row(chip, acc, model):
+        return Row(chip, 0, 0.1, 0.0, None, acc=acc, loss=1.0, n=10, model=model)
+
+    rows = [row(c, a, "hasgd") for c, a in enumerate([0.5, 0.6, 0.7, 0.8, 0.9])]
+    rows += [row(0, 0.3, "sgd")]
     hasgd, sgd = summarize(rows)
     assert hasgd["model"] == "hasgd" and hasgd["chips"] == 5
     assert hasgd["acc_mean"] == pytest.approx(0.7)
@@ -347,31 +359,27 @@ def test_resume_after_interruption_gives_the_uninterrupted_file(
     model, digits, tmp_path, monkeypatch
 ):
     grid = RobustnessGrid(sigmas=[0.0, 0.1], chips=5)
-    extra = {"model": "m", "ckpt": "a,b.ckpt"}  # a comma: csv quoting must round-trip
     full_path, path = tmp_path / "full.csv", tmp_path / "rows.csv"
-    full = evaluate_robustness(
-        model, digits[1], grid, SEED, rows_path=full_path, extra=extra, progress=False
-    )
+
+    def rows_file(where):  # a comma in the checkpoint name: csv quoting must round-trip
+        return RowsFile(where, model="m", ckpt="a,b.ckpt")
+
+    full = run(model, digits[1], grid, rows_file(full_path))
+    assert {(r.model, r.ckpt) for r in full.rows} == {("m", "a,b.ckpt")}
     before = _state(model)
     _counting(monkeypatch, fail_on=3)
     with pytest.raises(RuntimeError, match="killed"):
-        evaluate_robustness(
-            model, digits[1], grid, SEED, rows_path=path, extra=extra, progress=False
-        )
+        run(model, digits[1], grid, rows_file(path))
     assert _state(model) == before  # restored despite the exception
     assert len(path.read_text().splitlines()) == 1 + 2 * 2  # header + two complete chips
     with open(path, "a") as f:
         f.write("2,123,0.0,0.0,,0.9")  # torn line of a kill -9 mid-write
     calls = _counting(monkeypatch)
-    resumed = evaluate_robustness(
-        model, digits[1], grid, SEED, rows_path=path, extra=extra, progress=False
-    )
+    resumed = run(model, digits[1], grid, rows_file(path))
     assert calls == [chip_seed(SEED, c) for c in (2, 3, 4)]  # done chips were not redone
     assert path.read_bytes() == full_path.read_bytes()
     assert resumed.rows == full.rows and resumed.summary == full.summary
-    again = evaluate_robustness(
-        model, digits[1], grid, SEED, rows_path=path, extra=extra, progress=False
-    )
+    again = run(model, digits[1], grid, rows_file(path))
     assert calls == [chip_seed(SEED, c) for c in (2, 3, 4)] and again.rows == full.rows
 
 
@@ -382,15 +390,13 @@ def test_resume_keeps_other_models_and_recomputes_another_seed(
     path = tmp_path / "rows.csv"
     calls = _counting(monkeypatch)
 
-    def run(label, seed, grid=grid):
-        return evaluate_robustness(
-            model, digits[1], grid, seed, rows_path=path, extra={"model": label}, progress=False
-        )
+    def run_as(label, seed, grid=grid):
+        return run(model, digits[1], grid, RowsFile(path, model=label), seed=seed)
 
-    a, b = run("a", SEED), run("b", SEED)
-    assert len(calls) == 4 and a.rows[0]["fingerprint"] == b.rows[0]["fingerprint"]
+    a, b = run_as("a", SEED), run_as("b", SEED)
+    assert len(calls) == 4 and a.rows[0].fingerprint == b.rows[0].fingerprint != ""
     with pytest.warns(StaleRowsWarning, match=r"rows of model='a' .*\(seed: 7 -> 8\)"):
-        a8 = run("a", SEED + 1)  # the same model with another seed: never mixed
+        a8 = run_as("a", SEED + 1)  # the same model with another seed: never mixed
     assert calls[4:] == [chip_seed(SEED + 1, c) for c in range(2)]
     rows = _csv_rows(path)
     assert [(r["model"], int(r["chip_seed"])) for r in rows] == [
@@ -399,11 +405,18 @@ def test_resume_keeps_other_models_and_recomputes_another_seed(
     ]  # fmt: skip
     assert [r["model"] for r in _csv_rows(tmp_path / "rows.stale.csv")] == ["a", "a"]
     wider = RobustnessGrid(sigmas=[0.1], chips=3)  # one more chip: only it is evaluated
-    a3 = run("a", SEED + 1, wider)
+    a3 = run_as("a", SEED + 1, wider)
     assert calls[6:] == [chip_seed(SEED + 1, 2)]
     assert a3.rows[:2] == a8.rows
-    with pytest.raises(ConfigError, match="rows_path"):  # other columns: never mix files
-        evaluate_robustness(model, digits[1], grid, SEED, rows_path=path, progress=False)
+
+
+def test_a_rows_file_of_another_format_is_refused(model, digits, tmp_path, monkeypatch):
+    path = tmp_path / "rows.csv"  # e.g. written by a version without the ckpt column
+    path.write_text("chip,chip_seed,sigma,mean_shift,adc_levels,acc,loss,n,model,fingerprint\n")
+    calls = _counting(monkeypatch)
+    with pytest.raises(ConfigError, match=r"^rows file='.*rows\.csv' is invalid: has columns"):
+        run(model, digits[1], RobustnessGrid(sigmas=[0.1], chips=1), RowsFile(path, "m"))
+    assert calls == [] and path.read_text().count("\n") == 1  # never mixed, left as it was
 
 
 def test_changed_settings_move_stale_rows_aside_and_say_what_changed(
@@ -413,19 +426,16 @@ def test_changed_settings_move_stale_rows_aside_and_say_what_changed(
     path = tmp_path / "rows.csv"
     ckpt = {"ckpt_sha256": "ab" * 32, "data": {"seed": 1}}
 
-    def run(label="m", max_batches=None, settings=ckpt):
-        extra = {"model": label, "ckpt": "m.ckpt"}
-        return evaluate_robustness(
-            model, digits[1], grid, SEED, rows_path=path, extra=extra, progress=False,
-            max_batches=max_batches, settings=settings,
-        )  # fmt: skip
+    def run_as(label="m", max_batches=None, known=ckpt):
+        rows_file = RowsFile(path, model=label, ckpt="m.ckpt", known=known)
+        return run(model, digits[1], grid, rows_file, max_batches=max_batches)
 
-    quick = run(max_batches=1)
-    other = run(label="other", max_batches=1)
-    assert {r["n"] for r in quick.rows} == {128}
+    quick = run_as(max_batches=1)
+    other = run_as(label="other", max_batches=1)
+    assert {r.n for r in quick.rows} == {128}
     calls = _counting(monkeypatch)
     with pytest.warns(StaleRowsWarning) as caught:
-        full = run()
+        full = run_as()
     assert len(caught) == 1
     assert "4 rows of model='m', ckpt='m.ckpt'" in str(caught[0].message)
     assert "(max_batches: 1 -> None)" in str(caught[0].message)
@@ -434,34 +444,35 @@ def test_changed_settings_move_stale_rows_aside_and_say_what_changed(
     assert [r["model"] for r in rows] == ["other"] * 4 + ["m"] * 4  # the other model stays
     assert {int(r["n"]) for r in rows if r["model"] == "m"} == {397}
     assert [r["n"] for r in _csv_rows(tmp_path / "rows.stale.csv")] == ["128"] * 4
-    fp_quick, fp_full = quick.rows[0]["fingerprint"], full.rows[0]["fingerprint"]
-    assert other.rows[0]["fingerprint"] == fp_quick != fp_full
+    fp_quick, fp_full = quick.rows[0].fingerprint, full.rows[0].fingerprint
+    assert other.rows[0].fingerprint == fp_quick != fp_full
     known = read_fingerprints(path)
     assert known[fp_full] == full.fingerprints[fp_full]
     assert known[fp_quick]["max_batches"] == 1 and known[fp_full]["max_batches"] is None
+    swept = ("sigma", "mean_shift", "adc_levels")
     assert known[fp_full]["chip"] == {
-        k: v for k, v in vars(AnalogConfig()).items() if k not in rb.GRID_AXES
+        k: v for k, v in dataclasses.asdict(AnalogConfig()).items() if k not in swept
     }  # the test chip of the model's layers
     assert known[fp_full]["seed"] == SEED and known[fp_full]["stream"] == "test"
     retrained = {**ckpt, "ckpt_sha256": "cd" * 32}
     with pytest.warns(StaleRowsWarning, match=r"ckpt_sha256: abababababab\.\.\. -> cdcdcd"):
-        run(settings=retrained)
+        run_as(known=retrained)
     with pytest.warns(StaleRowsWarning, match=r"data\.seed: 1 -> 2"):
-        run(settings={**retrained, "data": {"seed": 2}})
+        run_as(known={**retrained, "data": {"seed": 2}})
 
 
 def test_in_memory_weights_are_fingerprinted(model, digits, tmp_path, monkeypatch):
     grid = RobustnessGrid(sigmas=[0.1], chips=2)
     path = tmp_path / "rows.csv"
-    first = evaluate_robustness(model, digits[1], grid, SEED, rows_path=path, progress=False)
-    assert first.fingerprints[first.rows[0]["fingerprint"]]["state_sha256"] == state_sha256(model)
+    first = run(model, digits[1], grid, RowsFile(path))
+    assert first.fingerprints[first.rows[0].fingerprint]["state_sha256"] == state_sha256(model)
     changed = copy.deepcopy(model)
     with torch.no_grad():
         changed[0].weight[0, 0, 0, 0] += 0.5
     assert state_sha256(changed) != state_sha256(model)
     calls = _counting(monkeypatch)
-    with pytest.warns(StaleRowsWarning, match="state_sha256"):
-        evaluate_robustness(changed, digits[1], grid, SEED, rows_path=path, progress=False)
+    with pytest.warns(StaleRowsWarning, match="rows of this model .*state_sha256"):
+        run(changed, digits[1], grid, RowsFile(path))
     assert len(calls) == 2
 
 
@@ -471,9 +482,7 @@ def test_in_memory_weights_are_fingerprinted(model, digits, tmp_path, monkeypatc
 def test_adc_sweep_two_levels_hurt_eighteen_do_not(model, digits):
     train, test = digits
     grid = RobustnessGrid(sigmas=[0.0], adc_levels=[None, 2, 18], chips=1)
-    result = evaluate_robustness(
-        model, test, grid, SEED, calib_loader=train, calib_batches=4, progress=False
-    )
+    result = run(model, test, grid, calib_loader=train, calib_batches=4)
     acc = {s["adc_levels"]: s["acc_mean"] for s in result.summary}
     assert acc[None] > 0.85
     assert acc[2] < acc[None] - 0.05
@@ -506,24 +515,16 @@ def test_adc_calibration_is_seeded_by_the_chip_and_uses_the_momentum(model, digi
     monkeypatch.setattr(rb, "calibrate_adc", spy)
     torch.manual_seed(1)
     state = torch.get_rng_state()
-    a = evaluate_robustness(
-        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.2, progress=False
-    )
+    a = run(model, test, grid, calib_loader=calib, calib_momentum=0.2)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's stream is untouched
     torch.manual_seed(2)  # another global state: the same rows
-    b = evaluate_robustness(
-        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.2, progress=False
-    )
+    b = run(model, test, grid, calib_loader=calib, calib_momentum=0.2)
     assert a.rows == b.rows and seen == [(None, 0.2)] * 4
     for r in a.rows:
-        by_hand = _by_hand(model, test, r["chip_seed"], 0.1, levels=3, calib=calib, momentum=0.2)
-        assert (r["acc"], r["n"]) == by_hand[::2]
-    slow = evaluate_robustness(
-        model, test, grid, SEED, calib_loader=calib, calib_momentum=0.01, progress=False
-    )
-    assert [r["loss"] for r in slow.rows] != [r["loss"] for r in a.rows]
-    with pytest.raises(ConfigError, match="^calib_momentum=0"):
-        evaluate_robustness(model, test, grid, SEED, calib_loader=calib, calib_momentum=0)
+        by_hand = _by_hand(model, test, r.chip_seed, 0.1, levels=3, calib=calib, momentum=0.2)
+        assert (r.acc, r.n) == by_hand[::2]
+    slow = run(model, test, grid, calib_loader=calib, calib_momentum=0.01)
+    assert [r.loss for r in slow.rows] != [r.loss for r in a.rows]
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -543,16 +544,8 @@ def test_plots_and_result_files(model, digits, tmp_path):
     grid = RobustnessGrid(sigmas=[0.0, 0.1], adc_levels=[None, 3, 8], chips=2)
     rows = []
     for label in ("sgd", "hasgd"):
-        rows += evaluate_robustness(
-            model,
-            test,
-            grid,
-            SEED,
-            calib_loader=train,
-            calib_batches=2,
-            progress=False,
-            extra={"model": label},
-        ).rows
+        result = run(model, test, grid, calib_loader=train, calib_batches=2)
+        rows += [dataclasses.replace(r, model=label) for r in result.rows]
     summary = summarize(rows)
     assert len(summary) == 2 * 2 * 3
     for x in ("sigma", "adc_levels"):
@@ -562,20 +555,35 @@ def test_plots_and_result_files(model, digits, tmp_path):
     with pytest.raises(ConfigError, match="x="):
         plot_robustness(summary, "chips", tmp_path / "bad.png")
 
-    single = evaluate_robustness(
-        model, test, RobustnessGrid(sigmas=[0.1], chips=1), SEED, progress=False
-    )
+    single = run(model, test, RobustnessGrid(sigmas=[0.1], chips=1))
     csv_path, json_path = write_results(single, tmp_path / "out")
     doc = json.loads(json_path.read_text())
-    assert doc["rows"] == single.rows
+    assert doc["rows"] == [dataclasses.asdict(r) for r in single.rows]
     assert doc["summary"][0]["acc_ci95"] is None  # NaN (one chip) as valid JSON null
     (written,) = _csv_rows(csv_path)
     assert list(written) == list(single.summary[0])  # sigma, mean_shift, adc_levels, acc_mean..
-    assert float(written["acc_mean"]) == single.rows[0]["acc"]  # one chip: its accuracy
-    assert float(written["loss_mean"]) == single.rows[0]["loss"]
+    assert float(written["acc_mean"]) == single.rows[0].acc  # one chip: its accuracy
+    assert float(written["loss_mean"]) == single.rows[0].loss
     assert written["adc_levels"] == "" and math.isnan(float(written["acc_std"]))
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temps
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "robustness.json",
         "robustness_summary.csv",
     ]
+
+
+def test_lines_are_one_per_model_and_other_varying_sweep():
+    def entry(model, sigma, levels):
+        return {"model": model, "sigma": sigma, "mean_shift": 0.0, "adc_levels": levels}
+
+    summary = [entry(m, s, n) for m in ("a", "b") for s in (0.0, 0.1) for n in (None, 4, 8)]
+    by_levels = lines(summary, "adc_levels")  # sigma varies too: a line per (model, sigma)
+    assert list(by_levels) == ["a, sigma=0.0", "a, sigma=0.1", "b, sigma=0.0", "b, sigma=0.1"]
+    assert [{(e["model"], e["sigma"]) for e in v} for v in by_levels.values()] == [
+        {("a", 0.0)}, {("a", 0.1)}, {("b", 0.0)}, {("b", 0.1)},
+    ]  # fmt: skip
+    assert [len(v) for v in by_levels.values()] == [3] * 4
+    by_sigma = lines(summary, "sigma")  # ADC levels vary: a line per (model, levels)
+    assert list(by_sigma)[:3] == ["a, adc_levels=none", "a, adc_levels=4", "a, adc_levels=8"]
+    alone = [{k: v for k, v in e.items() if k != "model"} for e in summary[:3]]  # a, sigma 0
+    assert list(lines(alone, "adc_levels")) == ["accuracy"]  # nothing to tell apart

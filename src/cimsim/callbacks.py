@@ -9,6 +9,7 @@ from pytorch_lightning.utilities import rank_zero_warn
 
 from cimsim.robustness import (
     TRAIN,
+    EvalSettings,
     RobustnessGrid,
     check_limits,
     evaluate_robustness,
@@ -20,6 +21,7 @@ from cimsim.study import (
     calibration_loader,
     check_calib_split,
     data_spec,
+    recipe_label,
     run_study,
     subject_label,
 )
@@ -93,18 +95,16 @@ class RobustnessMonitor(pl.Callback):
         if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
             return
         grid = self.grid.for_chip(pl_module.chip)
-        result = evaluate_robustness(
-            pl_module.net,
-            trainer.val_dataloaders,
-            grid,
-            self.seed,
+        settings = EvalSettings(
+            seed=self.seed,
+            stream="val",
             calib_loader=self._calib_loader(trainer, grid),
-            progress=False,
             max_batches=self.max_batches,
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
-            stream="val",
+            progress=False,
         )
+        result = evaluate_robustness(pl_module.net, trainer.val_dataloaders, grid, settings)
         for s in result.summary:
             pl_module.log(f"robust/val_acc@sigma={s['sigma']:g}", s["acc_mean"], sync_dist=True)
         if trainer.is_global_zero:
@@ -128,18 +128,21 @@ class RobustnessMonitor(pl.Callback):
         datamodule.setup("test")
         grid = self.final.for_chip(module.chip)
         # Every rank evaluates its share of the chips on the whole test set; rank 0 writes.
-        ev = Evaluation(
-            datamodule.test_dataloader(),
-            self.seed,
+        settings = EvalSettings(
+            seed=self.seed,
             calib_loader=calibration_loader(datamodule, self.calib_split),
             calib_batches=self.calib_batches,
+            calib_momentum=self.calib_momentum,
+        )
+        ev = Evaluation(
+            datamodule.test_dataloader(),
+            settings,
             rank=trainer.global_rank,
             world_size=trainer.world_size,
-            calib_momentum=self.calib_momentum,
             calib_split=self.calib_split,
             data_spec=data_spec(datamodule),
         )
-        label = subject_label(module.label, module.chip, grid)
+        label = subject_label(recipe_label(module.chip, module.L), module.chip, grid)
         result, files = run_study(
             [Subject(label, module.net.eval(), grid, ckpt=best)],
             ev,

@@ -6,6 +6,7 @@ import dataclasses
 import importlib
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -17,10 +18,18 @@ from torchmetrics import MeanMetric
 
 from cimsim.adc import adcs, calibrate_adc
 from cimsim.config import AnalogConfig
-from cimsim.convert import convert_to_analog
-from cimsim.hasgd import ddp_grad_sync, hasgd_backward, sync_buffers
+from cimsim.convert import analog_layers, convert_to_analog
+from cimsim.distill import distillation_loss
+from cimsim.hasgd import (
+    TrainingMethods,
+    ddp_grad_sync,
+    frozen_running_stats,
+    hasgd_backward,
+    sam_ascent,
+    sync_buffers,
+)
 from cimsim.noise import tensor_seed
-from cimsim.robustness import RobustnessGrid, evaluate_robustness
+from cimsim.robustness import EvalSettings, RobustnessGrid, evaluate_robustness
 from cimsim.validation import ConfigError, check_int, check_number, config_scope
 
 # The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
@@ -59,6 +68,8 @@ class AnalogClassifier(pl.LightningModule):
         calib_batches: validation batches that calibrate ADC ranges in validation (``None`` =
             the whole split; validation data only, never test).
         calib_momentum: moving-average weight of each calibration batch after the first.
+        methods: antithetic pairs, the noise schedule, SAM, distillation (``TrainingMethods``
+            or its fields; default: plain HA-SGD).
     """
 
     def __init__(
@@ -71,6 +82,7 @@ class AnalogClassifier(pl.LightningModule):
         val_chips: int = 3,
         calib_batches: int | None = None,
         calib_momentum: float = 0.01,
+        methods: TrainingMethods | dict[str, Any] | None = None,
     ):
         super().__init__()
         check_int("L", L, minimum=1)
@@ -80,14 +92,22 @@ class AnalogClassifier(pl.LightningModule):
         check_number("val_calib_momentum", calib_momentum, minimum=0.0, maximum=1.0)
         chip = chip if chip is not None else AnalogConfig()
         chip = chip if isinstance(chip, AnalogConfig) else AnalogConfig(**chip)
+        methods = methods if methods is not None else TrainingMethods()
+        if not isinstance(methods, TrainingMethods):
+            with config_scope("methods"):
+                methods = TrainingMethods(**methods)
+        _check_methods(methods, chip, L)
         self.save_hyperparameters(
             {
                 "net": dict(net),
                 "chip": dataclasses.asdict(chip),
                 "L": L,
                 "val_chips": val_chips,
+                "methods": dataclasses.asdict(methods),
             }
         )
+        self.methods = methods
+        self.teacher: nn.Module | None = None  # loaded at fit start, never saved
         self.chip, self.L, self.val_chips = chip, L, val_chips
         self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -105,17 +125,6 @@ class AnalogClassifier(pl.LightningModule):
         # L backward passes per step: Lightning's automatic loop would step after each one.
         self.automatic_optimization = False
 
-    @property
-    def label(self) -> str:
-        """How this model is named in robustness tables and figures: its training recipe."""
-        c = self.chip
-        parts = [f"train sigma={c.sigma:g}", f"L={self.L}"]
-        if c.mean_shift:
-            parts.append(f"mu={c.mean_shift:g}")
-        if c.adc_levels:
-            parts.append(f"ADC {c.adc_levels}")
-        return ", ".join(parts)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, num_classes) logits
 
@@ -132,24 +141,61 @@ class AnalogClassifier(pl.LightningModule):
             # ranks calibrated ADCs on their own validation shards in the sanity check
             sync_buffers(self.net)
 
+    def on_fit_start(self):
+        if self.methods.teacher and self.teacher is None:
+            teacher = AnalogClassifier.load_from_checkpoint(
+                self.methods.teacher, map_location=self.device, weights_only=True
+            )
+            self.teacher = teacher.net.eval().requires_grad_(False)  # clean: no chip
+
+    def _train_sigma(self, batch_idx: int) -> float:
+        """This step's training sigma (``methods.schedule``), set on every analog layer."""
+        epoch = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
+        sigma = self.methods.schedule.sigma(self.chip.sigma, epoch)
+        for _, layer in analog_layers(self.net):  # not set_noise: in-loop ADC ranges stay
+            layer.config = dataclasses.replace(layer.config, sigma=sigma)
+        return sigma
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
         opt.zero_grad()
+        sigma = self._train_sigma(batch_idx)
+        teacher = None
+        if self.teacher is not None:
+            with torch.no_grad():  # once per batch, reused by the L samples
+                teacher = self.teacher(x)
         correct = []
+        m = self.methods
 
         def closure():  # one forward at w + dw_l: the analog layers draw dw_l in train mode
             logits = self.net(x)
             correct.append((logits.detach().argmax(1) == y).float().mean())
-            return F.cross_entropy(logits, y)
+            if teacher is None:
+                return F.cross_entropy(logits, y)
+            return distillation_loss(logits, teacher, y, m.distill_beta, m.distill_temperature)
 
         grad_sync = ddp_grad_sync(self._ddp())  # one all-reduce per step, by the L-th backward
-        loss = hasgd_backward(closure, self.L, self.manual_backward, grad_sync, model=self.net)
+        if m.sam_rho > 0:  # ascent gradient from one sample, no stats update, no all-reduce
+            with frozen_running_stats(self.net), grad_sync(False) if grad_sync else nullcontext():
+                self.manual_backward(closure())
+            correct.clear()
+        with (
+            sam_ascent(list(self.parameters()), m.sam_rho, m.sam_adaptive)
+            if m.sam_rho > 0
+            else nullcontext()
+        ):
+            if m.sam_rho > 0:
+                opt.zero_grad()
+            loss = hasgd_backward(
+                closure, self.L, self.manual_backward, grad_sync, self.net, m.antithetic
+            )
         opt.step()
         if self._ddp() is not None:  # every rank then holds rank 0's statistics (BN, ADC)
             sync_buffers(self.net)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
         self.log("train/acc", torch.stack(correct).mean(), on_epoch=True, prog_bar=True)
+        self.log("train/sigma", sigma, on_step=False, on_epoch=True)
         return loss
 
     def on_train_epoch_end(self):
@@ -199,18 +245,16 @@ class AnalogClassifier(pl.LightningModule):
             chips=self.val_chips,
         )
         limit = self.trainer.limit_val_batches
-        result = evaluate_robustness(
-            self.net,
-            self.trainer.val_dataloaders,
-            grid,
+        settings = EvalSettings(
             seed=VAL_CHIP_SEED,
             stream="val",
-            progress=False,
             calib_loader=self.trainer.val_dataloaders if self.chip.adc_levels else None,
             max_batches=limit if isinstance(limit, int) else None,
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
+            progress=False,
         )
+        result = evaluate_robustness(self.net, self.trainer.val_dataloaders, grid, settings)
         self.log(
             "val/acc_noisy", float(result.summary[0]["acc_mean"]), prog_bar=True, sync_dist=True
         )
@@ -222,3 +266,15 @@ class AnalogClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+
+def _check_methods(methods: TrainingMethods, chip: AnalogConfig, L: int) -> None:
+    """Combinations that cannot work fail here, naming the key."""
+    if methods.antithetic and L % 2:
+        raise ConfigError("hasgd.antithetic", True, f"needs an even L (hasgd.L={L})")
+    if methods.antithetic and chip.pcm_device:
+        raise ConfigError(
+            "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
+        )
+    if methods.teacher is not None and not os.path.isfile(methods.teacher):
+        raise ConfigError("distill.teacher", methods.teacher, "no such checkpoint file")

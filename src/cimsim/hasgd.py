@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,47 @@ from torch.nn.parallel import DistributedDataParallel
 
 from cimsim.adc import ADC
 from cimsim.noise import antithetic as antithetic_draws
+from cimsim.schedule import NoiseSchedule
+from cimsim.validation import ConfigError, check_choice, check_number
+
+
+@dataclass(frozen=True)
+class TrainingMethods:
+    """How each HA-SGD step is taken, beyond L (each composes with the others).
+
+    Attributes:
+        antithetic: samples in pairs ``+dw, -dw`` (L even; relative device only).
+        schedule: the training sigma per step (``NoiseSchedule``, or its fields).
+        sam_rho: radius of the sharpness-aware ascent step before the samples (0 = off).
+        sam_adaptive: ASAM, the ascent scaled by |w|.
+        teacher: path of a checkpoint whose clean network is the distillation teacher.
+        distill_beta: weight of the soft (teacher) term, in [0, 1].
+        distill_temperature: softmax temperature of the distillation, > 0.
+    """
+
+    antithetic: bool = False
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+    sam_rho: float = 0.0
+    sam_adaptive: bool = False
+    teacher: str | None = None
+    distill_beta: float = 0.5
+    distill_temperature: float = 4.0
+
+    def __post_init__(self):
+        check_choice("antithetic", self.antithetic, (True, False))
+        if isinstance(self.schedule, dict):
+            try:
+                object.__setattr__(self, "schedule", NoiseSchedule(**self.schedule))
+            except ConfigError as err:
+                raise err.with_prefix("schedule") from None
+        check_number("sam_rho", self.sam_rho, minimum=0.0)
+        check_choice("sam_adaptive", self.sam_adaptive, (True, False))
+        if self.teacher is not None and not isinstance(self.teacher, str):
+            raise ConfigError("teacher", self.teacher, "must be a checkpoint path or null")
+        check_number("distill_beta", self.distill_beta, minimum=0.0, maximum=1.0)
+        check_number("distill_temperature", self.distill_temperature, minimum=0.0)
+        if self.distill_temperature == 0:
+            raise ConfigError("distill_temperature", 0, "must be > 0")
 
 
 @contextmanager
@@ -114,6 +156,32 @@ def hasgd_backward(
             backward(loss / L)
         total = loss.detach() if total is None else total + loss.detach()
     return total / L
+
+
+@contextmanager
+def sam_ascent(params: list[torch.Tensor], rho: float, adaptive: bool = False) -> Iterator[None]:
+    """Within: the weights moved by the sharpness-aware ascent step (Foret et al. 2021), from the
+    gradients already in ``.grad``; restored on exit. ``e = rho g / ||g||``; ASAM (Kwon et al.
+    2021, ``adaptive``) scales by the weights: ``e = rho |w|^2 g / || |w| g ||``. The caller
+    clears ``.grad`` inside, computes the gradient at ``w + e``, and steps on the restored
+    ``w`` (2x the forward/backward cost of the same step without SAM)."""
+    with torch.no_grad():
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        scaled = [g * p.abs() if adaptive else g for g, p in zip(grads, params, strict=True)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(s) for s in scaled]))
+        steps = [
+            rho * (s * p.abs() if adaptive else s) / (norm + 1e-12)
+            for s, p in zip(scaled, params, strict=True)
+        ]
+        originals = [p.detach().clone() for p in params]  # exact restore: w + e - e != w
+        for p, e in zip(params, steps, strict=True):
+            p.add_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, originals, strict=True):
+                p.copy_(w)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Monte Carlo robustness evaluation over programmed chip instances (docs/model.md).
+"""Monte Carlo robustness measurement over programmed chip instances (docs/model.md).
 
 Accuracy under noise is a distribution over chips: each chip instance is one frozen draw of the
 perturbation, reproducible from ``chip_seed(seed, chip, stream)``. Every chip is programmed once
@@ -8,33 +8,23 @@ mean, the standard deviation and a Student-t 95 % confidence interval over chips
 select checkpoints (``stream="val"``) never coincide with the chips that are reported
 (``stream="test"``).
 
-Rows go to a CSV one chip at a time (flushed and fsync'd), so a killed run resumes where it
-stopped and returns exactly the rows an uninterrupted run would. Each row carries a fingerprint of
-everything that determines it (weights, data, test chip, limits, calibration, seed, stream); rows
-of the same model with another fingerprint are moved aside and recomputed, never mixed.
+This module measures; ``cimsim.report`` keeps the rows in a resumable file and draws them, and
+``cimsim.study`` runs several models into one set of files. The file is over 350 lines because
+the measurement reads as one story: the grid, the row, the settings, one chip, many chips, the
+summary.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import hashlib
-import io
 import itertools
-import json
 import math
-import os
-import tempfile
-import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from scipy import stats
 from torch import nn
 from tqdm import tqdm
@@ -44,15 +34,14 @@ from cimsim.convert import analog_layers, program_chip, set_noise
 from cimsim.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
-ROW_COLUMNS = ("chip", "chip_seed", "sigma", "mean_shift", "adc_levels", "acc", "loss", "n")
-FINGERPRINT = "fingerprint"  # the last column of a resumable rows file
+if TYPE_CHECKING:  # report imports this module; the annotation only names its class
+    from cimsim.report import RowsFile
+
+# AnalogConfig fields a grid sweeps: the figure's possible x axes, and what a test chip leaves to
+# the grid (the rest of the chip is fixed for a whole sweep).
 SWEEPS = ("sigma", "mean_shift", "adc_levels")
-GRID_AXES = SWEEPS  # AnalogConfig fields the grid sets per point: not part of the test chip
 STREAMS = ("test", "val")  # chips that are reported / chips that select checkpoints
 TRAIN = "train"  # in a grid's sigmas or adc_levels: each model's own training value
-ROWS_FILE = "robustness_rows.csv"
-SUMMARY_FILE = "robustness_summary.csv"
-JSON_FILE = "robustness.json"
 
 Point = tuple[float, float, int | None]  # (sigma, mean_shift, adc_levels)
 
@@ -128,6 +117,34 @@ class RobustnessGrid:
         return itertools.product(self.sigmas, self.mean_shifts, self.adc_levels)
 
 
+@dataclass(frozen=True)
+class Row:
+    """One chip measured at one grid point: a line of ``robustness_rows.csv``, in column order.
+
+    Chip ``chip`` was programmed from ``chip_seed``, set to the point ``(sigma, mean_shift,
+    adc_levels)`` and scored ``acc`` (top-1, a fraction) and ``loss`` (mean cross-entropy, nats)
+    on ``n`` samples. ``model`` (the curve's label), ``ckpt`` (the checkpoint file) and
+    ``fingerprint`` (of the settings that determined the row) are filled in by
+    ``cimsim.report.RowsFile``; empty otherwise.
+    """
+
+    chip: int
+    chip_seed: int
+    sigma: float
+    mean_shift: float
+    adc_levels: int | None
+    acc: float
+    loss: float
+    n: int
+    model: str = ""
+    ckpt: str = ""
+    fingerprint: str = ""
+
+    @property
+    def point(self) -> Point:
+        return (self.sigma, self.mean_shift, self.adc_levels)
+
+
 @dataclass
 class RobustnessResult:
     """Per-chip rows and their per-grid-point summary (see ``summarize``).
@@ -135,7 +152,7 @@ class RobustnessResult:
     ``fingerprints`` maps each row fingerprint of a resumable run to the settings it stands for.
     """
 
-    rows: list[dict] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)
     summary: list[dict] = field(default_factory=list)
     fingerprints: dict[str, dict] = field(default_factory=dict)
 
@@ -160,24 +177,71 @@ def chip_seed(seed: int, chip: int, stream: str = "test") -> int:
     return derive_seed("chip" if stream == "test" else f"chip-{stream}", int(seed), int(chip))
 
 
-# ----------------------------------------------------------------------------- measuring
+def check_limits(max_batches: int | None, calib_batches: int | None, calib_momentum: float):
+    """Fail on a bad batch limit (``None`` = every batch) or calibration momentum."""
+    for key, value in (("max_batches", max_batches), ("calib_batches", calib_batches)):
+        if value is not None:
+            check_int(key, value, minimum=1)
+    check_number("calib_momentum", calib_momentum, minimum=0.0, maximum=1.0)
+    if calib_momentum == 0:
+        raise ConfigError("calib_momentum", calib_momentum, "must be in (0, 1]")
 
 
 @dataclass(frozen=True)
-class _Data:
-    test_loader: Iterable
-    calib_loader: Iterable | None
-    max_batches: int | None
-    calib_batches: int | None
-    calib_momentum: float
+class EvalSettings:
+    """How chips are programmed and measured: everything but the model, test data and grid.
+
+    Attributes:
+        seed: base seed; chip ``c`` is programmed from ``chip_seed(seed, c, stream)``.
+        stream: ``test`` for reported curves, ``val`` for chips that select checkpoints.
+        calib_loader: training or validation batches (never test) that calibrate the ADC ranges
+            after programming each chip; required with ADC levels. Each calibration runs with
+            torch's CPU generator seeded by the chip seed, so a shuffling or augmenting loader
+            still gives reproducible rows.
+        max_batches: test batches per chip and point (``None`` = all).
+        calib_batches: calibration batches per chip and point (``None`` = all).
+        calib_momentum: weight of each calibration batch after the first in the moving min/max
+            of the ADC ranges (the authors' observer: 0.01).
+        chip_indices: evaluate only these chips (e.g. one DDP rank's share); ``None`` = all.
+        progress: show a tqdm bar over chips.
+    """
+
+    seed: int = 0
+    stream: str = "test"
+    calib_loader: Iterable | None = None
+    max_batches: int | None = None
+    calib_batches: int | None = None
+    calib_momentum: float = 0.01
+    chip_indices: Sequence[int] | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        check_int("seed", self.seed)
+        check_choice("stream", self.stream, STREAMS)
+        check_limits(self.max_batches, self.calib_batches, self.calib_momentum)
+
+    def determinants(self) -> dict:
+        """The settings that change what a chip measures (the rest only select or show)."""
+        keys = ("max_batches", "calib_batches", "calib_momentum", "seed", "stream")
+        return {k: getattr(self, k) for k in keys}
+
+
+def chip_settings(config) -> dict:
+    """The fields of an ``AnalogConfig`` that stay fixed over a grid (all but ``SWEEPS``), as
+    plain values (nested device settings as dicts): what a test chip is, besides the swept ones."""
+    return {k: v for k, v in asdict(config).items() if k not in SWEEPS}
+
+
+# ----------------------------------------------------------------------------- one chip
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, data: _Data, device: torch.device) -> tuple[float, float, int]:
-    """Top-1 accuracy, mean cross-entropy and sample count on the test set."""
+def _measure(model: nn.Module, test_loader: Iterable, max_batches: int | None) -> tuple:
+    """Top-1 accuracy, mean cross-entropy and sample count on the test batches."""
+    device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, 0
-    for i, (x, y) in enumerate(data.test_loader):
-        if data.max_batches is not None and i >= data.max_batches:
+    for i, (x, y) in enumerate(test_loader):
+        if max_batches is not None and i >= max_batches:
             break
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, classes)
@@ -189,7 +253,7 @@ def _measure(model: nn.Module, data: _Data, device: torch.device) -> tuple[float
     return correct / n, loss_sum / n, n
 
 
-def _calibrate(model: nn.Module, data: _Data, seed: int) -> None:
+def _calibrate(model: nn.Module, settings: EvalSettings, seed: int) -> None:
     """Calibrate the programmed chip's ADC ranges, with torch's CPU generator seeded by the
     chip seed: a shuffling or augmenting calibration loader (random crops and flips of training
     images) then draws the same batches for this chip in every run and at every grid point, and
@@ -199,17 +263,16 @@ def _calibrate(model: nn.Module, data: _Data, seed: int) -> None:
         torch.default_generator.manual_seed(seed)
         calibrate_adc(
             model,
-            data.calib_loader,
-            max_batches=data.calib_batches,
-            momentum=data.calib_momentum,
+            settings.calib_loader,
+            max_batches=settings.calib_batches,
+            momentum=settings.calib_momentum,
         )
 
 
 def _evaluate_chip(
-    model: nn.Module, chip: int, seed: int, points: Sequence[Point], data: _Data
-) -> list[dict]:
+    model: nn.Module, chip: int, seed: int, points: Sequence[Point], test_loader, settings
+) -> list[Row]:
     """Program chip ``chip`` once and measure it at every point (common random numbers)."""
-    device = next(model.parameters()).device
     program_chip(model, seed)
     model.eval()
     rows = []
@@ -218,20 +281,9 @@ def _evaluate_chip(
         set_noise(model, sigma=sigma, mean_shift=mean_shift)
         set_adc(model, levels)
         if levels is not None:
-            _calibrate(model, data, seed)
-        acc, loss, n = _measure(model, data, device)
-        rows.append(
-            {
-                "chip": chip,
-                "chip_seed": seed,
-                "sigma": sigma,
-                "mean_shift": mean_shift,
-                "adc_levels": levels,
-                "acc": acc,
-                "loss": loss,
-                "n": n,
-            }
-        )
+            _calibrate(model, settings, seed)
+        acc, loss, n = _measure(model, test_loader, settings.max_batches)
+        rows.append(Row(chip, seed, sigma, mean_shift, levels, acc, loss, n))
     return rows
 
 
@@ -261,301 +313,22 @@ def _preserved(model: nn.Module) -> Iterator[None]:
             module.training = training
 
 
-# ----------------------------------------------------------------------------- fingerprints
+# ----------------------------------------------------------------------------- many chips
 
 
-class StaleRowsWarning(UserWarning):
-    """Rows of a model were computed with other settings; they were moved aside, not reused."""
-
-
-def chip_settings(config) -> dict:
-    """The fields of an ``AnalogConfig`` that stay fixed over a grid (all but its axes sigma,
-    mean_shift and adc_levels): what a test chip is, besides the swept values."""
-    return {f.name: getattr(config, f.name) for f in fields(config) if f.name not in GRID_AXES}
-
-
-def _model_chip(model: nn.Module) -> dict | list[dict]:
-    """The test chip of ``model``'s analog layers (a list when layers differ)."""
-    chips = []
-    for _, layer in analog_layers(model):
-        settings = chip_settings(layer.config)
-        if settings not in chips:
-            chips.append(settings)
-    return chips[0] if len(chips) == 1 else chips
-
-
-def state_sha256(model: nn.Module) -> str:
-    """SHA-256 of ``model.state_dict()``: every entry's name, dtype, shape and bytes."""
-    digest = hashlib.sha256()
-    for name, value in sorted(model.state_dict().items()):
-        if not isinstance(value, torch.Tensor):  # a module's extra state
-            digest.update(f"{name}={value!r};".encode())
-            continue
-        t = value.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def fingerprint(settings: Mapping[str, Any]) -> str:
-    """A 16-hex-digit digest of the settings that determine a row (their canonical JSON)."""
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _settings(model: nn.Module, given: Mapping, seed: int, stream: str, data: _Data) -> dict:
-    """Everything that determines this run's rows: what the caller knows (e.g. the checkpoint
-    file's hash, the data spec, the calibration split) and what this function is told to do."""
-    settings = {
-        **given,
-        "chip": _model_chip(model),
-        "max_batches": data.max_batches,
-        "calib_batches": data.calib_batches,
-        "calib_momentum": data.calib_momentum,
-        "seed": seed,
-        "stream": stream,
-    }
-    if "ckpt_sha256" not in settings:  # a module without a checkpoint file: hash its weights
-        settings["state_sha256"] = state_sha256(model)
-    # Exactly what the sidecar reads back (tuples as lists, paths as strings).
-    return json.loads(json.dumps(settings, default=str))
-
-
-def _sidecar(rows_path: Path) -> Path:
-    return rows_path.with_suffix(".fingerprints.json")
-
-
-def _stale_path(rows_path: Path) -> Path:
-    return rows_path.with_suffix(".stale.csv")
-
-
-def read_fingerprints(rows_path: str | os.PathLike) -> dict[str, dict]:
-    """The sidecar of a rows file, ``<rows>.fingerprints.json``: fingerprint -> settings."""
-    sidecar = _sidecar(Path(rows_path))
-    return json.loads(sidecar.read_text()) if sidecar.exists() else {}
-
-
-def record_fingerprints(rows_path: str | os.PathLike, entries: Mapping[str, dict]) -> Path:
-    """Add ``entries`` (fingerprint -> settings) to the sidecar of ``rows_path``, atomically."""
-    known = read_fingerprints(rows_path)
-    sidecar = _sidecar(Path(rows_path))
-    if sidecar.exists() and all(known.get(k) == v for k, v in entries.items()):
-        return sidecar
-    known.update(entries)
-
-    def write(tmp):
-        with open(tmp, "w") as f:
-            json.dump(known, f, indent=1, sort_keys=True)
-            f.write("\n")
-
-    return _atomic_write(sidecar, write)
-
-
-def _flat(value, prefix: str = "") -> dict:
-    """``{"data": {"seed": 1}}`` -> ``{"data.seed": 1}``."""
-    if not isinstance(value, dict) or not value:
-        return {prefix.rstrip("."): value}
-    flat = {}
-    for key, item in value.items():
-        flat.update(_flat(item, f"{prefix}{key}."))
-    return flat
-
-
-_UNSET = object()
-
-
-def _show(key: str, value) -> str:
-    if value is _UNSET:
-        return "unset"
-    if isinstance(value, str):
-        return value[:12] + "..." if key.endswith("sha256") else value
-    return repr(value)
-
-
-def _changes(old: dict | None, new: dict) -> str:
-    """``key: old -> new`` for every setting that differs, e.g. ``max_batches: 1 -> None``."""
-    if old is None:
-        return "settings not recorded in the fingerprint sidecar"
-    a, b = _flat(old), _flat(new)
-    return ", ".join(
-        f"{k}: {_show(k, a.get(k, _UNSET))} -> {_show(k, b.get(k, _UNSET))}"
-        for k in sorted(set(a) | set(b))
-        if a.get(k, _UNSET) != b.get(k, _UNSET)
-    )
-
-
-# ----------------------------------------------------------------------------- the rows CSV
-
-
-def _columns(extra: dict, resumable: bool) -> list[str]:
-    return list(ROW_COLUMNS) + list(extra) + ([FINGERPRINT] if resumable else [])
-
-
-def _csv_text(value) -> str:
-    """How ``csv`` writes a value (``None`` as an empty field)."""
-    return "" if value is None else str(value)
-
-
-def _repair(path: Path) -> None:
-    """Drop a torn last line (a run killed mid-write) so appends start on a fresh line."""
-    with open(path, "r+b") as f:
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            f.truncate(data.rfind(b"\n") + 1)  # 0 when not even the header is complete
-
-
-def _parse(raw: dict) -> dict:
-    """A row read back from CSV with the types ``_evaluate_chip`` writes."""
-    levels = raw["adc_levels"]
-    return {
-        "chip": int(raw["chip"]),
-        "chip_seed": int(raw["chip_seed"]),
-        "sigma": float(raw["sigma"]),
-        "mean_shift": float(raw["mean_shift"]),
-        "adc_levels": None if levels == "" else int(levels),
-        "acc": float(raw["acc"]),
-        "loss": float(raw["loss"]),
-        "n": int(raw["n"]),
-    }
-
-
-def _read_raw(path: Path, columns: list[str]) -> list[dict]:
-    """The rows of ``path`` as text (none if it does not exist), after dropping a torn line."""
-    if not path.exists():
-        return []
-    _repair(path)
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is not None and reader.fieldnames != columns:
-            raise ConfigError(
-                "rows_path",
-                str(path),
-                f"exists with columns {reader.fieldnames};"
-                f" this run writes {columns}: use another file",
-            )
-        return list(reader)
-
-
-def _retire(path: Path, raws: list[dict], stale: list[dict], columns: list[str]) -> None:
-    """Move ``stale`` rows out of ``path``: append them to ``<rows>.stale.csv`` (durable
-    first, so a crash can duplicate them but never lose them), then rewrite ``path``."""
-    stale_path = _stale_path(path)
-    _read_raw(stale_path, columns)  # drops a torn line; refuses a file of another format
-    stale_path.touch()
-    _append(stale_path, stale, columns)
-    gone = {id(r) for r in stale}
-    write_rows(path, [r for r in raws if id(r) not in gone], columns)
-
-
-def _stale_message(path: Path, extra: dict, stale: list[dict], settings: dict) -> str:
-    """Which settings changed since the stale rows were computed, e.g. max_batches: 1 -> None."""
-    known = read_fingerprints(path)
-    old = dict.fromkeys(r[FINGERPRINT] for r in stale)
-    changes = "; ".join(_changes(known.get(fp), settings) for fp in old)
-    subject = ", ".join(f"{k}={v!r}" for k, v in extra.items()) or "this model"
-    return (
-        f"{path}: {len(stale)} rows of {subject} were computed with other settings ({changes});"
-        f" moved them to {_stale_path(path).name} and recomputing"
-    )
-
-
-def _resume(
-    path: Path, extra: dict, fp: str, settings: dict, expected: dict[tuple[int, Point], int]
-) -> dict[tuple[int, Point], dict]:
-    """Rows already in ``path`` for this subject (the ``extra`` values) and fingerprint, by
-    ``(chip, point)`` among ``expected`` (-> chip seed). The subject's rows with another
-    fingerprint are moved to ``<rows>.stale.csv`` first, with a warning naming what changed."""
-    columns = _columns(extra, resumable=True)
-    raws = _read_raw(path, columns)
-    mine = [r for r in raws if all(r[k] == _csv_text(v) for k, v in extra.items())]
-    stale = [r for r in mine if r[FINGERPRINT] != fp]
-    if stale:
-        message = _stale_message(path, extra, stale, settings)
-        _retire(path, raws, stale, columns)
-        warnings.warn(message, StaleRowsWarning, stacklevel=3)
-    record_fingerprints(path, {fp: settings})
-    done = {}
-    for raw in mine:
-        row = _parse(raw)
-        key = (row["chip"], (row["sigma"], row["mean_shift"], row["adc_levels"]))
-        if raw[FINGERPRINT] == fp and expected.get(key) == row["chip_seed"] and key not in done:
-            done[key] = {**row, **extra, FINGERPRINT: fp}
-    return done
-
-
-def _append(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Append one chip's rows in a single write, durable before the next chip starts."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    if path.stat().st_size == 0:
-        writer.writeheader()
-    writer.writerows(rows)
-    with open(path, "a", newline="") as f:
-        f.write(buf.getvalue())
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_rows(
-    path: str | os.PathLike, rows: Sequence[dict], columns: Sequence[str] | None = None
-) -> Path:
-    """Write ``rows`` as one CSV, atomically, in the format ``evaluate_robustness`` appends
-    (e.g. the merge of several processes' shares of the chips)."""
-    if columns is None:
-        columns = list(rows[0]) if rows else list(ROW_COLUMNS)
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(columns), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
-
-    return _atomic_write(Path(path), write)
-
-
-def sort_rows(rows: Iterable[dict], grid: RobustnessGrid) -> list[dict]:
-    """Rows in the canonical order: by chip, then grid order (e.g. to merge DDP ranks' rows)."""
-    order = {p: i for i, p in enumerate(grid.points())}
-    return sorted(
-        rows, key=lambda r: (r["chip"], order[(r["sigma"], r["mean_shift"], r["adc_levels"])])
-    )
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-
-def check_limits(max_batches: int | None, calib_batches: int | None, calib_momentum: float):
-    """Fail on a bad batch limit (``None`` = every batch) or calibration momentum."""
-    for key, value in (("max_batches", max_batches), ("calib_batches", calib_batches)):
-        if value is not None:
-            check_int(key, value, minimum=1)
-    check_number("calib_momentum", calib_momentum, minimum=0.0, maximum=1.0)
-    if calib_momentum == 0:
-        raise ConfigError("calib_momentum", calib_momentum, "must be in (0, 1]")
-
-
-def _check_inputs(
-    model: nn.Module,
-    grid: RobustnessGrid,
-    seed: int,
-    calib_loader,
-    chip_indices,
-    extra: dict,
-    stream: str,
-) -> list[int]:
+def _chips(model: nn.Module, grid: RobustnessGrid, settings: EvalSettings) -> list[int]:
     """Fail before any work on a user mistake; return the chip indices to evaluate."""
     if not isinstance(grid, RobustnessGrid):
         raise TypeError(f"grid must be a RobustnessGrid, got {type(grid).__name__}")
     grid.points()  # no unresolved "train" left
-    check_int("seed", seed)
-    check_choice("stream", stream, STREAMS)
-    chips = list(range(grid.chips)) if chip_indices is None else list(chip_indices)
+    given = settings.chip_indices
+    chips = list(range(grid.chips)) if given is None else list(given)
     for c in chips:
         check_int("chip_indices", c, minimum=0)
         if c >= grid.chips:
             raise ConfigError("chip_indices", c, f"must be < chips={grid.chips}")
     if any(levels is not None for levels in grid.adc_levels):
-        if calib_loader is None:
+        if settings.calib_loader is None:
             raise ConfigError(
                 "calib_loader",
                 None,
@@ -569,29 +342,21 @@ def _check_inputs(
                 "this model has no ADC "
                 "points: convert it with adc_placement='layer' or add ADC() modules",
             )
-    for key in extra:
-        if key in ROW_COLUMNS or key == FINGERPRINT:
-            raise ConfigError(
-                "extra", key, f"must not reuse a row column {ROW_COLUMNS + (FINGERPRINT,)}"
-            )
     return sorted(set(chips))
+
+
+def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
+    """Rows in the canonical order: by chip, then grid order (e.g. to merge DDP ranks' rows)."""
+    order = {p: i for i, p in enumerate(grid.points())}
+    return sorted(rows, key=lambda r: (r.chip, order[r.point]))
 
 
 def evaluate_robustness(
     model: nn.Module,
     test_loader: Iterable,
     grid: RobustnessGrid,
-    seed: int,
-    calib_loader: Iterable | None = None,
-    rows_path: str | os.PathLike | None = None,
-    chip_indices: Iterable[int] | None = None,
-    progress: bool = True,
-    max_batches: int | None = None,
-    calib_batches: int | None = None,
-    extra: dict | None = None,
-    calib_momentum: float = 0.01,
-    stream: str = "test",
-    settings: Mapping[str, Any] | None = None,
+    settings: EvalSettings | None = None,
+    rows_file: RowsFile | None = None,
 ) -> RobustnessResult:
     """Measure ``model`` on ``grid.chips`` seeded chip instances at every grid point.
 
@@ -601,66 +366,36 @@ def evaluate_robustness(
         test_loader: ``(x, y)`` batches in a fixed order (rows are then bit-reproducible); top-1
             accuracy and mean cross-entropy over all of them.
         grid: the sweep and the number of chips (``train`` tokens resolved: ``grid.for_chip``).
-        seed: base seed; chip ``c`` is programmed from ``chip_seed(seed, c, stream)``.
-        calib_loader: training or validation batches (never test) to calibrate the ADC ranges
-            on after programming each chip (required with ADC levels). Each calibration runs
-            with torch's CPU generator seeded by the chip seed, so a shuffling or augmenting
-            loader still gives reproducible rows.
-        rows_path: CSV that receives each chip's rows as soon as it is done, each with a
-            ``fingerprint`` of ``settings`` plus the chip settings of ``model``'s analog layers,
-            ``max_batches``, ``calib_batches``, ``calib_momentum``, ``seed``, ``stream`` and,
-            without a ``ckpt_sha256`` in ``settings``, a hash of ``model.state_dict()``; the
-            sidecar ``<rows>.fingerprints.json`` maps fingerprints to those settings. Rows of
-            the same subject (``extra`` values) and fingerprint are read back, not recomputed;
-            the subject's rows with another fingerprint are moved to ``<rows>.stale.csv`` with a
-            ``StaleRowsWarning`` naming what changed. One writer per file (one per DDP rank).
-        chip_indices: evaluate only these chips (e.g. one DDP rank's share); default all.
-        progress: show a tqdm bar over chips.
-        max_batches: use only the first ``max_batches`` test batches.
-        calib_batches: use only the first ``calib_batches`` calibration batches (None = all).
-        extra: constant columns added to every row, e.g. ``{"model": label, "ckpt": path}``.
-        calib_momentum: weight of each calibration batch after the first in the moving
-            min/max of the ADC ranges (the authors' observer: 0.01).
-        stream: ``test`` for reported curves, ``val`` for chips that select checkpoints.
-        settings: what else determines the rows, for the fingerprint, e.g.
-            ``{"ckpt_sha256": ..., "data": spec, "calib_split": "val"}`` (JSON-able).
+        settings: seed, stream, calibration, limits, which chips, progress bar (``None``: the
+            defaults of ``EvalSettings``).
+        rows_file: where each chip's rows go as soon as it is done (``cimsim.report.RowsFile``):
+            its rows already measured with the same settings are read back, not recomputed,
+            and the returned rows carry its subject and fingerprint.
 
     Returns:
         The rows (sorted by chip, then grid order), their ``summarize``, and the fingerprint.
     """
-    extra = dict(extra or {})
-    chips = _check_inputs(model, grid, seed, calib_loader, chip_indices, extra, stream)
-    check_limits(max_batches, calib_batches, calib_momentum)
-    data = _Data(test_loader, calib_loader, max_batches, calib_batches, calib_momentum)
-    seeds = {c: chip_seed(seed, c, stream) for c in chips}
-    path = None if rows_path is None else Path(rows_path)
-    done, tag, fingerprints = {}, extra, {}
-    if path is not None:
-        used = _settings(model, settings or {}, seed, stream, data)
-        fp = fingerprint(used)
+    settings = settings or EvalSettings()
+    chips = _chips(model, grid, settings)
+    seeds = {c: chip_seed(settings.seed, c, settings.stream) for c in chips}
+    done: dict[tuple[int, Point], Row] = {}
+    if rows_file is not None:
         expected = {(c, p): seeds[c] for c in chips for p in grid.points()}
-        done = _resume(path, extra, fp, used, expected)
-        tag, fingerprints = {**extra, FINGERPRINT: fp}, {fp: used}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        done = rows_file.resume(model, settings.determinants(), expected)
     todo = [(c, [p for p in grid.points() if (c, p) not in done]) for c in chips]
     todo = [(c, points) for c, points in todo if points]
     rows = list(done.values())
+    n = len(chips)
     bar = tqdm(
-        total=len(chips),
-        initial=len(chips) - len(todo),
-        desc="chips",
-        unit="chip",
-        disable=not progress,
+        total=n, initial=n - len(todo), desc="chips", unit="chip", disable=not settings.progress
     )
     with bar, _preserved(model):
         for c, points in todo:
-            new = [{**r, **tag} for r in _evaluate_chip(model, c, seeds[c], points, data)]
-            if path is not None:
-                _append(path, new, list(new[0]))
-            rows += new
+            new = _evaluate_chip(model, c, seeds[c], points, test_loader, settings)
+            rows += new if rows_file is None else rows_file.append(new)
             bar.update()
     rows = sort_rows(rows, grid)
+    fingerprints = {} if rows_file is None else rows_file.fingerprints
     return RobustnessResult(rows=rows, summary=summarize(rows), fingerprints=fingerprints)
 
 
@@ -674,22 +409,21 @@ def _t_ci95(std: float, n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
 
 
-def summarize(rows: Iterable[dict]) -> list[dict]:
+def summarize(rows: Iterable[Row]) -> list[dict]:
     """Mean, std (ddof=1), 95 % CI and mean loss over chips, per grid point and model.
 
     Groups keep the order in which they first appear in ``rows`` (for the rows of
-    ``evaluate_robustness``: grid order). A ``model`` column, when the rows have one, keys the
-    groups too, so rows of several models can be summarized at once.
+    ``evaluate_robustness``: grid order). When rows name their ``model``, it keys the groups and
+    heads every entry, so rows of several models can be summarized at once.
     """
-    groups: dict[tuple, list[dict]] = {}
+    groups: dict[tuple, list[Row]] = {}
     rows = list(rows)
-    has_model = any("model" in r for r in rows)
+    has_model = any(r.model for r in rows)
     for r in rows:
-        key = (r.get("model"), r["sigma"], r["mean_shift"], r["adc_levels"])
-        groups.setdefault(key, []).append(r)
+        groups.setdefault((r.model, *r.point), []).append(r)
     summary = []
     for (model, sigma, mean_shift, levels), group in groups.items():
-        acc = [r["acc"] for r in group]
+        acc = [r.acc for r in group]
         n = len(acc)
         mean = math.fsum(acc) / n
         std = math.sqrt(math.fsum((a - mean) ** 2 for a in acc) / (n - 1)) if n > 1 else math.nan
@@ -701,7 +435,7 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
             acc_mean=mean,
             acc_std=std,
             acc_ci95=_t_ci95(std, n),
-            loss_mean=math.fsum(r["loss"] for r in group) / n,
+            loss_mean=math.fsum(r.loss for r in group) / n,
             chips=n,
         )
         summary.append(entry)
@@ -710,172 +444,16 @@ def summarize(rows: Iterable[dict]) -> list[dict]:
 
 def format_summary(summary: Sequence[dict]) -> str:
     """An aligned text table of a summary, accuracies in percent."""
-    header = (["model"] if any("model" in s for s in summary) else []) + [
-        "sigma",
-        "mean_shift",
-        "adc_levels",
-        "acc_mean%",
-        "ci95%",
-        "acc_std%",
-        "loss_mean",
-        "chips",
-    ]
+    named = any("model" in s for s in summary)
+    head = ["sigma", "mean_shift", "adc_levels", "acc_mean%", "ci95%", "acc_std%", "loss_mean"]
+    header = ["model"] * named + head + ["chips"]
     table = [header]
     for s in summary:
-        cells = [str(s["model"])] if header[0] == "model" else []
-        cells += [
-            f"{s['sigma']:g}",
-            f"{s['mean_shift']:g}",
-            "none" if s["adc_levels"] is None else str(s["adc_levels"]),
-            f"{100 * s['acc_mean']:.2f}",
-            f"{100 * s['acc_ci95']:.2f}",
-            f"{100 * s['acc_std']:.2f}",
-            f"{s['loss_mean']:.4f}",
-            str(s["chips"]),
-        ]
-        table.append(cells)
+        levels = "none" if s["adc_levels"] is None else str(s["adc_levels"])
+        percent = [f"{100 * s[k]:.2f}" for k in ("acc_mean", "acc_ci95", "acc_std")]
+        cells = [f"{s['sigma']:g}", f"{s['mean_shift']:g}", levels, *percent]
+        table.append([str(s["model"])] * named + cells + [f"{s['loss_mean']:.4f}", str(s["chips"])])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     return "\n".join(
         "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in table
     )
-
-
-# ----------------------------------------------------------------------------- files
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
-    return path
-
-
-def _json_safe(value):
-    # NaN (the CI of a single chip) is not valid JSON: write null.
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def write_results(result: RobustnessResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-    """Write ``robustness_summary.csv`` and ``robustness.json`` (rows + summary) atomically.
-
-    The per-chip rows CSV (``robustness_rows.csv``) is the one ``evaluate_robustness`` appends
-    to as it goes. Returns the two paths written.
-    """
-    out = Path(out_dir)
-
-    def write_csv(tmp):
-        columns = list(result.summary[0]) if result.summary else []
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(result.summary)
-
-    def write_json(tmp):
-        doc = {
-            key: [{k: _json_safe(v) for k, v in r.items()} for r in getattr(result, key)]
-            for key in ("rows", "summary")
-        }
-        with open(tmp, "w") as f:
-            json.dump(doc, f, indent=1, allow_nan=False)
-            f.write("\n")
-
-    return (
-        _atomic_write(out / SUMMARY_FILE, write_csv),
-        _atomic_write(out / JSON_FILE, write_json),
-    )
-
-
-# ----------------------------------------------------------------------------- plot
-
-_AXIS_LABELS = {
-    "sigma": "test noise sigma (fraction of range)",
-    "mean_shift": "test mean shift mu (fraction of range)",
-    "adc_levels": "ADC levels (log2 scale; bits = log2(levels))",
-}
-
-
-def _lines(summary: Sequence[dict], x: str) -> dict[str, list[dict]]:
-    """Group summary entries into lines along ``x``: one per model and per value of any other
-    swept variable that varies (named in the label)."""
-    others = [k for k in SWEEPS if k != x and len({s[k] for s in summary}) > 1]
-    lines: dict[str, list[dict]] = {}
-    for s in summary:
-        parts = [str(s["model"])] if s.get("model") is not None else []
-        parts += [f"{k}={'none' if s[k] is None else s[k]}" for k in others]
-        lines.setdefault(", ".join(parts) or "accuracy", []).append(s)
-    return lines
-
-
-def _draw_line(ax, label: str, entries: list[dict], x: str) -> None:
-    """One mean curve with its shaded 95 % CI; for ADC sweeps "no ADC" is a dashed reference."""
-    refs = [e for e in entries if x == "adc_levels" and e["adc_levels"] is None]
-    entries = sorted((e for e in entries if not any(e is r for r in refs)), key=lambda e: e[x])
-    color = None
-    if entries:
-        xs = [e[x] for e in entries]
-        mean = [100 * e["acc_mean"] for e in entries]
-        # NaN half-widths (one chip) leave no band rather than a misleading zero-width one.
-        ci = [100 * e["acc_ci95"] for e in entries]
-        (line,) = ax.plot(xs, mean, marker="o", label=label)
-        color = line.get_color()
-        ax.fill_between(
-            xs,
-            [m - c for m, c in zip(mean, ci, strict=True)],
-            [m + c for m, c in zip(mean, ci, strict=True)],
-            color=color,
-            alpha=0.2,
-            linewidth=0,
-        )
-    for ref in refs:
-        ax.axhline(
-            100 * ref["acc_mean"],
-            linestyle="--",
-            linewidth=1,
-            color=color,
-            label=f"{label} (no ADC)",
-        )
-
-
-def plot_robustness(
-    summary: Sequence[dict], x: str, path: str | os.PathLike, title: str | None = None
-) -> Path:
-    """Plot test accuracy (mean over chips, shaded 95 % CI) against the swept variable ``x``.
-
-    Args:
-        summary: entries of ``summarize``; one line per ``model`` label.
-        x: ``sigma``, ``mean_shift`` or ``adc_levels`` (log2 axis; "no ADC" as a dashed line).
-        path: the PNG to write (atomically, 150 dpi).
-        title: optional figure title.
-
-    Returns:
-        The path written.
-    """
-    if x not in SWEEPS:
-        raise ConfigError("x", x, "allowed values are " + ", ".join(map(repr, SWEEPS)))
-    if not summary:
-        raise ValueError("plot_robustness got an empty summary")
-    # A bare Figure on the Agg canvas, no pyplot: no display needed, no global figure state.
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for label, entries in _lines(summary, x).items():
-        _draw_line(ax, label, entries, x)
-    if x == "adc_levels":
-        ax.set_xscale("log", base=2)
-        ticks = sorted({s["adc_levels"] for s in summary if s["adc_levels"] is not None})
-        ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.set_xlabel(_AXIS_LABELS[x])
-    ax.set_ylabel("top-1 test accuracy (%), mean ± 95 % CI")
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    if title:
-        ax.set_title(title)
-    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))

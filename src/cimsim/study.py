@@ -1,11 +1,12 @@
 """A robustness study: several models, one Monte Carlo sweep each, one set of files and one figure.
 
 Shared by ``evaluate.py`` and the end-of-training ``RobustnessMonitor`` so both write the same
-files: ``robustness_rows.csv`` (per chip, resumable; its fingerprints in
+files (``cimsim.report``): ``robustness_rows.csv`` (per chip, resumable; its fingerprints in
 ``robustness_rows.fingerprints.json``), ``robustness_summary.csv``, ``robustness.json`` and
-``robustness.png``. With several processes (DDP), each evaluates its share of the chips
-(``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0 merges them into
-exactly the files a single process would have written.
+``robustness.png``. Each model's curves are named by its training recipe and its test chip. With
+several processes (DDP), each evaluates its share of the chips (``c = rank, rank + world, ...``)
+into its own resumable rows file, and rank 0 merges them into exactly the files a single process
+would have written.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,22 +23,27 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cimsim.config import AnalogConfig
-from cimsim.robustness import (
+from cimsim.report import (
+    PLOT_FILE,
     ROWS_FILE,
-    RobustnessGrid,
-    RobustnessResult,
-    chip_settings,
-    evaluate_robustness,
+    RowsFile,
     plot_robustness,
     record_fingerprints,
-    sort_rows,
-    summarize,
     write_results,
     write_rows,
 )
+from cimsim.robustness import (
+    EvalSettings,
+    RobustnessGrid,
+    RobustnessResult,
+    Row,
+    chip_settings,
+    evaluate_robustness,
+    sort_rows,
+    summarize,
+)
 from cimsim.validation import ConfigError, check_choice
 
-PLOT_FILE = "robustness.png"
 CALIB_SPLITS = ("train", "val")
 # Datamodule arguments that change how images are fetched, not which or in what order.
 LOADER_ONLY = ("num_workers", "download")
@@ -60,6 +66,8 @@ class Subject:
 
 @dataclass
 class StudyFiles:
+    """The files a study wrote (``cimsim.report``)."""
+
     rows: Path
     summary: Path
     json: Path
@@ -68,19 +76,15 @@ class StudyFiles:
 
 @dataclass
 class Evaluation:
-    """How to run the sweep: data, chip seed, limits, calibration, and this process's place
-    among several. ``calib_split`` and ``data_spec`` only describe where the loaders come from,
-    for the rows' fingerprints."""
+    """How to run the sweeps: the test data, how chips are measured (``settings``; its
+    ``chip_indices`` are replaced by this process's share), and this process's place among
+    several. ``calib_split`` and ``data_spec`` only describe where the loaders come from, for the
+    rows' fingerprints."""
 
     test_loader: Iterable
-    seed: int = 0
-    calib_loader: Iterable | None = None
-    max_batches: int | None = None
-    calib_batches: int | None = None
-    progress: bool = True
+    settings: EvalSettings = field(default_factory=EvalSettings)
     rank: int = 0
     world_size: int = 1
-    calib_momentum: float = 0.01
     calib_split: str | None = None
     data_spec: dict | None = None
 
@@ -140,20 +144,41 @@ def _text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
+def recipe_label(chip: AnalogConfig, L: int) -> str:
+    """A model's training recipe, from its training ``chip`` and HA-SGD's ``L`` samples per
+    step: ``train sigma=0.1, L=4`` (then ``mu=..`` and ``ADC n`` when set)."""
+    parts = [f"train sigma={chip.sigma:g}", f"L={L}"]
+    if chip.mean_shift:
+        parts.append(f"mu={chip.mean_shift:g}")
+    if chip.adc_levels:
+        parts.append(f"ADC {chip.adc_levels}")
+    return ", ".join(parts)
+
+
+def _differences(settings: dict, default: dict, prefix: str = "") -> list[str]:
+    """``key=value`` for every setting that differs from ``default`` (nested: ``pcm.g_max=20``)."""
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            parts += _differences(value, default[key], f"{prefix}{key}.")
+        elif value != default[key]:
+            parts.append(f"{prefix}{key}={_text(value)}")
+    return parts
+
+
 def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
-    """A curve's name: the training ``recipe`` (``AnalogClassifier.label``), then every setting
-    of the test ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
+    """A curve's name: the training ``recipe`` (``recipe_label``), then every setting of the test
+    ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
     ``train sigma=0.1, L=4 | chip bias=shared``. The grid's axes are the rows' own columns and
     the figure's axes, except one: a single ADC setting other than the training chip's
     ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have."""
-    default = chip_settings(AnalogConfig())
-    parts = [f"{k}={_text(v)}" for k, v in chip_settings(chip).items() if v != default[k]]
+    parts = _differences(chip_settings(chip), chip_settings(AnalogConfig()))
     if len(grid.adc_levels) == 1 and grid.adc_levels[0] != chip.adc_levels:
         parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
     return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
 
 
-def _settings(subject: Subject, ev: Evaluation) -> dict:
+def _known_settings(subject: Subject, ev: Evaluation) -> dict:
     """What the fingerprint of ``subject``'s rows needs beyond what ``evaluate_robustness``
     knows: the checkpoint file's hash, the data and the calibration split."""
     spec = None if ev.data_spec is None else dict(ev.data_spec)
@@ -167,7 +192,7 @@ def _settings(subject: Subject, ev: Evaluation) -> dict:
     return settings
 
 
-def gather_rows(rows: list[dict], world_size: int) -> list[dict]:
+def gather_rows(rows: list[Row], world_size: int) -> list[Row]:
     """All processes' rows (``torch.distributed`` must be initialized when world_size > 1)."""
     if world_size == 1:
         return rows
@@ -176,7 +201,13 @@ def gather_rows(rows: list[dict], world_size: int) -> list[dict]:
     return [r for part in parts for r in part]
 
 
-def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) -> list[dict]:
+def _share(ev: Evaluation, grid: RobustnessGrid) -> EvalSettings:
+    """This process's chips of ``grid``, ``rank, rank + world_size, ...``; rank 0 shows progress."""
+    chips = range(ev.rank, grid.chips, ev.world_size)
+    return replace(ev.settings, chip_indices=chips, progress=ev.settings.progress and ev.rank == 0)
+
+
+def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) -> list[Row]:
     """Every subject's rows, this process's share of the chips first, then everyone's, in the
     order a single process produces them (subject by subject, then chip and grid order)."""
     name = (
@@ -184,29 +215,14 @@ def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) ->
     )
     mine, fingerprints = [], {}
     for s in subjects:
-        result = evaluate_robustness(
-            s.net,
-            ev.test_loader,
-            s.grid,
-            ev.seed,
-            calib_loader=ev.calib_loader,
-            rows_path=out / name,
-            chip_indices=range(ev.rank, s.grid.chips, ev.world_size),
-            progress=ev.progress and ev.rank == 0,
-            max_batches=ev.max_batches,
-            calib_batches=ev.calib_batches,
-            extra={"model": s.label, "ckpt": s.ckpt},
-            calib_momentum=ev.calib_momentum,
-            settings=_settings(s, ev),
-        )
+        rows_file = RowsFile(out / name, s.label, s.ckpt, known=_known_settings(s, ev))
+        result = evaluate_robustness(s.net, ev.test_loader, s.grid, _share(ev, s.grid), rows_file)
         mine += result.rows
         fingerprints.update(result.fingerprints)
     everyone = gather_rows(mine, ev.world_size)
     rows = []
     for s in subjects:
-        rows += sort_rows(
-            [r for r in everyone if (r["model"], r["ckpt"]) == (s.label, s.ckpt)], s.grid
-        )
+        rows += sort_rows([r for r in everyone if (r.model, r.ckpt) == (s.label, s.ckpt)], s.grid)
     if ev.world_size > 1 and ev.rank == 0:
         write_rows(out / ROWS_FILE, rows)
         record_fingerprints(out / ROWS_FILE, fingerprints)

@@ -1,10 +1,18 @@
-"""Weights & Biases: offline unless the user is logged in, and helpers to log results."""
+"""Weights & Biases: offline unless the user is logged in, and logging a robustness study.
+
+``wandb`` is imported where it is used: it takes seconds to import and runs without it
+(``logger=csv``, ``wandb.enabled=false``) never need it.
+"""
 
 from __future__ import annotations
 
 import netrc
 import os
+from dataclasses import asdict
 from pathlib import Path
+
+from cimsim.report import lines
+from cimsim.robustness import Row
 
 
 def wandb_logged_in() -> bool:
@@ -41,33 +49,36 @@ def finish_wandb() -> None:
 
 def log_robustness(
     summary: list[dict],
-    rows: list[dict],
+    rows: list[Row],
     x: str,
     plot: str | os.PathLike | None,
     prefix: str = "robust",
 ) -> None:
     """Log a robustness study to the active W&B run: the per-chip rows and the summary as
-    tables, one accuracy-vs-``x`` line per model, and the PNG figure (if any). No-op without
-    a run."""
+    tables, the accuracy-vs-``x`` curves grouped as the PNG's lines (``report.lines``), and the
+    PNG figure (if any). No-op without a run."""
     import wandb
 
     if wandb.run is None:
         return
-    lines: dict[str, list[dict]] = {}
-    for s in summary:
-        if s.get(x) is not None:
-            lines.setdefault(str(s.get("model", "model")), []).append(s)
-    xs = sorted({s[x] for entries in lines.values() for s in entries})
-    ys = [
-        [next((s["acc_mean"] for s in entries if s[x] == v), None) for v in xs]
-        for entries in lines.values()
-    ]
-    payload = {f"{prefix}/rows": _table(rows), f"{prefix}/summary": _table(summary)}
+    # "no ADC" has no place on an ADC-levels axis: the PNG draws it as a dashed reference.
+    curves = {
+        label: sorted((s for s in entries if s[x] is not None), key=lambda s: s[x])
+        for label, entries in lines(summary, x).items()
+    }
+    payload = {
+        f"{prefix}/rows": _table([asdict(r) for r in rows]),
+        f"{prefix}/summary": _table(summary),
+    }
     if plot is not None:
         payload[f"{prefix}/figure"] = wandb.Image(str(plot))
-    if xs:
+    if any(curves.values()):
         payload[f"{prefix}/acc_vs_{x}"] = wandb.plot.line_series(
-            xs=xs, ys=ys, keys=list(lines), title=f"accuracy vs {x}", xname=x
+            xs=[[s[x] for s in c] for c in curves.values()],
+            ys=[[s["acc_mean"] for s in c] for c in curves.values()],
+            keys=list(curves),
+            title=f"accuracy vs {x}",
+            xname=x,
         )
     wandb.log(payload)
 

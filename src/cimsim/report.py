@@ -1,0 +1,420 @@
+"""What a robustness study writes: the resumable rows file, the summary files and the figure.
+
+* ``robustness_rows.csv``: one ``Row`` per chip and grid point, appended and fsync'd chip by
+  chip (``RowsFile``), so a killed run resumes where it stopped and ends with exactly the file an
+  uninterrupted run writes. Each row carries a fingerprint of everything that determined it
+  (weights, data, test chip, limits, calibration, seed, stream); the sidecar
+  ``robustness_rows.fingerprints.json`` says what each fingerprint stands for. A subject's rows
+  with another fingerprint are moved to ``robustness_rows.stale.csv`` and recomputed, never mixed.
+* ``robustness_summary.csv`` and ``robustness.json`` (rows and summary), written atomically.
+* ``robustness.png``: accuracy against the swept variable, one line per ``lines`` group, which
+  also groups the W&B curves (``cimsim.tracking``).
+
+The file is over 350 lines because it holds everything a study writes, and the resumable rows
+file alone (format, torn lines, fingerprints, stale rows) is over half of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, fields, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from torch import nn
+
+from cimsim.convert import analog_layers
+from cimsim.robustness import SWEEPS, Point, RobustnessResult, Row, chip_settings
+from cimsim.validation import ConfigError
+
+ROWS_FILE = "robustness_rows.csv"
+SUMMARY_FILE = "robustness_summary.csv"
+JSON_FILE = "robustness.json"
+PLOT_FILE = "robustness.png"
+COLUMNS = [f.name for f in fields(Row)]
+
+
+class StaleRowsWarning(UserWarning):
+    """Rows of a model were computed with other settings; they were moved aside, not reused."""
+
+
+def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
+    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    return path
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of ``model.state_dict()``: every entry's name, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        if not isinstance(value, torch.Tensor):  # a module's extra state
+            digest.update(f"{name}={value!r};".encode())
+            continue
+        t = value.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _model_chip(model: nn.Module) -> dict | list[dict]:
+    """The test chip of ``model``'s analog layers (a list when layers differ)."""
+    chips = []
+    for _, layer in analog_layers(model):
+        settings = chip_settings(layer.config)
+        if settings not in chips:
+            chips.append(settings)
+    return chips[0] if len(chips) == 1 else chips
+
+
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """A 16-hex-digit digest of the settings that determine a row (their canonical JSON)."""
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sidecar(rows_path: Path) -> Path:
+    return rows_path.with_suffix(".fingerprints.json")
+
+
+def read_fingerprints(rows_path: str | os.PathLike) -> dict[str, dict]:
+    """The sidecar of a rows file, ``<rows>.fingerprints.json``: fingerprint -> settings."""
+    sidecar = _sidecar(Path(rows_path))
+    return json.loads(sidecar.read_text()) if sidecar.exists() else {}
+
+
+def record_fingerprints(rows_path: str | os.PathLike, entries: Mapping[str, dict]) -> Path:
+    """Add ``entries`` (fingerprint -> settings) to the sidecar of ``rows_path``, atomically."""
+    known = read_fingerprints(rows_path)
+    sidecar = _sidecar(Path(rows_path))
+    if sidecar.exists() and all(known.get(k) == v for k, v in entries.items()):
+        return sidecar
+    known.update(entries)
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(known, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+    return _atomic_write(sidecar, write)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    """``{"data": {"seed": 1}}`` -> ``{"data.seed": 1}``."""
+    if not isinstance(value, dict) or not value:
+        return {prefix.rstrip("."): value}
+    flat = {}
+    for key, item in value.items():
+        flat.update(_flat(item, f"{prefix}{key}."))
+    return flat
+
+
+_UNSET = object()
+
+
+def _show(key: str, value) -> str:
+    if value is _UNSET:
+        return "unset"
+    if isinstance(value, str):
+        return value[:12] + "..." if key.endswith("sha256") else value
+    return repr(value)
+
+
+def _changes(old: dict | None, new: dict) -> str:
+    """``key: old -> new`` for every setting that differs, e.g. ``max_batches: 1 -> None``."""
+    if old is None:
+        return "settings not recorded in the fingerprint sidecar"
+    a, b = _flat(old), _flat(new)
+    return ", ".join(
+        f"{k}: {_show(k, a.get(k, _UNSET))} -> {_show(k, b.get(k, _UNSET))}"
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _UNSET) != b.get(k, _UNSET)
+    )
+
+
+# ----------------------------------------------------------------------------- the rows CSV
+
+# How a CSV field becomes a Row's value, by the field's annotation ("" is csv's None).
+_FROM_TEXT = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "int | None": lambda text: None if text == "" else int(text),
+}
+
+
+def _parse(raw: dict[str, str]) -> Row:
+    """A row read back from CSV with the types ``Row`` declares."""
+    return Row(**{f.name: _FROM_TEXT[f.type](raw[f.name]) for f in fields(Row)})
+
+
+def _repair(path: Path) -> None:
+    """Drop a torn last line (a run killed mid-write) so appends start on a fresh line."""
+    with open(path, "r+b") as f:
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            f.truncate(data.rfind(b"\n") + 1)  # 0 when not even the header is complete
+
+
+def _read_raw(path: Path) -> list[dict[str, str]]:
+    """The rows of ``path`` as text (none if it does not exist), after dropping a torn line."""
+    if not path.exists():
+        return []
+    _repair(path)
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is not None and reader.fieldnames != COLUMNS:
+            why = (
+                f"has columns {reader.fieldnames}; rows are written as {COLUMNS}: use another file"
+            )
+            raise ConfigError("rows file", str(path), why)
+        return list(reader)
+
+
+def _append(path: Path, records: Sequence[Mapping]) -> None:
+    """Append one chip's rows in a single write, durable before the next chip starts."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    if path.stat().st_size == 0:
+        writer.writeheader()
+    writer.writerows(records)
+    with open(path, "a", newline="") as f:
+        f.write(buf.getvalue())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_records(path: Path, records: Sequence[Mapping]) -> Path:
+    """Write a whole rows CSV (header, then ``records``) atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+    return _atomic_write(path, write)
+
+
+def write_rows(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
+    """Write ``rows`` as one rows CSV, atomically, in the format ``RowsFile`` appends (e.g. the
+    merge of several processes' shares of the chips)."""
+    return _write_records(Path(path), [asdict(r) for r in rows])
+
+
+class RowsFile:
+    """One subject's rows in a resumable CSV that several subjects (models) share.
+
+    ``evaluate_robustness`` calls ``resume`` once, then ``append`` after each chip. One writer per
+    file (one file per DDP rank).
+
+    Args:
+        path: the CSV, created on first use.
+        model: the curve's label; with ``ckpt``, which rows of the file are this subject's.
+        ckpt: the checkpoint file (empty without one).
+        known: what else determines the rows, for the fingerprint, e.g.
+            ``{"ckpt_sha256": ..., "data": spec, "calib_split": "val"}`` (JSON-able); without a
+            ``ckpt_sha256``, the model's weights are hashed (``state_sha256``).
+    """
+
+    def __init__(
+        self, path: str | os.PathLike, model: str = "", ckpt: str = "", known: Mapping | None = None
+    ):
+        self.path, self.model, self.ckpt = Path(path), model, ckpt
+        self.known = dict(known or {})
+        self.fp = ""  # this run's fingerprint, set by resume
+        self.fingerprints: dict[str, dict] = {}  # {fp: the settings it stands for}
+
+    def resume(
+        self, model: nn.Module, determined: dict, expected: Mapping[tuple[int, Point], int]
+    ) -> dict[tuple[int, Point], Row]:
+        """This subject's rows already in the file with this run's settings (``known``,
+        ``model``'s test chip and what the evaluation ``determined``), at the ``(chip, point)``
+        keys of ``expected`` (-> chip seed). Its rows with another fingerprint go to
+        ``<rows>.stale.csv`` first, with a ``StaleRowsWarning`` naming what changed."""
+        settings = {**self.known, "chip": _model_chip(model), **determined}
+        if "ckpt_sha256" not in settings:  # a module without a checkpoint file: hash its weights
+            settings["state_sha256"] = state_sha256(model)
+        settings = json.loads(json.dumps(settings, default=str))  # as the sidecar reads back
+        self.fp = fingerprint(settings)
+        self.fingerprints = {self.fp: settings}
+        raws = _read_raw(self.path)
+        mine = [r for r in raws if (r["model"], r["ckpt"]) == (self.model, self.ckpt)]
+        stale = [r for r in mine if r["fingerprint"] != self.fp]
+        if stale:
+            message = self._stale_message(stale, settings)
+            self._retire(raws, stale)
+            warnings.warn(message, StaleRowsWarning, stacklevel=3)
+        record_fingerprints(self.path, self.fingerprints)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        done = {}
+        for row in (_parse(r) for r in mine if r["fingerprint"] == self.fp):
+            key = (row.chip, row.point)
+            if expected.get(key) == row.chip_seed and key not in done:
+                done[key] = row
+        return done
+
+    def append(self, rows: Sequence[Row]) -> list[Row]:
+        """Stamp one chip's rows with this subject and fingerprint, and append them durably."""
+        stamped = [replace(r, model=self.model, ckpt=self.ckpt, fingerprint=self.fp) for r in rows]
+        _append(self.path, [asdict(r) for r in stamped])
+        return stamped
+
+    def _retire(self, raws: list[dict], stale: list[dict]) -> None:
+        """Append ``stale`` to ``<rows>.stale.csv`` (durable first, so a crash can duplicate
+        them but never lose them), then rewrite the rows file without them."""
+        stale_path = self.path.with_suffix(".stale.csv")
+        _read_raw(stale_path)  # drops a torn line; refuses a file of another format
+        stale_path.touch()
+        _append(stale_path, stale)  # as read: the text of the rows, unchanged
+        gone = {id(r) for r in stale}
+        _write_records(self.path, [r for r in raws if id(r) not in gone])
+
+    def _stale_message(self, stale: list[dict], settings: dict) -> str:
+        known = read_fingerprints(self.path)
+        old = dict.fromkeys(r["fingerprint"] for r in stale)
+        changes = "; ".join(_changes(known.get(fp), settings) for fp in old)
+        who = [f"{k}={v!r}" for k, v in (("model", self.model), ("ckpt", self.ckpt)) if v]
+        return (
+            f"{self.path}: {len(stale)} rows of {', '.join(who) or 'this model'} were computed"
+            f" with other settings ({changes}); moved them to"
+            f" {self.path.with_suffix('.stale.csv').name} and recomputing"
+        )
+
+
+# ----------------------------------------------------------------------------- summary files
+
+
+def _json_safe(value):
+    # NaN (the CI of a single chip) is not valid JSON: write null.
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def write_results(result: RobustnessResult, out_dir: str | os.PathLike) -> tuple[Path, Path]:
+    """Write ``robustness_summary.csv`` and ``robustness.json`` (rows + summary) atomically.
+
+    The per-chip rows CSV is the one ``RowsFile`` appends to as it goes. Returns the two paths.
+    """
+    out = Path(out_dir)
+
+    def write_csv(tmp):
+        columns = list(result.summary[0]) if result.summary else []
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=columns, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(result.summary)
+
+    def write_json(tmp):
+        records = {"rows": [asdict(r) for r in result.rows], "summary": result.summary}
+        doc = {
+            k: [{c: _json_safe(v) for c, v in r.items()} for r in rs] for k, rs in records.items()
+        }
+        with open(tmp, "w") as f:
+            json.dump(doc, f, indent=1, allow_nan=False)
+            f.write("\n")
+
+    return _atomic_write(out / SUMMARY_FILE, write_csv), _atomic_write(out / JSON_FILE, write_json)
+
+
+# ----------------------------------------------------------------------------- the figure
+
+_AXIS_LABELS = {
+    "sigma": "test noise sigma (fraction of range)",
+    "mean_shift": "test mean shift mu (fraction of range)",
+    "adc_levels": "ADC levels (log2 scale; bits = log2(levels))",
+}
+
+
+def lines(summary: Sequence[dict], x: str) -> dict[str, list[dict]]:
+    """The curves of a figure along ``x``: summary entries grouped by model and by the value of
+    every other swept variable that varies (named in the label), in order of appearance. The PNG
+    and the W&B line series both draw exactly these."""
+    others = [k for k in SWEEPS if k != x and len({s[k] for s in summary}) > 1]
+    groups: dict[str, list[dict]] = {}
+    for s in summary:
+        parts = [str(s["model"])] if s.get("model") is not None else []
+        parts += [f"{k}={'none' if s[k] is None else s[k]}" for k in others]
+        groups.setdefault(", ".join(parts) or "accuracy", []).append(s)
+    return groups
+
+
+def _draw_line(ax, label: str, entries: list[dict], x: str) -> None:
+    """One mean curve with its shaded 95 % CI; for ADC sweeps "no ADC" is a dashed reference."""
+    refs = [e for e in entries if x == "adc_levels" and e["adc_levels"] is None]
+    entries = sorted((e for e in entries if not any(e is r for r in refs)), key=lambda e: e[x])
+    color = None
+    if entries:
+        xs = [e[x] for e in entries]
+        mean = [100 * e["acc_mean"] for e in entries]
+        # NaN half-widths (one chip) leave no band rather than a misleading zero-width one.
+        ci = [100 * e["acc_ci95"] for e in entries]
+        (line,) = ax.plot(xs, mean, marker="o", label=label)
+        color = line.get_color()
+        low = [m - c for m, c in zip(mean, ci, strict=True)]
+        high = [m + c for m, c in zip(mean, ci, strict=True)]
+        ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
+    for ref in refs:
+        mean = 100 * ref["acc_mean"]
+        ax.axhline(mean, linestyle="--", linewidth=1, color=color, label=f"{label} (no ADC)")
+
+
+def plot_robustness(
+    summary: Sequence[dict], x: str, path: str | os.PathLike, title: str | None = None
+) -> Path:
+    """Plot test accuracy (mean over chips, shaded 95 % CI) against the swept variable ``x``.
+
+    Args:
+        summary: entries of ``summarize``; one line per ``lines`` group.
+        x: ``sigma``, ``mean_shift`` or ``adc_levels`` (log2 axis; "no ADC" as a dashed line).
+        path: the PNG to write (atomically, 150 dpi).
+        title: optional figure title.
+
+    Returns:
+        The path written.
+    """
+    if x not in SWEEPS:
+        raise ConfigError("x", x, "allowed values are " + ", ".join(map(repr, SWEEPS)))
+    if not summary:
+        raise ValueError("plot_robustness got an empty summary")
+    # A bare Figure on the Agg canvas, no pyplot: no display needed, no global figure state.
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, entries in lines(summary, x).items():
+        _draw_line(ax, label, entries, x)
+    if x == "adc_levels":
+        ax.set_xscale("log", base=2)
+        ticks = sorted({s["adc_levels"] for s in summary if s["adc_levels"] is not None})
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xlabel(_AXIS_LABELS[x])
+    ax.set_ylabel("top-1 test accuracy (%), mean ± 95 % CI")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    if title:
+        ax.set_title(title)
+    return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))
