@@ -11,7 +11,7 @@ from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import build_network
 from cimsim.validation import config_scope
 from conftest import CONF, compose_cfg
-from train import chip_config
+from train import chip_config, training_methods
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 CHOICES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
@@ -85,6 +85,9 @@ def check(cfg, group, tmp_path):
             grid_for(cfg).for_chip(AnalogConfig(sigma=0.05)).chips >= 1
             and cfg.robustness.x in SWEEPS
         )
+    elif group == "method":
+        methods = training_methods(cfg)
+        assert OmegaConf.to_container(cfg, resolve=True) and methods.schedule.kappa > 0
     elif group == "experiment":
         check_data(cfg, tmp_path)
         assert OmegaConf.to_container(cfg, resolve=True)

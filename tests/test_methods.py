@@ -1,4 +1,4 @@
-"""Training methods beyond plain HA-SGD: antithetic pairs."""
+"""Training methods beyond plain HA-SGD: antithetic pairs, noise schedules, distillation, SAM."""
 
 from __future__ import annotations
 
@@ -9,9 +9,12 @@ from torch import nn
 
 import cimsim.layers as layers
 import cimsim.noise as noise
-from cimsim import AnalogConfig, convert_to_analog
-from cimsim.hasgd import hasgd_backward
+from cimsim import AnalogConfig, ConfigError, convert_to_analog
+from cimsim.distill import distillation_loss
+from cimsim.hasgd import hasgd_backward, sam_ascent
 from cimsim.noise import antithetic
+from cimsim.schedule import NoiseSchedule
+from train import train
 
 
 def quadratic_problem():
@@ -81,3 +84,79 @@ def test_antithetic_needs_even_L_and_a_matching_forward():
             analog(x)
         with antithetic("replay"):
             pass
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_noise_schedules():
+    assert NoiseSchedule().sigma(0.1, 3.0) == 0.1
+    assert NoiseSchedule(kappa=1.5).sigma(0.1, 0.0) == pytest.approx(0.15)
+    ramp = NoiseSchedule(kind="ramp", ramp_epochs=4)
+    assert [ramp.sigma(0.2, e) for e in (0, 1, 2, 4, 9)] == pytest.approx([0, 0.05, 0.1, 0.2, 0.2])
+    uniform = NoiseSchedule(kind="uniform", low=0.5, high=1.5)
+    g = torch.Generator().manual_seed(0)
+    draws = torch.tensor([uniform.sigma(0.1, 0, g) for _ in range(4000)])
+    assert draws.min() >= 0.05 and draws.max() <= 0.15
+    # U(0.05, 0.15): mean 0.1, std 0.1 / sqrt(12); 5 standard errors
+    assert abs(draws.mean().item() - 0.1) < 5 * (0.1 / 12**0.5) / 4000**0.5
+    with pytest.raises(ConfigError, match="^kind='cosine'"):
+        NoiseSchedule(kind="cosine")
+    with pytest.raises(ConfigError, match="^high=0.1"):
+        NoiseSchedule(kind="uniform", low=0.5, high=0.1)
+
+
+# ----------------------------------------------------------------------------- distillation
+
+
+def test_distillation_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g), torch.arange(5) % 4
+    T, beta = 3.0, 0.3
+    p_t, p_s = (t / T).softmax(1), (s / T).softmax(1)
+    kl = (p_t * (p_t.log() - p_s.log())).sum(1).mean()
+    expected = (1 - beta) * F.cross_entropy(s, y) + beta * T * T * kl
+    torch.testing.assert_close(distillation_loss(s, t, y, beta, T), expected)
+    torch.testing.assert_close(distillation_loss(s, t, y, 0.0, T), F.cross_entropy(s, y))
+    assert distillation_loss(s, s, y, 1.0, T).item() == pytest.approx(0.0, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- SAM
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_ascent_moves_the_weights_by_the_formula_and_restores_them(adaptive):
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([[0.5], [3.0]])
+    a.grad, b.grad = torch.tensor([3.0, 4.0]), torch.tensor([[0.0], [12.0]])
+    before = [a.clone(), b.clone()]
+    rho = 0.1
+    if adaptive:  # e = rho |w|^2 g / || |w| g ||
+        scaled = [a.abs() * a.grad, b.abs() * b.grad]
+        norm = torch.cat([x.flatten() for x in scaled]).norm()
+        expected = [rho * a.abs() * scaled[0] / norm, rho * b.abs() * scaled[1] / norm]
+    else:  # e = rho g / ||g||, ||g|| = 13
+        expected = [rho * a.grad / 13, rho * b.grad / 13]
+    with sam_ascent([a, b], rho, adaptive):
+        torch.testing.assert_close(a - before[0], expected[0])
+        torch.testing.assert_close(b - before[1], expected[1])
+    assert torch.equal(a, before[0]) and torch.equal(b, before[1])
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["hasgd.antithetic=true", "hasgd.L=3"], r"^hasgd\.antithetic=True is invalid: .*even L"),
+        (["noise.schedule.kind=cosine"], r"^noise\.schedule\.kind='cosine' is invalid"),
+        (["hasgd.sam.rho=-1"], r"^hasgd\.sam\.rho=-1 is invalid"),
+        (["distill.teacher=/no/such.ckpt"], r"^distill\.teacher='/no/such.ckpt' is invalid"),
+        (["distill.beta=2"], r"^distill\.beta=2 is invalid"),
+        (["noise=pcm", "hasgd.antithetic=true", "hasgd.L=2"], r"^hasgd\.antithetic=True .*PCM"),
+    ],
+)
+def test_bad_method_settings_fail_before_training(train_cfg, tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        train(train_cfg(overrides))
+    assert not (tmp_path / "checkpoints").exists()
