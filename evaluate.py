@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
+from cimsim.report import plot_compute
 from cimsim.robustness import SWEEPS, EvalSettings, RobustnessGrid, check_limits, format_summary
 from cimsim.study import (
     Evaluation,
@@ -42,6 +43,7 @@ from cimsim.study import (
     recipe_label,
     run_study,
     subject_label,
+    training_passes,
 )
 from cimsim.tracking import default_wandb_mode, log_robustness
 from cimsim.validation import check_choice, check_int, config_scope
@@ -153,7 +155,7 @@ def load_subject(
         model = load()
     except (ConfigError, KeyError, TypeError, RuntimeError, ImportError) as err:
         raise ConfigError("ckpt", str(path), f"does not load ({_one_line(err)})") from None
-    recipe, trained = recipe_label(model.chip, model.L), model.chip
+    recipe, trained = recipe_label(model.chip, model.L, model.methods), model.chip
     with config_scope("chip"):
         chip = dataclasses.replace(trained, **overrides)
         if chip != trained:
@@ -161,7 +163,9 @@ def load_subject(
     grid = grid.for_chip(chip)
     label = subject_label(recipe, chip, grid)
     sha = hashlib.sha256(data).hexdigest()
-    subject = Subject(label, model.net.to(device).eval(), grid, str(path), ckpt_sha256=sha)
+    passes = training_passes(ckpt.get("global_step", 0), model.L, model.methods)
+    net = model.net.to(device).eval()
+    subject = Subject(label, net, grid, str(path), ckpt_sha256=sha, passes=passes)
     return subject, ckpt.get("datamodule")
 
 
@@ -270,6 +274,9 @@ def evaluate(cfg: DictConfig):
     print(format_summary(result.summary))
     for name, path in vars(files).items():
         print(f"{name:<8}: {path}")
+    if r.get("target_sigma") is not None:  # robust accuracy vs training compute
+        table, plot = plot_compute(result.summary, subjects, r.target_sigma, cfg.paths.output_dir)
+        print(f"compute : {table}\ncompute : {plot}")
     return result
 
 

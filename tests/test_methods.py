@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,9 +13,11 @@ import cimsim.layers as layers
 import cimsim.noise as noise
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.distill import distillation_loss
-from cimsim.hasgd import hasgd_backward, sam_ascent
+from cimsim.hasgd import TrainingMethods, hasgd_backward, sam_ascent
 from cimsim.noise import antithetic
+from cimsim.report import plot_compute
 from cimsim.schedule import NoiseSchedule
+from cimsim.study import Subject, recipe_label, training_passes
 from train import train
 
 
@@ -160,3 +164,34 @@ def test_bad_method_settings_fail_before_training(train_cfg, tmp_path, overrides
     with pytest.raises(ConfigError, match=message):
         train(train_cfg(overrides))
     assert not (tmp_path / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def test_recipe_labels_name_every_method_and_compute_counts_passes(tmp_path):
+    chip = AnalogConfig(sigma=0.1)
+    plain = recipe_label(chip, 4)
+    sam = TrainingMethods(sam_rho=0.05, antithetic=True, schedule={"kind": "ramp"})
+    assert plain == "train sigma=0.1, L=4"
+    assert recipe_label(chip, 4, sam) == "train sigma=0.1, L=4, antithetic, ramp 10 ep, SAM 0.05"
+    assert training_passes(100, 4, TrainingMethods()) == 400
+    assert training_passes(100, 4, sam) == 500  # the ascent pass
+    summary = [
+        {"model": m, "sigma": s, "mean_shift": 0.0, "acc_mean": a, "acc_ci95": 0.01, "chips": 20}
+        for m, a0, a in (("a", 0.9, 0.5), ("b", 0.95, 0.7))
+        for s, a in ((0.0, a0), (0.1, a))
+    ]
+    subjects = [
+        Subject("a", nn.Identity(), None, passes=400),
+        Subject("b", nn.Identity(), None, passes=500),
+    ]
+    table, plot = plot_compute(summary, subjects, 0.1, tmp_path)
+    rows = list(csv.DictReader(open(table)))
+    assert [(r["model"], int(r["passes"]), float(r["acc_mean"])) for r in rows] == [
+        ("a", 400, 0.5),
+        ("b", 500, 0.7),
+    ]
+    assert plot.stat().st_size > 0
+    with pytest.raises(ConfigError, match="^target_sigma=0.05"):
+        plot_compute(summary, subjects, 0.05, tmp_path)

@@ -14,6 +14,7 @@ from torch import nn
 import cimsim
 from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_time
 from cimsim.pcm import PCMConfig, PCMWeights, pcm_training_perturbation
+from cimsim.robustness import EvalSettings, RobustnessGrid, evaluate_robustness
 
 
 def net() -> nn.Sequential:
@@ -126,3 +127,14 @@ def test_the_noise_config_composes_to_a_pcm_chip(train_cfg):
 
     chip = chip_config(train_cfg(["noise=pcm", "noise.t_train=60", "noise.pcm.g_max=20"]))
     assert chip.device == "pcm" and chip.t_train == 60 and chip.pcm.g_max == 20
+
+
+def test_an_evaluation_leaves_the_chip_at_its_time():
+    chip = program_chip(convert_to_analog(net(), AnalogConfig(device="pcm")).eval(), 7)
+    set_time(chip, 86400.0, 1)
+    before = chip(X)
+    loader = [(X, torch.zeros(8, dtype=torch.long))]
+    evaluate_robustness(
+        chip, loader, RobustnessGrid(sigmas=[0.0], chips=2), EvalSettings(progress=False)
+    )
+    assert chip[0].chip_time == (86400.0, 1) and torch.equal(chip(X), before)

@@ -142,7 +142,9 @@ class RobustnessMonitor(pl.Callback):
             calib_split=self.calib_split,
             data_spec=data_spec(datamodule),
         )
-        label = subject_label(recipe_label(module.chip, module.L), module.chip, grid)
+        label = subject_label(
+            recipe_label(module.chip, module.L, module.methods), module.chip, grid
+        )
         result, files = run_study(
             [Subject(label, module.net.eval(), grid, ckpt=best)],
             ev,

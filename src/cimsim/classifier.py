@@ -235,7 +235,7 @@ class AnalogClassifier(pl.LightningModule):
         noise (the clean accuracy when ``val_chips=0`` or the chip is noise-free)."""
         if self.trainer.sanity_checking:
             return
-        if self.val_chips == 0 or not self.chip.noisy:
+        if self.val_chips == 0 or not (self.chip.noisy or self.chip.pcm_device):
             self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
             return
         grid = RobustnessGrid(

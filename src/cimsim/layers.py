@@ -3,7 +3,13 @@
 Each keeps its digital parameters under the same names (a digital ``state_dict`` loads as is)
 and perturbs them on the fly: in ``train()`` with fresh draws each forward (shared by the
 mini-batch), in ``eval()`` with the frozen draws of the programmed chip, or not at all when no
-chip is programmed. With ``sigma = mean_shift = 0`` each runs its exact digital op.
+chip is programmed. With ``sigma = mean_shift = 0`` each runs its exact digital op. Under
+``device='pcm'`` Conv/Linear weights follow the PCM model instead (``cimsim.pcm``): a fresh chip
+at ``t_train`` per training forward, the programmed chip at its ``set_time`` in evaluation.
+
+The file is over 350 lines because the four layer types share one mixin (ranges, draws, the
+programmed chip, its cache) and the BatchNorm has two training paths (one process, synchronized);
+splitting them would scatter one model across files.
 """
 
 from __future__ import annotations

@@ -12,6 +12,8 @@ each device is programmed with noise, drifts as ``(t / t0)^(-nu)`` and is read w
 
 Everything here is detached (``torch.no_grad``): a perturbation is a constant for autograd, so
 the gradient reaches the clean weights (the aihwkit trick, as in ``cimsim.noise``).
+
+The file is just over 350 lines: every formula carries its source and units.
 """
 
 from __future__ import annotations

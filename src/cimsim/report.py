@@ -418,3 +418,62 @@ def plot_robustness(
     if title:
         ax.set_title(title)
     return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+
+
+COMPUTE_TABLE = "robustness_compute.csv"
+COMPUTE_PLOT = "robustness_compute.png"
+
+
+def plot_compute(
+    summary: Sequence[dict], subjects: Sequence, sigma: float, out_dir: str | os.PathLike
+) -> tuple[Path, Path]:
+    """Robust accuracy at test ``sigma`` against training compute (forward-backward passes), one
+    point per model with its 95 % CI: which method is better at equal compute.
+
+    Args:
+        summary: the study's summary (``summarize``), with a ``model`` column.
+        subjects: the study's subjects (``label`` and ``passes``, e.g. ``cimsim.study.Subject``).
+        sigma: the test sigma the comparison is made at (a point of the grid).
+        out_dir: where ``robustness_compute.csv`` and ``robustness_compute.png`` go.
+    """
+    at = {s["model"]: s for s in summary if s["sigma"] == sigma and s["mean_shift"] == 0}
+    missing = [s.label for s in subjects if s.label not in at]
+    if missing:
+        raise ConfigError("target_sigma", sigma, f"is not a grid point of {missing}")
+    records = [
+        {
+            "model": s.label,
+            "passes": s.passes,
+            "acc_mean": at[s.label]["acc_mean"],
+            "acc_ci95": at[s.label]["acc_ci95"],
+            "chips": at[s.label]["chips"],
+        }
+        for s in subjects
+    ]
+    out = Path(out_dir)
+
+    def write_table(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+    table = _atomic_write(out / COMPUTE_TABLE, write_table)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for r in records:
+        ax.errorbar(
+            r["passes"],
+            100 * r["acc_mean"],
+            yerr=100 * r["acc_ci95"],
+            marker="o",
+            capsize=3,
+            label=r["model"],
+        )
+    ax.set_xlabel("training compute (forward-backward passes)")
+    ax.set_ylabel(f"top-1 test accuracy (%) at sigma = {sigma:g}, mean ± 95 % CI")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    plot = _atomic_write(out / COMPUTE_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    return table, plot

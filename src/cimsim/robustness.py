@@ -291,7 +291,10 @@ def _evaluate_chip(
 def _preserved(model: nn.Module) -> Iterator[None]:
     """Restore noise settings, chip, ADC levels and ranges, and train/eval modes on exit."""
     modes = [(m, m.training) for m in model.modules()]
-    layers = [(name, layer, layer.config, layer.chip_seed) for name, layer in analog_layers(model)]
+    layers = [
+        (name, layer, layer.config, layer.chip_seed, layer.chip_time)
+        for name, layer in analog_layers(model)
+    ]
     converters = [
         (a, a.levels, a.lo.clone(), a.hi.clone(), a.calibrated)
         for a in adcs(model, active_only=False)
@@ -299,12 +302,14 @@ def _preserved(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        for name, layer, config, seed in layers:
+        for name, layer, config, seed, time in layers:
             layer.config = config
             if seed is None:
                 layer.clear()
             else:  # draws depend only on (seed, qualified name): the same chip again
                 layer.program(seed, name)
+                if time is not None and layer._pcm is not None:  # and at the same time
+                    layer.set_time(*time)
         for adc, levels, lo, hi, calibrated in converters:
             adc.levels, adc.calibrated = levels, calibrated
             adc.lo.copy_(lo)

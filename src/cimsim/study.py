@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from cimsim.config import AnalogConfig
+from cimsim.hasgd import TrainingMethods
 from cimsim.report import (
     PLOT_FILE,
     ROWS_FILE,
@@ -62,6 +63,7 @@ class Subject:
     grid: RobustnessGrid
     ckpt: str = ""
     ckpt_sha256: str | None = None
+    passes: int | None = None  # training compute: forward-backward passes over all steps
 
 
 @dataclass
@@ -144,14 +146,31 @@ def _text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-def recipe_label(chip: AnalogConfig, L: int) -> str:
-    """A model's training recipe, from its training ``chip`` and HA-SGD's ``L`` samples per
-    step: ``train sigma=0.1, L=4`` (then ``mu=..`` and ``ADC n`` when set)."""
+def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = None) -> str:
+    """A model's training recipe, from its training ``chip``, HA-SGD's ``L`` samples per step and
+    the training methods: ``train sigma=0.1, L=4`` (then ``mu=..``, ``ADC n``, ``PCM``,
+    ``antithetic``, the schedule, ``SAM rho``, ``distilled`` when set)."""
     parts = [f"train sigma={chip.sigma:g}", f"L={L}"]
     if chip.mean_shift:
         parts.append(f"mu={chip.mean_shift:g}")
     if chip.adc_levels:
         parts.append(f"ADC {chip.adc_levels}")
+    if chip.pcm_device:
+        parts.append(f"PCM t_train={chip.t_train:g}s")
+    m = methods or TrainingMethods()
+    schedule = m.schedule
+    if m.antithetic:
+        parts.append("antithetic")
+    if schedule.kind == "ramp":
+        parts.append(f"ramp {schedule.ramp_epochs:g} ep")
+    elif schedule.kind == "uniform":
+        parts.append(f"uniform [{schedule.low:g}, {schedule.high:g}]")
+    if schedule.kappa != 1:
+        parts.append(f"x{schedule.kappa:g} sigma")
+    if m.sam_rho:
+        parts.append(f"{'ASAM' if m.sam_adaptive else 'SAM'} {m.sam_rho:g}")
+    if m.teacher:
+        parts.append("distilled")
     return ", ".join(parts)
 
 
@@ -252,3 +271,8 @@ def run_study(
     summary_path, json_path = write_results(result, out)
     plot = plot_robustness(result.summary, x, out / PLOT_FILE, title=title)
     return result, StudyFiles(out / ROWS_FILE, summary_path, json_path, plot)
+
+
+def training_passes(global_step: int, L: int, methods: TrainingMethods) -> int:
+    """Forward-backward passes a training run took: L per step, one more with SAM's ascent."""
+    return int(global_step) * (L + (1 if methods.sam_rho > 0 else 0))
