@@ -107,7 +107,9 @@ class AnalogClassifier(pl.LightningModule):
             }
         )
         self.methods = methods
-        self.teacher: nn.Module | None = None  # loaded at fit start, never saved
+        # The distillation teacher: loaded at fit start, kept out of the module tree (not in the
+        # state_dict, the optimizer or SAM's ascent).
+        self.__dict__["teacher"] = None
         self.chip, self.L, self.val_chips = chip, L, val_chips
         self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -146,7 +148,7 @@ class AnalogClassifier(pl.LightningModule):
             teacher = AnalogClassifier.load_from_checkpoint(
                 self.methods.teacher, map_location=self.device, weights_only=True
             )
-            self.teacher = teacher.net.eval().requires_grad_(False)  # clean: no chip
+            self.__dict__["teacher"] = teacher.net.eval().requires_grad_(False)  # clean: no chip
 
     def _train_sigma(self, batch_idx: int) -> float:
         """This step's training sigma (``methods.schedule``), set on every analog layer."""
@@ -181,7 +183,7 @@ class AnalogClassifier(pl.LightningModule):
                 self.manual_backward(closure())
             correct.clear()
         with (
-            sam_ascent(list(self.parameters()), m.sam_rho, m.sam_adaptive)
+            sam_ascent(list(self.net.parameters()), m.sam_rho, m.sam_adaptive)
             if m.sam_rho > 0
             else nullcontext()
         ):
