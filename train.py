@@ -54,6 +54,9 @@ def training_methods(cfg: DictConfig) -> TrainingMethods:
         "distill.beta": ("distill_beta", distill.get("beta", 0.5)),
         "distill.temperature": ("distill_temperature", distill.get("temperature", 4.0)),
     }
+    teacher = fields["distill.teacher"][1]
+    if teacher is not None and not Path(teacher).is_file():  # needed to train, not to load
+        raise ConfigError("distill.teacher", teacher, "no such checkpoint file")
     try:
         return TrainingMethods(**{name: value for name, value in fields.values()})
     except ConfigError as err:

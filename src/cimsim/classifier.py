@@ -278,5 +278,3 @@ def _check_methods(methods: TrainingMethods, chip: AnalogConfig, L: int) -> None
         raise ConfigError(
             "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
         )
-    if methods.teacher is not None and not os.path.isfile(methods.teacher):
-        raise ConfigError("distill.teacher", methods.teacher, "no such checkpoint file")
