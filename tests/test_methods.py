@@ -195,3 +195,15 @@ def test_recipe_labels_name_every_method_and_compute_counts_passes(tmp_path):
     assert plot.stat().st_size > 0
     with pytest.raises(ConfigError, match="^target_sigma=0.05"):
         plot_compute(summary, subjects, 0.05, tmp_path)
+
+
+def test_distilled_training_runs_and_its_checkpoint_holds_no_teacher(train_cfg, tmp_path):
+    common = ["logger=none", "test=false", "callbacks.robustness.final=null"]
+    train(train_cfg(common, out=tmp_path / "teacher"))
+    teacher = tmp_path / "teacher" / "checkpoints" / "last.ckpt"
+    cfg = train_cfg([*common, "noise.sigma=0.1", f"distill.teacher={teacher}"], out=tmp_path / "s")
+    train(cfg)
+    ckpt = next((tmp_path / "s" / "checkpoints").glob("epoch_*.ckpt"))
+    state = torch.load(ckpt, weights_only=True)
+    assert not any(k.startswith("teacher") for k in state["state_dict"])
+    assert state["hyper_parameters"]["methods"]["teacher"] == str(teacher)
