@@ -55,8 +55,10 @@ def training_methods(cfg: DictConfig) -> TrainingMethods:
         "distill.temperature": ("distill_temperature", distill.get("temperature", 4.0)),
     }
     teacher = fields["distill.teacher"][1]
-    if teacher is not None and not Path(teacher).is_file():  # needed to train, not to load
-        raise ConfigError("distill.teacher", teacher, "no such checkpoint file")
+    if teacher is not None:  # needed to train, not to load: stored absolute, checked here
+        if not Path(teacher).is_file():
+            raise ConfigError("distill.teacher", teacher, "no such checkpoint file")
+        fields["distill.teacher"] = ("teacher", str(Path(teacher).resolve()))
     try:
         return TrainingMethods(**{name: value for name, value in fields.values()})
     except ConfigError as err:

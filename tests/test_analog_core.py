@@ -3,6 +3,8 @@ bias, analog BatchNorm, identity noise, chips, gradients, the ADC and state_dict
 
 Statistical checks use fixed seeds and a tolerance of 5 standard errors of the estimate, so a
 correct implementation fails with probability < 1e-6 and a wrong scale (even by 5 %) fails.
+
+Over 350 lines: one test per semantic choice of the core (the issue list it answers is long).
 """
 
 import math

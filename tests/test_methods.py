@@ -18,6 +18,7 @@ from cimsim.noise import antithetic
 from cimsim.report import plot_compute
 from cimsim.schedule import NoiseSchedule
 from cimsim.study import Subject, recipe_label, training_passes
+from conftest import authors_scales
 from train import train
 
 
@@ -207,3 +208,17 @@ def test_distilled_training_runs_and_its_checkpoint_holds_no_teacher(train_cfg, 
     state = torch.load(ckpt, weights_only=True)
     assert not any(k.startswith("teacher") for k in state["state_dict"])
     assert state["hyper_parameters"]["methods"]["teacher"] == str(teacher)
+
+
+def test_antithetic_pair_keeps_the_mean_shift():
+    # a pair averages the gradient at w + R mu + dw and w + R mu - dw: on a quadratic loss this
+    # is exactly the digital gradient at the shifted weights w + R mu (b + R f mu)
+    layer, x, y = quadratic_problem()
+    R, Rf = authors_scales(layer.weight, layer.bias)
+    shifted = nn.Linear(6, 3)
+    with torch.no_grad():
+        shifted.weight.copy_(layer.weight + R * 0.05)
+        shifted.bias.copy_(layer.bias + Rf * 0.05)
+    expected = gradient(shifted, x, y, L=1)
+    analog = convert_to_analog(layer, AnalogConfig(sigma=0.1, mean_shift=0.05)).train()
+    torch.testing.assert_close(gradient(analog, x, y, L=2, antithetic=True), expected)

@@ -6,6 +6,8 @@ Expected values are computed independently, in numpy/scipy closed forms (clipped
 normal moments, numerical integrals), never with the functions under test. Statistical checks use
 fixed seeds and 5 standard errors of the estimate: a correct model fails with probability
 < 1e-6, while a wrong constant, a wrong conductance in a formula or a missing clip fails.
+
+Over 350 lines: one closed-form moment check per formula of the PCM model.
 """
 
 import math

@@ -1,4 +1,4 @@
-"""ADC output quantization of mixed-signal CIM chips (docs/model.md, "ADC").
+"""ADC output quantization of mixed-signal CIM chips (docs/model.md, "ADC quantization").
 
 ``adc_quantize`` is the maths; ``ADC`` holds the calibrated range. A model marks the points
 where the authors' chip digitizes (block outputs) with ``ADC()`` modules: with ``levels=None``

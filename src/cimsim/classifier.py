@@ -278,3 +278,11 @@ def _check_methods(methods: TrainingMethods, chip: AnalogConfig, L: int) -> None
         raise ConfigError(
             "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
         )
+    schedule = methods.schedule
+    if chip.pcm_device and (schedule.kind != "constant" or schedule.kappa != 1):
+        raise ConfigError(
+            "noise.schedule.kind",
+            schedule.kind,
+            "must be constant with kappa 1 under noise.device=pcm: a schedule scales the "
+            "relative sigma, not the PCM device",
+        )

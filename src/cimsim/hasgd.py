@@ -164,7 +164,9 @@ def sam_ascent(params: list[torch.Tensor], rho: float, adaptive: bool = False) -
     gradients already in ``.grad``; restored on exit. ``e = rho g / ||g||``; ASAM (Kwon et al.
     2021, ``adaptive``) scales by the weights: ``e = rho |w|^2 g / || |w| g ||``. The caller
     clears ``.grad`` inside, computes the gradient at ``w + e``, and steps on the restored
-    ``w`` (2x the forward/backward cost of the same step without SAM)."""
+    ``w`` (one extra forward-backward pass: L + 1 per step). Unlike Kwon et al.'s reference code
+    (``|w| + eta`` for weights, no scaling for biases), ASAM here scales every tensor by ``|w|``,
+    so zero-initialized biases are not moved by the ascent until they grow."""
     with torch.no_grad():
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         scaled = [g * p.abs() if adaptive else g for g, p in zip(grads, params, strict=True)]

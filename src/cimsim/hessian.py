@@ -66,9 +66,10 @@ def analog_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
             continue
         c = m.config
         r_w, r_b = noise_scales(m.weight.detach(), m.bias, c.scale, c.per_channel, c.bias)
-        out[f"{prefix}.weight"] = (m.weight, r_w.square())
+        dot = f"{prefix}." if prefix else ""
+        out[f"{dot}weight"] = (m.weight, r_w.square())
         if m.bias is not None and r_b is not None:
-            out[f"{prefix}.bias"] = (m.bias, r_b.square())
+            out[f"{dot}bias"] = (m.bias, r_b.square())
     return out
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from cimsim.noise import tensor_seed
+from cimsim.noise import _Tape, tensor_seed
 from cimsim.validation import ConfigError, check_choice, check_number
 
 DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
@@ -354,7 +354,13 @@ def pcm_training_perturbation(
     Returns:
         The perturbation, detached, shaped and typed like ``weight``.
     """
+    if _antithetic_active():
+        raise RuntimeError("antithetic pairs need the relative device: PCM draws are not symmetric")
     w = _work(weight)
     chip = _program_pair(w, cfg, generator)
     w_t, alpha = _read_pair(chip, t_train, cfg, generator)
     return (w_t * alpha - w).to(weight.dtype)
+
+
+def _antithetic_active() -> bool:
+    return _Tape.mode is not None

@@ -43,6 +43,8 @@ class NoiseSchedule:
     def __post_init__(self):
         check_choice("kind", self.kind, SCHEDULES)
         check_number("kappa", self.kappa, minimum=0.0)
+        if self.kappa == 0:
+            raise ConfigError("kappa", self.kappa, "must be > 0")
         check_number("ramp_epochs", self.ramp_epochs, minimum=0.0)
         if self.kind == "ramp" and self.ramp_epochs == 0:
             raise ConfigError("ramp_epochs", self.ramp_epochs, "must be > 0 for a ramp")
