@@ -12,8 +12,11 @@ from torch import nn
 import cimsim.layers as layers
 import cimsim.noise as noise
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
+from cimsim.classifier import AnalogClassifier
+from cimsim.data import DigitsDataModule
 from cimsim.distill import distillation_loss
 from cimsim.hasgd import TrainingMethods, hasgd_backward, sam_ascent
+from cimsim.hessian import hessian_traces
 from cimsim.noise import antithetic
 from cimsim.report import plot_compute
 from cimsim.schedule import NoiseSchedule
@@ -222,3 +225,29 @@ def test_antithetic_pair_keeps_the_mean_shift():
     expected = gradient(shifted, x, y, L=1)
     analog = convert_to_analog(layer, AnalogConfig(sigma=0.1, mean_shift=0.05)).train()
     torch.testing.assert_close(gradient(analog, x, y, L=2, antithetic=True), expected)
+
+
+def test_hessian_monitor_logs_the_estimate_of_the_saved_weights(train_cfg, tmp_path):
+    cfg = train_cfg(
+        [
+            "logger=csv",
+            "test=false",
+            "noise.sigma=0.1",
+            "callbacks.robustness.final=null",
+            "callbacks.hessian.every_n_epochs=1",
+            "callbacks.hessian.probes=4",
+        ]
+    )
+    train(cfg)
+    logged = list(csv.DictReader(open(next(tmp_path.glob("csv/*/metrics.csv")))))
+    value = next(float(r["hessian/trace_weighted"]) for r in logged if r["hessian/trace_weighted"])
+    # recompute from the checkpoint of that epoch, on the same batch with the same probes
+    model = AnalogClassifier.load_from_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    dm = DigitsDataModule(batch_size=64, seed=42)
+    dm.setup("fit")
+    x, y = next(iter(dm.val_dataloader()))
+    net = model.net.eval()
+    _, (total, _) = hessian_traces(
+        net, lambda: F.cross_entropy(net(x), y), 4, torch.Generator().manual_seed(0)
+    )
+    assert value == pytest.approx(total, rel=1e-4)

@@ -1,12 +1,16 @@
-"""``RobustnessMonitor``: the robustness curve while training, and the full sweep at the end."""
+"""Training-time monitors: ``RobustnessMonitor`` (the robustness curve while training, the full
+sweep at the end) and ``HessianMonitor`` (the Hessian traces HA-SGD penalizes)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 
+from cimsim.hessian import hessian_traces
 from cimsim.robustness import (
     TRAIN,
     EvalSettings,
@@ -156,3 +160,57 @@ class RobustnessMonitor(pl.Callback):
             log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")
             print(format_summary(result.summary))
             print(f"robustness: {files.plot}")
+
+
+class HessianMonitor(pl.Callback):
+    """Every ``every_n_epochs`` epochs: Hutchinson estimates of the Hessian traces at the clean
+    weights on the first ``batches`` validation batches, logged as ``hessian/trace_weighted``
+    (``sum_t r_t^2 tr(H_t)``, the term HA-SGD penalizes, with ``hessian/trace_weighted_se``) and
+    ``hessian/trace/<tensor>`` per analog Conv/Linear tensor. Costs about ``2 * probes`` backward
+    passes per batch.
+
+    Args:
+        every_n_epochs: period; 0 switches it off.
+        probes: Rademacher probes per estimate (>= 2 for a standard error).
+        batches: validation batches the loss is averaged over.
+        seed: seed of the probes (the same probes every time).
+    """
+
+    def __init__(self, every_n_epochs: int = 5, probes: int = 8, batches: int = 1, seed: int = 0):
+        check_int("every_n_epochs", every_n_epochs, minimum=0)
+        check_int("probes", probes, minimum=1)
+        check_int("batches", batches, minimum=1)
+        self.every_n_epochs, self.probes, self.batches, self.seed = (
+            every_n_epochs,
+            probes,
+            batches,
+            seed,
+        )
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
+            return
+        loader = trainer.val_dataloaders
+        data = [b for _, b in zip(range(self.batches), loader, strict=False)]
+        net = pl_module.net
+
+        def loss():
+            return sum(
+                F.cross_entropy(net(x.to(pl_module.device)), y.to(pl_module.device))
+                for x, y in data
+            ) / len(data)
+
+        was_training = net.training
+        net.eval()  # the Hessian at the clean weights (no chip is programmed in training)
+        try:
+            with torch.enable_grad():
+                g = torch.Generator().manual_seed(self.seed)
+                estimates, (total, total_se) = hessian_traces(net, loss, self.probes, g)
+        finally:
+            net.train(was_training)
+        pl_module.log("hessian/trace_weighted", total)
+        if total_se == total_se:  # not NaN (one probe)
+            pl_module.log("hessian/trace_weighted_se", total_se)
+        for e in estimates:
+            pl_module.log(f"hessian/trace/{e.name}", e.trace)
