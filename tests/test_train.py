@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 import cimsim
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.adc import adcs
-from cimsim.classifier import AnalogClassifier, build_network
+from cimsim.classifier import AnalogClassifier
+from cimsim.convert import build_network
 from cimsim.hasgd import hasgd_backward
 from conftest import ROOT, authors_scales
 from train import train

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import os
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from cimsim.adc import adcs, calibrate_adc
 from cimsim.config import AnalogConfig
-from cimsim.convert import analog_layers, convert_to_analog
+from cimsim.convert import analog_layers, build_network, convert_to_analog
 from cimsim.distill import distillation_loss
 from cimsim.hasgd import (
     TrainingMethods,
@@ -30,27 +29,11 @@ from cimsim.hasgd import (
 )
 from cimsim.noise import tensor_seed
 from cimsim.robustness import EvalSettings, RobustnessGrid, evaluate_robustness
-from cimsim.validation import ConfigError, check_int, check_number, config_scope
+from cimsim.validation import check_int, check_number, config_scope
 
 # The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
 # from the "val" stream, disjoint from the chips of every reported (test) curve.
 VAL_CHIP_SEED = 0
-
-
-def build_network(spec: dict[str, Any]) -> nn.Module:
-    """Build a network from ``{"_target_": "module.Class", **kwargs}`` (no Hydra needed)."""
-    kwargs = dict(spec)
-    target = kwargs.pop("_target_", None)
-    if not isinstance(target, str) or "." not in target:
-        raise ConfigError(
-            "_target_", target, "must be a dotted path like 'cimsim.wide_resnet.WideResNet'"
-        )
-    module_name, _, attr = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ConfigError("_target_", target, f"cannot be imported ({err})") from err
-    return cls(**kwargs)
 
 
 class AnalogClassifier(pl.LightningModule):
@@ -96,7 +79,7 @@ class AnalogClassifier(pl.LightningModule):
         if not isinstance(methods, TrainingMethods):
             with config_scope("methods"):
                 methods = TrainingMethods(**methods)
-        _check_methods(methods, chip, L)
+        methods.check(chip, L)
         self.save_hyperparameters(
             {
                 "net": dict(net),
@@ -268,21 +251,3 @@ class AnalogClassifier(pl.LightningModule):
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
-
-
-def _check_methods(methods: TrainingMethods, chip: AnalogConfig, L: int) -> None:
-    """Combinations that cannot work fail here, naming the key."""
-    if methods.antithetic and L % 2:
-        raise ConfigError("hasgd.antithetic", True, f"needs an even L (hasgd.L={L})")
-    if methods.antithetic and chip.pcm_device:
-        raise ConfigError(
-            "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
-        )
-    schedule = methods.schedule
-    if chip.pcm_device and (schedule.kind != "constant" or schedule.kappa != 1):
-        raise ConfigError(
-            "noise.schedule.kind",
-            schedule.kind,
-            "must be constant with kappa 1 under noise.device=pcm: a schedule scales the "
-            "relative sigma, not the PCM device",
-        )

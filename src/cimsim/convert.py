@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
+from typing import Any
 
 from torch import nn
 
@@ -158,3 +160,19 @@ def clear_chip(model: nn.Module) -> nn.Module:
         layer.clear()
     _reset_adcs(model)
     return model
+
+
+def build_network(spec: dict[str, Any]) -> nn.Module:
+    """Build a network from ``{"_target_": "module.Class", **kwargs}`` (no Hydra needed)."""
+    kwargs = dict(spec)
+    target = kwargs.pop("_target_", None)
+    if not isinstance(target, str) or "." not in target:
+        raise ConfigError(
+            "_target_", target, "must be a dotted path like 'cimsim.wide_resnet.WideResNet'"
+        )
+    module_name, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ConfigError("_target_", target, f"cannot be imported ({err})") from err
+    return cls(**kwargs)

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cimsim.adc import ADC
+from cimsim.config import AnalogConfig
 from cimsim.noise import antithetic as antithetic_draws
 from cimsim.schedule import NoiseSchedule
 from cimsim.validation import ConfigError, check_choice, check_number
@@ -65,6 +66,23 @@ class TrainingMethods:
         check_number("distill_temperature", self.distill_temperature, minimum=0.0)
         if self.distill_temperature == 0:
             raise ConfigError("distill_temperature", 0, "must be > 0")
+
+    def check(self, chip: AnalogConfig, L: int) -> None:
+        """Combinations with the chip and L that cannot work fail here, naming the key."""
+        if self.antithetic and L % 2:
+            raise ConfigError("hasgd.antithetic", True, f"needs an even L (hasgd.L={L})")
+        if self.antithetic and chip.pcm_device:
+            raise ConfigError(
+                "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
+            )
+        schedule = self.schedule
+        if chip.pcm_device and (schedule.kind != "constant" or schedule.kappa != 1):
+            raise ConfigError(
+                "noise.schedule.kind",
+                schedule.kind,
+                "must be constant with kappa 1 under noise.device=pcm: a schedule scales the "
+                "relative sigma, not the PCM device",
+            )
 
 
 @contextmanager
