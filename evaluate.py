@@ -4,6 +4,7 @@
     python evaluate.py 'ckpt=[A.ckpt,B.ckpt]'                    # several models, one figure
     python evaluate.py ckpt_glob='outputs/train/runs/*/checkpoints/epoch_*.ckpt'
     python evaluate.py ckpt=A.ckpt robustness=mean_shift_sweep   # or robustness=adc_sweep
+    python evaluate.py ckpt=A.ckpt robustness=drift_sweep        # PCM: accuracy vs time
     python evaluate.py ckpt=A.ckpt chip.bias=shared              # on another chip than trained
     python evaluate.py sweep_dir=outputs/train/multiruns/<date>  # every job of a train.py -m sweep
     python evaluate.py ckpt=A.ckpt devices=4                     # chips split over 4 processes
@@ -33,8 +34,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
+from cimsim.pcm import DRIFT_COMPENSATIONS
 from cimsim.report import plot_compute
-from cimsim.robustness import SWEEPS, EvalSettings, RobustnessGrid, check_limits, format_summary
+from cimsim.robustness import (
+    SWEEPS,
+    EvalSettings,
+    RobustnessGrid,
+    check_limits,
+    check_time_sweep,
+    format_summary,
+    is_pcm,
+)
 from cimsim.study import (
     Evaluation,
     Subject,
@@ -89,14 +99,17 @@ def checkpoint_paths(cfg: DictConfig) -> list[Path]:
 
 def grid_for(cfg: DictConfig) -> RobustnessGrid:
     """The preset's grid; ``train`` in ``sigmas`` and ``adc_levels`` stands for each model's own
-    training value (``RobustnessGrid.for_chip``)."""
+    training value (``RobustnessGrid.for_chip``). Presets without ``times`` are no time sweep."""
     r = cfg.robustness
+    times = r.get("times")
     with config_scope("robustness"):
         return RobustnessGrid(
             sigmas=list(r.sigmas),
             mean_shifts=list(r.mean_shifts),
             adc_levels=list(r.adc_levels),
             chips=r.chips,
+            times=[None] if times is None else list(times),
+            repetitions=r.get("repetitions", 1),
         )
 
 
@@ -106,14 +119,50 @@ def chip_overrides(cfg: DictConfig) -> dict:
     names = [f.name for f in dataclasses.fields(AnalogConfig) if f.name not in SWEEPS]
     for key, value in overrides.items():
         if key in SWEEPS:
-            axis = {"sigma": "sigmas", "mean_shift": "mean_shifts"}.get(key, key)
+            axis = {"sigma": "sigmas", "mean_shift": "mean_shifts", "t_inference": "times"}
+            axis = axis.get(key, key)
             raise ConfigError(f"chip.{key}", value, f"is swept by the grid: set robustness.{axis}")
         if key not in names:
             allowed = "unknown chip field; allowed fields are " + ", ".join(names)
             raise ConfigError(f"chip.{key}", value, allowed)
-    with config_scope("chip"):
+    try:
         AnalogConfig(**overrides)  # each value checked before any checkpoint is loaded
+    except ConfigError as err:  # nested keys too: chip.pcm.drift_compensation
+        raise ConfigError(f"chip.{err.key}", err.value, err.allowed) from None
     return overrides
+
+
+def chip_variants(cfg: DictConfig) -> list[dict]:
+    """The overrides of each test chip of every checkpoint: the ``chip.<field>`` ones, once per
+    ``robustness.compensations`` setting (a curve each), unless ``chip.pcm.drift_compensation``
+    names one itself (it wins over the preset's list)."""
+    overrides = chip_overrides(cfg)
+    compensations = cfg.robustness.get("compensations")
+    pcm = overrides.get("pcm") or {}
+    if not compensations or "drift_compensation" in pcm:
+        return [overrides]
+    return [{**overrides, "pcm": {**pcm, "drift_compensation": c}} for c in compensations]
+
+
+def check_compensations(compensations) -> None:
+    """``robustness.compensations``: null, or distinct drift-compensation settings."""
+    if compensations is None:
+        return
+    if isinstance(compensations, str) or not compensations:
+        raise ConfigError("compensations", compensations, "must be null or a list: [global,none]")
+    for c in compensations:
+        check_choice("compensations", c, DRIFT_COMPENSATIONS)
+    if len(set(compensations)) != len(compensations):
+        raise ConfigError("compensations", list(compensations), "must not repeat a setting")
+
+
+def override_chip(trained: AnalogConfig, overrides: dict) -> AnalogConfig:
+    """The ``trained`` chip with ``overrides``; a nested ``pcm`` override replaces only the
+    fields it names (``chip.pcm.drift_compensation=none`` keeps the checkpoint's g_max)."""
+    overrides = dict(overrides)
+    if isinstance(overrides.get("pcm"), dict):
+        overrides["pcm"] = dataclasses.replace(trained.pcm, **overrides["pcm"])
+    return dataclasses.replace(trained, **overrides)
 
 
 def _one_line(err: BaseException) -> str:
@@ -157,7 +206,7 @@ def load_subject(
         raise ConfigError("ckpt", str(path), f"does not load ({_one_line(err)})") from None
     recipe, trained = recipe_label(model.chip, model.L, model.methods), model.chip
     with config_scope("chip"):
-        chip = dataclasses.replace(trained, **overrides)
+        chip = override_chip(trained, overrides)
         if chip != trained:
             model = load(chip=chip)
     grid = grid.for_chip(chip)
@@ -172,15 +221,24 @@ def load_subject(
 def load_subjects(
     cfg: DictConfig, paths: list[Path], grid: RobustnessGrid, device: torch.device
 ) -> tuple[list[Subject], list[dict | None]]:
-    """Every checkpoint's subject, and the data each one was trained on."""
-    overrides = chip_overrides(cfg)
-    loaded = [load_subject(p, grid, overrides, device) for p in paths]
+    """Every checkpoint's subject on each test chip (``chip_variants``), and the data each one was
+    trained on. A time sweep or a list of compensations on a model that is not a PCM chip fails
+    here, before any chip is measured."""
+    variants = chip_variants(cfg)
+    loaded = [load_subject(p, grid, o, device) for p in paths for o in variants]
     subjects = [s for s, _ in loaded]
+    compensations = cfg.robustness.get("compensations")
+    for s in subjects:
+        with config_scope("robustness"):
+            check_time_sweep(s.net, s.grid)
+        if compensations and not is_pcm(s.net):
+            why = f"{s.ckpt} is not a PCM model (device='pcm'): it has no drift to compensate"
+            raise ConfigError("robustness.compensations", list(compensations), why)
     labels = [s.label for s in subjects]
     for s in subjects:  # same recipe twice (e.g. two seeds): tell them apart by run folder
         if labels.count(s.label) > 1:
             s.label = f"{s.label} ({Path(s.ckpt).parent.parent.name})"
-    return subjects, [spec for _, spec in loaded]
+    return subjects, [spec for _, spec in loaded[:: len(variants)]]  # one per checkpoint
 
 
 # Keys of a datamodule spec that decide which images are held out for testing.
@@ -216,11 +274,14 @@ def load_datamodule(spec: dict):
 
 def check_settings(cfg: DictConfig) -> None:
     """Fail on a bad setting before anything is loaded."""
-    grid_for(cfg)
+    grid = grid_for(cfg)
     chip_overrides(cfg)
     r = cfg.robustness
     with config_scope("robustness"):
         check_choice("x", r.x, SWEEPS)
+        if r.x == "t_inference" and not grid.timed:
+            raise ConfigError("x", r.x, "needs robustness.times (seconds after programming)")
+        check_compensations(r.get("compensations"))
         check_calib_split(r.calib_split)
         check_limits(r.max_batches, r.calib_batches, r.calib_momentum)
     check_choice("accelerator", cfg.accelerator, ACCELERATORS)
@@ -263,7 +324,8 @@ def evaluate(cfg: DictConfig):
     check_same_split(spec, trained_on, paths)
     ev = evaluation(cfg, spec, fabric)
     r = cfg.robustness
-    title = f"{r.name}: {r.chips} chips per point, seed {cfg.seed}"
+    reads = f" x {r.repetitions} read-outs" if r.get("repetitions", 1) > 1 else ""
+    title = f"{r.name}: {r.chips} chips{reads} per point, seed {cfg.seed}"
     result, files = run_study(subjects, ev, cfg.paths.output_dir, r.x, title=title)
     if files is None:  # not rank 0
         return result

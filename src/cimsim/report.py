@@ -1,14 +1,15 @@
 """What a robustness study writes: the resumable rows file, the summary files and the figure.
 
-* ``robustness_rows.csv``: one ``Row`` per chip and grid point, appended and fsync'd chip by
-  chip (``RowsFile``), so a killed run resumes where it stopped and ends with exactly the file an
-  uninterrupted run writes. Each row carries a fingerprint of everything that determined it
-  (weights, data, test chip, limits, calibration, seed, stream); the sidecar
+* ``robustness_rows.csv``: one ``Row`` per chip and grid point (a time sweep's ``TimedRow`` per
+  chip, read-out and point, with ``t_inference`` and ``repetition`` columns), appended and
+  fsync'd chip by chip (``RowsFile``), so a killed run resumes where it stopped and ends with
+  exactly the file an uninterrupted run writes. Each row carries a fingerprint of everything
+  that determined it (weights, data, test chip, limits, calibration, seed, stream); the sidecar
   ``robustness_rows.fingerprints.json`` says what each fingerprint stands for. A subject's rows
   with another fingerprint are moved to ``robustness_rows.stale.csv`` and recomputed, never mixed.
 * ``robustness_summary.csv`` and ``robustness.json`` (rows and summary), written atomically.
 * ``robustness.png``: accuracy against the swept variable, one line per ``lines`` group, which
-  also groups the W&B curves (``cimsim.tracking``).
+  also groups the W&B curves (``cimsim.tracking``); time on a log axis in human units.
 
 The file is over 350 lines because it holds everything a study writes, and the resumable rows
 file alone (format, torn lines, fingerprints, stale rows) is over half of it.
@@ -26,17 +27,27 @@ import os
 import tempfile
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, fields, replace
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 from torch import nn
 
 from cimsim.convert import analog_layers
-from cimsim.robustness import SWEEPS, Point, RobustnessResult, Row, chip_settings
+from cimsim.robustness import (
+    SWEEPS,
+    Point,
+    Read,
+    RobustnessResult,
+    Row,
+    TimedRow,
+    chip_settings,
+    format_time,
+)
 from cimsim.validation import ConfigError
 
 ROWS_FILE = "robustness_rows.csv"
@@ -44,6 +55,18 @@ SUMMARY_FILE = "robustness_summary.csv"
 JSON_FILE = "robustness.json"
 PLOT_FILE = "robustness.png"
 COLUMNS = [f.name for f in fields(Row)]
+# A time sweep's rows: the read-out after the chip it was read from.
+TIMED_COLUMNS = [*COLUMNS[:2], "t_inference", "repetition", *COLUMNS[2:]]
+
+
+def columns(timed: bool) -> list[str]:
+    """The columns of a rows file: ``COLUMNS``, or ``TIMED_COLUMNS`` for a time sweep."""
+    return TIMED_COLUMNS if timed else COLUMNS
+
+
+def row_record(row: Row) -> dict:
+    """A row as its file's record: its columns in file order (``asdict`` order for a ``Row``)."""
+    return {c: getattr(row, c) for c in columns(isinstance(row, TimedRow))}
 
 
 class StaleRowsWarning(UserWarning):
@@ -167,9 +190,10 @@ _FROM_TEXT = {
 }
 
 
-def _parse(raw: dict[str, str]) -> Row:
-    """A row read back from CSV with the types ``Row`` declares."""
-    return Row(**{f.name: _FROM_TEXT[f.type](raw[f.name]) for f in fields(Row)})
+def _parse(raw: dict[str, str], timed: bool = False) -> Row:
+    """A row read back from CSV with the types ``Row`` (``TimedRow``) declares."""
+    kind = TimedRow if timed else Row
+    return kind(**{f.name: _FROM_TEXT[f.type](raw[f.name]) for f in fields(kind)})
 
 
 def _repair(path: Path) -> None:
@@ -180,25 +204,24 @@ def _repair(path: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)  # 0 when not even the header is complete
 
 
-def _read_raw(path: Path) -> list[dict[str, str]]:
-    """The rows of ``path`` as text (none if it does not exist), after dropping a torn line."""
+def _read_raw(path: Path, names: list[str] = COLUMNS) -> list[dict[str, str]]:
+    """The rows of ``path`` as text (none if it does not exist), after dropping a torn line;
+    its header must be ``names``."""
     if not path.exists():
         return []
     _repair(path)
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        if reader.fieldnames is not None and reader.fieldnames != COLUMNS:
-            why = (
-                f"has columns {reader.fieldnames}; rows are written as {COLUMNS}: use another file"
-            )
+        if reader.fieldnames is not None and reader.fieldnames != names:
+            why = f"has columns {reader.fieldnames}; rows are written as {names}: use another file"
             raise ConfigError("rows file", str(path), why)
         return list(reader)
 
 
-def _append(path: Path, records: Sequence[Mapping]) -> None:
+def _append(path: Path, records: Sequence[Mapping], names: list[str] = COLUMNS) -> None:
     """Append one chip's rows in a single write, durable before the next chip starts."""
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
     if path.stat().st_size == 0:
         writer.writeheader()
     writer.writerows(records)
@@ -208,12 +231,12 @@ def _append(path: Path, records: Sequence[Mapping]) -> None:
         os.fsync(f.fileno())
 
 
-def _write_records(path: Path, records: Sequence[Mapping]) -> Path:
-    """Write a whole rows CSV (header, then ``records``) atomically."""
+def _write_records(path: Path, records: Sequence[Mapping], names: list[str] = COLUMNS) -> Path:
+    """Write a whole rows CSV (header ``names``, then ``records``) atomically."""
 
     def write(tmp):
         with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+            writer = csv.DictWriter(f, fieldnames=names, lineterminator="\n")
             writer.writeheader()
             writer.writerows(records)
 
@@ -222,8 +245,9 @@ def _write_records(path: Path, records: Sequence[Mapping]) -> Path:
 
 def write_rows(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     """Write ``rows`` as one rows CSV, atomically, in the format ``RowsFile`` appends (e.g. the
-    merge of several processes' shares of the chips)."""
-    return _write_records(Path(path), [asdict(r) for r in rows])
+    merge of several processes' shares of the chips); a time sweep's rows with its columns."""
+    names = columns(any(isinstance(r, TimedRow) for r in rows))
+    return _write_records(Path(path), [row_record(r) for r in rows], names)
 
 
 class RowsFile:
@@ -248,21 +272,28 @@ class RowsFile:
         self.known = dict(known or {})
         self.fp = ""  # this run's fingerprint, set by resume
         self.fingerprints: dict[str, dict] = {}  # {fp: the settings it stands for}
+        self.timed = False  # whether the rows are a time sweep's (their columns), set by resume
 
     def resume(
-        self, model: nn.Module, determined: dict, expected: Mapping[tuple[int, Point], int]
-    ) -> dict[tuple[int, Point], Row]:
+        self,
+        model: nn.Module,
+        determined: dict,
+        expected: Mapping[tuple[int, Read, Point], int],
+        timed: bool = False,
+    ) -> dict[tuple[int, Read, Point], Row]:
         """This subject's rows already in the file with this run's settings (``known``,
-        ``model``'s test chip and what the evaluation ``determined``), at the ``(chip, point)``
-        keys of ``expected`` (-> chip seed). Its rows with another fingerprint go to
+        ``model``'s test chip and what the evaluation ``determined``), at the
+        ``(chip, read-out, point)`` keys of ``expected`` (-> chip seed); ``timed``: the file holds
+        a time sweep's rows (``TIMED_COLUMNS``). Its rows with another fingerprint go to
         ``<rows>.stale.csv`` first, with a ``StaleRowsWarning`` naming what changed."""
+        self.timed = timed
         settings = {**self.known, "chip": _model_chip(model), **determined}
         if "ckpt_sha256" not in settings:  # a module without a checkpoint file: hash its weights
             settings["state_sha256"] = state_sha256(model)
         settings = json.loads(json.dumps(settings, default=str))  # as the sidecar reads back
         self.fp = fingerprint(settings)
         self.fingerprints = {self.fp: settings}
-        raws = _read_raw(self.path)
+        raws = _read_raw(self.path, columns(timed))
         mine = [r for r in raws if (r["model"], r["ckpt"]) == (self.model, self.ckpt)]
         stale = [r for r in mine if r["fingerprint"] != self.fp]
         if stale:
@@ -273,8 +304,8 @@ class RowsFile:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
         done = {}
-        for row in (_parse(r) for r in mine if r["fingerprint"] == self.fp):
-            key = (row.chip, row.point)
+        for row in (_parse(r, timed) for r in mine if r["fingerprint"] == self.fp):
+            key = (row.chip, row.read, row.point)
             if expected.get(key) == row.chip_seed and key not in done:
                 done[key] = row
         return done
@@ -282,18 +313,19 @@ class RowsFile:
     def append(self, rows: Sequence[Row]) -> list[Row]:
         """Stamp one chip's rows with this subject and fingerprint, and append them durably."""
         stamped = [replace(r, model=self.model, ckpt=self.ckpt, fingerprint=self.fp) for r in rows]
-        _append(self.path, [asdict(r) for r in stamped])
+        _append(self.path, [row_record(r) for r in stamped], columns(self.timed))
         return stamped
 
     def _retire(self, raws: list[dict], stale: list[dict]) -> None:
         """Append ``stale`` to ``<rows>.stale.csv`` (durable first, so a crash can duplicate
         them but never lose them), then rewrite the rows file without them."""
+        names = columns(self.timed)
         stale_path = self.path.with_suffix(".stale.csv")
-        _read_raw(stale_path)  # drops a torn line; refuses a file of another format
+        _read_raw(stale_path, names)  # drops a torn line; refuses a file of another format
         stale_path.touch()
-        _append(stale_path, stale)  # as read: the text of the rows, unchanged
+        _append(stale_path, stale, names)  # as read: the text of the rows, unchanged
         gone = {id(r) for r in stale}
-        _write_records(self.path, [r for r in raws if id(r) not in gone])
+        _write_records(self.path, [r for r in raws if id(r) not in gone], names)
 
     def _stale_message(self, stale: list[dict], settings: dict) -> str:
         known = read_fingerprints(self.path)
@@ -330,7 +362,7 @@ def write_results(result: RobustnessResult, out_dir: str | os.PathLike) -> tuple
             writer.writerows(result.summary)
 
     def write_json(tmp):
-        records = {"rows": [asdict(r) for r in result.rows], "summary": result.summary}
+        records = {"rows": [row_record(r) for r in result.rows], "summary": result.summary}
         doc = {
             k: [{c: _json_safe(v) for c, v in r.items()} for r in rs] for k, rs in records.items()
         }
@@ -347,6 +379,7 @@ _AXIS_LABELS = {
     "sigma": "test noise sigma (fraction of range)",
     "mean_shift": "test mean shift mu (fraction of range)",
     "adc_levels": "ADC levels (log2 scale; bits = log2(levels))",
+    "t_inference": "time after programming t_inference (log scale)",
 }
 
 
@@ -354,7 +387,7 @@ def lines(summary: Sequence[dict], x: str) -> dict[str, list[dict]]:
     """The curves of a figure along ``x``: summary entries grouped by model and by the value of
     every other swept variable that varies (named in the label), in order of appearance. The PNG
     and the W&B line series both draw exactly these."""
-    others = [k for k in SWEEPS if k != x and len({s[k] for s in summary}) > 1]
+    others = [k for k in SWEEPS if k != x and len({s.get(k) for s in summary}) > 1]
     groups: dict[str, list[dict]] = {}
     for s in summary:
         parts = [str(s["model"])] if s.get("model") is not None else []
@@ -363,13 +396,14 @@ def lines(summary: Sequence[dict], x: str) -> dict[str, list[dict]]:
     return groups
 
 
-def _draw_line(ax, label: str, entries: list[dict], x: str) -> None:
-    """One mean curve with its shaded 95 % CI; for ADC sweeps "no ADC" is a dashed reference."""
+def _draw_line(ax, label: str, entries: list[dict], x: str, position: Callable) -> None:
+    """One mean curve with its shaded 95 % CI at ``position(x value)``; for ADC sweeps "no ADC"
+    is a dashed reference."""
     refs = [e for e in entries if x == "adc_levels" and e["adc_levels"] is None]
     entries = sorted((e for e in entries if not any(e is r for r in refs)), key=lambda e: e[x])
     color = None
     if entries:
-        xs = [e[x] for e in entries]
+        xs = [position(e[x]) for e in entries]
         mean = [100 * e["acc_mean"] for e in entries]
         # NaN half-widths (one chip) leave no band rather than a misleading zero-width one.
         ci = [100 * e["acc_ci95"] for e in entries]
@@ -383,6 +417,19 @@ def _draw_line(ax, label: str, entries: list[dict], x: str) -> None:
         ax.axhline(mean, linestyle="--", linewidth=1, color=color, label=f"{label} (no ADC)")
 
 
+def _time_axis(ax, times: Sequence[float]) -> Callable[[float], float]:
+    """A log time axis with a tick at every time in human units; ``t_inference = 0`` sits a
+    decade below the smallest positive time (at 1 s without one), labelled ``0``. Returns where
+    a time is drawn."""
+    positive = [t for t in times if t > 0]
+    zero = min(positive) / 10 if positive else 1.0
+    ax.set_xscale("log")
+    ticks = sorted(set(times))
+    ax.set_xticks([t or zero for t in ticks], [format_time(t) for t in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())  # decades between the ticks would read as times
+    return lambda t: t or zero
+
+
 def plot_robustness(
     summary: Sequence[dict], x: str, path: str | os.PathLike, title: str | None = None
 ) -> Path:
@@ -390,7 +437,8 @@ def plot_robustness(
 
     Args:
         summary: entries of ``summarize``; one line per ``lines`` group.
-        x: ``sigma``, ``mean_shift`` or ``adc_levels`` (log2 axis; "no ADC" as a dashed line).
+        x: ``sigma``, ``mean_shift``, ``adc_levels`` (log2 axis; "no ADC" as a dashed line) or
+            ``t_inference`` (log axis, ticks in human units, t = 0 at the left).
         path: the PNG to write (atomically, 150 dpi).
         title: optional figure title.
 
@@ -401,12 +449,16 @@ def plot_robustness(
         raise ConfigError("x", x, "allowed values are " + ", ".join(map(repr, SWEEPS)))
     if not summary:
         raise ValueError("plot_robustness got an empty summary")
+    timed = x == "t_inference"
+    if timed and any("t_inference" not in s for s in summary):
+        raise ConfigError("x", x, "needs a time sweep's summary (a grid with times)")
     # A bare Figure on the Agg canvas, no pyplot: no display needed, no global figure state.
     fig = Figure(figsize=(6, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
+    position = _time_axis(ax, [s[x] for s in summary]) if timed else (lambda value: value)
     for label, entries in lines(summary, x).items():
-        _draw_line(ax, label, entries, x)
+        _draw_line(ax, label, entries, x, position)
     if x == "adc_levels":
         ax.set_xscale("log", base=2)
         ticks = sorted({s["adc_levels"] for s in summary if s["adc_levels"] is not None})
@@ -414,7 +466,10 @@ def plot_robustness(
     ax.set_xlabel(_AXIS_LABELS[x])
     ax.set_ylabel("top-1 test accuracy (%), mean ± 95 % CI")
     ax.grid(True, alpha=0.3)
-    ax.legend()
+    if timed:  # labels name the test chip's compensation: long, so below the axes
+        fig.legend(loc="outside lower center", fontsize="small")
+    else:
+        ax.legend()
     if title:
         ax.set_title(title)
     return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))

@@ -8,10 +8,14 @@ mean, the standard deviation and a Student-t 95 % confidence interval over chips
 select checkpoints (``stream="val"``) never coincide with the chips that are reported
 (``stream="test"``).
 
+A PCM time sweep (``times``) reads every programmed chip at each ``t_inference`` ``repetitions``
+times (``set_time``, once per chip, time and read-out) before sweeping the other axes; its summary
+separates the chip-to-chip spread from the read-to-read spread (``summarize``).
+
 This module measures; ``cimsim.report`` keeps the rows in a resumable file and draws them, and
-``cimsim.study`` runs several models into one set of files. The file is over 350 lines because
-the measurement reads as one story: the grid, the row, the settings, one chip, many chips, the
-summary.
+``cimsim.study`` runs several models into one set of files. The file is over 600 lines because
+the measurement reads as one story: the grid (and its time axis), the row, the settings, one
+chip, many chips, the summary (and that of a time sweep).
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import operator
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import stats
@@ -30,20 +36,22 @@ from torch import nn
 from tqdm import tqdm
 
 from cimsim.adc import adcs, calibrate_adc, set_adc
-from cimsim.convert import analog_layers, program_chip, set_noise
+from cimsim.convert import analog_layers, program_chip, set_noise, set_time
 from cimsim.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 if TYPE_CHECKING:  # report imports this module; the annotation only names its class
     from cimsim.report import RowsFile
 
-# AnalogConfig fields a grid sweeps: the figure's possible x axes, and what a test chip leaves to
-# the grid (the rest of the chip is fixed for a whole sweep).
-SWEEPS = ("sigma", "mean_shift", "adc_levels")
+# What a grid sweeps: the figure's possible x axes, and what a test chip leaves to the grid (the
+# AnalogConfig fields sigma, mean_shift, adc_levels and a PCM chip's time after programming; the
+# rest of the chip is fixed for a whole sweep).
+SWEEPS = ("sigma", "mean_shift", "adc_levels", "t_inference")
 STREAMS = ("test", "val")  # chips that are reported / chips that select checkpoints
 TRAIN = "train"  # in a grid's sigmas or adc_levels: each model's own training value
 
 Point = tuple[float, float, int | None]  # (sigma, mean_shift, adc_levels)
+Read = tuple[float, int] | None  # (t_inference, repetition) of a PCM time sweep; None otherwise
 
 
 def _non_empty_tuple(key: str, values: Any) -> tuple:
@@ -67,12 +75,19 @@ class RobustnessGrid:
             ``"train"``: the model's own training levels (``None`` for a model trained without
             ADC). These override the levels the model was converted with (restored afterwards).
         chips: number of chip instances N (the authors used 20, Joshi et al. 100).
+        times: ``t_inference`` values (s after programming) at which a PCM chip
+            (``device='pcm'``) is read, or ``(None,)`` (default): no time sweep, the chip as
+            programmed.
+        repetitions: read-outs R per chip and time (each redraws only the read noise); 1 without
+            ``times``.
     """
 
     sigmas: tuple[float | str, ...]
     mean_shifts: tuple[float, ...] = (0.0,)
     adc_levels: tuple[int | str | None, ...] = (None,)
     chips: int = 20
+    times: tuple[float | None, ...] = (None,)
+    repetitions: int = 1
 
     def __post_init__(self):
         # Lists from a config file become tuples, numbers become floats: a frozen, hashable grid
@@ -93,6 +108,28 @@ class RobustnessGrid:
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "mean_shifts", tuple(float(m) for m in shifts))
         object.__setattr__(self, "adc_levels", tuple(levels))
+        object.__setattr__(self, "times", self._checked_times())
+
+    def _checked_times(self) -> tuple[float | None, ...]:
+        times = _non_empty_tuple("times", self.times)
+        check_int("repetitions", self.repetitions, minimum=1)
+        if times == (None,):
+            if self.repetitions != 1:
+                why = "read-outs are repeated per time: set times too (seconds after programming)"
+                raise ConfigError("repetitions", self.repetitions, why)
+            return times
+        for t in times:
+            if t is None:
+                raise ConfigError("times", list(times), "null only alone: [null] = no time sweep")
+            check_number("times", t, minimum=0.0)
+        if len(set(times)) != len(times):
+            raise ConfigError("times", list(times), "must not repeat a time")
+        return tuple(float(t) for t in times)
+
+    @property
+    def timed(self) -> bool:
+        """Whether this is a PCM time sweep (``times`` given)."""
+        return self.times != (None,)
 
     def for_chip(self, chip) -> RobustnessGrid:
         """This grid with ``train`` replaced by the training ``chip``'s (an ``AnalogConfig``)
@@ -115,6 +152,17 @@ class RobustnessGrid:
                     key, TRAIN, "resolve it first with grid.for_chip(the model's training chip)"
                 )
         return itertools.product(self.sigmas, self.mean_shifts, self.adc_levels)
+
+    def reads(self) -> list[Read]:
+        """``(t_inference, repetition)`` of every read-out of a chip, in order; ``[None]``
+        without a time sweep."""
+        if not self.timed:
+            return [None]
+        return [(t, rep) for t in self.times for rep in range(self.repetitions)]
+
+    def cells(self) -> list[tuple[Read, Point]]:
+        """What a chip is measured at: every read-out, and at each every point (fastest)."""
+        return list(itertools.product(self.reads(), self.points()))
 
 
 @dataclass(frozen=True)
@@ -143,6 +191,24 @@ class Row:
     @property
     def point(self) -> Point:
         return (self.sigma, self.mean_shift, self.adc_levels)
+
+    @property
+    def read(self) -> Read:
+        return None
+
+
+@dataclass(frozen=True)
+class TimedRow(Row):
+    """A row of a PCM time sweep: the chip read ``t_inference`` s after programming, read-out
+    ``repetition`` (0, 1, ...; each redraws only the read noise). Its file has these two columns
+    after ``chip_seed``; a sweep without times writes plain ``Row``s and today's columns."""
+
+    t_inference: float = 0.0
+    repetition: int = 0
+
+    @property
+    def read(self) -> Read:
+        return (self.t_inference, self.repetition)
 
 
 @dataclass
@@ -270,20 +336,33 @@ def _calibrate(model: nn.Module, settings: EvalSettings, seed: int) -> None:
 
 
 def _evaluate_chip(
-    model: nn.Module, chip: int, seed: int, points: Sequence[Point], test_loader, settings
+    model: nn.Module,
+    chip: int,
+    seed: int,
+    cells: Sequence[tuple[Read, Point]],
+    test_loader,
+    settings: EvalSettings,
 ) -> list[Row]:
-    """Program chip ``chip`` once and measure it at every point (common random numbers)."""
+    """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
+    chip is moved to each read-out's time once (its weights are computed there, not per batch)."""
     program_chip(model, seed)
     model.eval()
     rows = []
-    for sigma, mean_shift, levels in points:
-        # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
-        set_noise(model, sigma=sigma, mean_shift=mean_shift)
-        set_adc(model, levels)
-        if levels is not None:
-            _calibrate(model, settings, seed)
-        acc, loss, n = _measure(model, test_loader, settings.max_batches)
-        rows.append(Row(chip, seed, sigma, mean_shift, levels, acc, loss, n))
+    for read, group in itertools.groupby(cells, key=operator.itemgetter(0)):
+        if read is not None:
+            set_time(model, *read)
+        for _, (sigma, mean_shift, levels) in group:
+            # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
+            set_noise(model, sigma=sigma, mean_shift=mean_shift)
+            set_adc(model, levels)
+            if levels is not None:
+                _calibrate(model, settings, seed)
+            acc, loss, n = _measure(model, test_loader, settings.max_batches)
+            measured = (chip, seed, sigma, mean_shift, levels, acc, loss, n)
+            if read is None:
+                rows.append(Row(*measured))
+            else:
+                rows.append(TimedRow(*measured, t_inference=read[0], repetition=read[1]))
     return rows
 
 
@@ -326,6 +405,7 @@ def _chips(model: nn.Module, grid: RobustnessGrid, settings: EvalSettings) -> li
     if not isinstance(grid, RobustnessGrid):
         raise TypeError(f"grid must be a RobustnessGrid, got {type(grid).__name__}")
     grid.points()  # no unresolved "train" left
+    check_time_sweep(model, grid)
     given = settings.chip_indices
     chips = list(range(grid.chips)) if given is None else list(given)
     for c in chips:
@@ -350,10 +430,26 @@ def _chips(model: nn.Module, grid: RobustnessGrid, settings: EvalSettings) -> li
     return sorted(set(chips))
 
 
+def is_pcm(model: nn.Module) -> bool:
+    """Whether ``model`` has Conv/Linear weights on PCM devices (``AnalogConfig(device='pcm')``)."""
+    return any(layer.uses_device and layer.config.pcm_device for _, layer in analog_layers(model))
+
+
+def check_time_sweep(model: nn.Module, grid: RobustnessGrid) -> None:
+    """A grid with ``times`` needs a PCM chip: only its weights move in time."""
+    if grid.timed and not is_pcm(model):
+        raise ConfigError(
+            "times",
+            list(grid.times),
+            "a time sweep needs a PCM chip (a model trained or converted with device='pcm', "
+            "noise=pcm); this model's Conv/Linear weights do not drift: use times=[null]",
+        )
+
+
 def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
     """Rows in the canonical order: by chip, then grid order (e.g. to merge DDP ranks' rows)."""
-    order = {p: i for i, p in enumerate(grid.points())}
-    return sorted(rows, key=lambda r: (r.chip, order[r.point]))
+    order = {cell: i for i, cell in enumerate(grid.cells())}
+    return sorted(rows, key=lambda r: (r.chip, order[(r.read, r.point)]))
 
 
 def evaluate_robustness(
@@ -370,7 +466,9 @@ def evaluate_robustness(
             and ranges and train/eval modes are restored on return (also on an exception).
         test_loader: ``(x, y)`` batches in a fixed order (rows are then bit-reproducible); top-1
             accuracy and mean cross-entropy over all of them.
-        grid: the sweep and the number of chips (``train`` tokens resolved: ``grid.for_chip``).
+        grid: the sweep and the number of chips (``train`` tokens resolved: ``grid.for_chip``);
+            with ``times``, each chip is programmed once and read at every time and repetition
+            (``TimedRow``s), which needs a PCM model.
         settings: seed, stream, calibration, limits, which chips, progress bar (``None``: the
             defaults of ``EvalSettings``).
         rows_file: where each chip's rows go as soon as it is done (``cimsim.report.RowsFile``):
@@ -378,25 +476,27 @@ def evaluate_robustness(
             and the returned rows carry its subject and fingerprint.
 
     Returns:
-        The rows (sorted by chip, then grid order), their ``summarize``, and the fingerprint.
+        The rows (sorted by chip, then read-out and grid order), their ``summarize``, and the
+        fingerprints.
     """
     settings = settings or EvalSettings()
     chips = _chips(model, grid, settings)
     seeds = {c: chip_seed(settings.seed, c, settings.stream) for c in chips}
-    done: dict[tuple[int, Point], Row] = {}
+    cells = grid.cells()
+    done: dict[tuple[int, Read, Point], Row] = {}
     if rows_file is not None:
-        expected = {(c, p): seeds[c] for c in chips for p in grid.points()}
-        done = rows_file.resume(model, settings.determinants(), expected)
-    todo = [(c, [p for p in grid.points() if (c, p) not in done]) for c in chips]
-    todo = [(c, points) for c, points in todo if points]
+        expected = {(c, *cell): seeds[c] for c in chips for cell in cells}
+        done = rows_file.resume(model, settings.determinants(), expected, timed=grid.timed)
+    todo = [(c, [cell for cell in cells if (c, *cell) not in done]) for c in chips]
+    todo = [(c, missing) for c, missing in todo if missing]
     rows = list(done.values())
     n = len(chips)
     bar = tqdm(
         total=n, initial=n - len(todo), desc="chips", unit="chip", disable=not settings.progress
     )
     with bar, _preserved(model):
-        for c, points in todo:
-            new = _evaluate_chip(model, c, seeds[c], points, test_loader, settings)
+        for c, missing in todo:
+            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings)
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
     rows = sort_rows(rows, grid)
@@ -414,24 +514,39 @@ def _t_ci95(std: float, n: int) -> float:
     return float(stats.t.ppf(0.975, n - 1)) * std / math.sqrt(n)
 
 
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and std (ddof=1; NaN for one value) with exactly rounded sums."""
+    n = len(values)
+    mean = math.fsum(values) / n
+    std = math.sqrt(math.fsum((a - mean) ** 2 for a in values) / (n - 1)) if n > 1 else math.nan
+    return mean, std
+
+
 def summarize(rows: Iterable[Row]) -> list[dict]:
     """Mean, std (ddof=1), 95 % CI and mean loss over chips, per grid point and model.
 
     Groups keep the order in which they first appear in ``rows`` (for the rows of
     ``evaluate_robustness``: grid order). When rows name their ``model``, it keys the groups and
-    heads every entry, so rows of several models can be summarized at once.
+    heads every entry, so rows of several models can be summarized at once. Rows of a time sweep
+    (``TimedRow``) are summarized per time as ``summarize_times`` says.
     """
-    groups: dict[tuple, list[Row]] = {}
     rows = list(rows)
     has_model = any(r.model for r in rows)
+    timed = [isinstance(r, TimedRow) for r in rows]
+    if any(timed):
+        if not all(timed):
+            raise ValueError(
+                "rows of a time sweep and of another sweep cannot be summarized together"
+            )
+        return summarize_times(rows, has_model)
+    groups: dict[tuple, list[Row]] = {}
     for r in rows:
         groups.setdefault((r.model, *r.point), []).append(r)
     summary = []
     for (model, sigma, mean_shift, levels), group in groups.items():
         acc = [r.acc for r in group]
         n = len(acc)
-        mean = math.fsum(acc) / n
-        std = math.sqrt(math.fsum((a - mean) ** 2 for a in acc) / (n - 1)) if n > 1 else math.nan
+        mean, std = _mean_std(acc)
         entry = {"model": model} if has_model else {}
         entry.update(
             sigma=sigma,
@@ -447,18 +562,93 @@ def summarize(rows: Iterable[Row]) -> list[dict]:
     return summary
 
 
+def summarize_times(rows: Sequence[TimedRow], has_model: bool = True) -> list[dict]:
+    """The summary of a time sweep, per model, ``t_inference`` and grid point.
+
+    Chips are the independent units; the R read-outs of a chip share its programming noise and
+    drift exponents. With ``a[c, r]`` the accuracy of chip c at read-out r and ``m[c]`` its mean
+    over read-outs: ``acc_mean`` = mean of ``m`` (the mean over chips and read-outs when every
+    chip has R), ``acc_ci95`` = Student-t 95 % CI half-width of that mean over chips,
+    ``acc_std_chip`` = std (ddof=1) of ``m`` (chip-to-chip spread), ``acc_std_read`` =
+    ``sqrt(mean_c var_r a[c, r])`` (ddof=1; read-to-read spread, NaN for R = 1), ``acc_p5`` = the
+    5th percentile of ``m`` (linear interpolation, numpy's default), ``loss_mean`` over all rows,
+    ``chips`` N and ``repetitions`` (read-outs per chip, the fewest if they differ).
+    """
+    groups: dict[tuple, dict[int, list[TimedRow]]] = {}
+    for r in rows:
+        key = (r.model, r.t_inference, *r.point)
+        groups.setdefault(key, {}).setdefault(r.chip, []).append(r)
+    summary = []
+    for (model, t, sigma, mean_shift, levels), by_chip in groups.items():
+        reads = [[r.acc for r in chip_rows] for chip_rows in by_chip.values()]  # (N, R)
+        means = [_mean_std(a)[0] for a in reads]
+        n = len(means)
+        mean, chip_std = _mean_std(means)
+        read_var = [_mean_std(a)[1] ** 2 for a in reads]
+        losses = [r.loss for chip_rows in by_chip.values() for r in chip_rows]
+        entry = {"model": model} if has_model else {}
+        entry.update(
+            t_inference=t,
+            sigma=sigma,
+            mean_shift=mean_shift,
+            adc_levels=levels,
+            acc_mean=mean,
+            acc_ci95=_t_ci95(chip_std, n),
+            acc_std_chip=chip_std,
+            acc_std_read=math.sqrt(math.fsum(read_var) / n),
+            acc_p5=float(np.percentile(means, 5)),
+            loss_mean=math.fsum(losses) / len(losses),
+            chips=n,
+            repetitions=min(len(a) for a in reads),
+        )
+        summary.append(entry)
+    return summary
+
+
+_TIME_UNITS = (("y", 365 * 86400), ("d", 86400), ("h", 3600), ("min", 60), ("s", 1))
+
+
+def format_time(seconds: float) -> str:
+    """A ``t_inference`` in human units: ``0``, ``20 s``, ``1 min``, ``1 h``, ``30 d``, ``1 y``
+    (a year is 365 days)."""
+    if seconds == 0:
+        return "0"
+    for unit, size in _TIME_UNITS:
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
 def format_summary(summary: Sequence[dict]) -> str:
-    """An aligned text table of a summary, accuracies in percent."""
+    """An aligned text table of a summary, accuracies in percent (times in human units)."""
     named = any("model" in s for s in summary)
-    head = ["sigma", "mean_shift", "adc_levels", "acc_mean%", "ci95%", "acc_std%", "loss_mean"]
-    header = ["model"] * named + head + ["chips"]
-    table = [header]
-    for s in summary:
-        levels = "none" if s["adc_levels"] is None else str(s["adc_levels"])
-        percent = [f"{100 * s[k]:.2f}" for k in ("acc_mean", "acc_ci95", "acc_std")]
-        cells = [f"{s['sigma']:g}", f"{s['mean_shift']:g}", levels, *percent]
-        table.append([str(s["model"])] * named + cells + [f"{s['loss_mean']:.4f}", str(s["chips"])])
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    timed = any("t_inference" in s for s in summary)
+    columns = [("model", "model", str)] * named
+    columns += [("t_inference", "t_inference", format_time)] * timed
+    columns += [
+        ("sigma", "sigma", "{:g}".format),
+        ("mean_shift", "mean_shift", "{:g}".format),
+        ("adc_levels", "adc_levels", lambda n: "none" if n is None else str(n)),
+        ("acc_mean", "acc_mean%", _percent),
+        ("acc_ci95", "ci95%", _percent),
+    ]
+    if timed:
+        columns += [
+            ("acc_std_chip", "chip_std%", _percent),
+            ("acc_std_read", "read_std%", _percent),
+            ("acc_p5", "p5%", _percent),
+        ]
+    else:
+        columns.append(("acc_std", "acc_std%", _percent))
+    columns += [("loss_mean", "loss_mean", "{:.4f}".format), ("chips", "chips", str)]
+    columns += [("repetitions", "reads", str)] * timed
+    table = [[header for _, header, _ in columns]]
+    table += [[show(s[key]) for key, _, show in columns] for s in summary]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join(
         "  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) for row in table
     )

@@ -190,8 +190,11 @@ def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
     ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
     ``train sigma=0.1, L=4 | chip bias=shared``. The grid's axes are the rows' own columns and
     the figure's axes, except one: a single ADC setting other than the training chip's
-    ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have."""
-    parts = _differences(chip_settings(chip), chip_settings(AnalogConfig()))
+    ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have. A PCM
+    chip reads ``train ..., PCM t_train=3600s | chip device=pcm`` (``t_train`` is the recipe's)."""
+    # t_train acts only in training (the recipe names it); a test chip is read at the grid's times.
+    settings = {k: v for k, v in chip_settings(chip).items() if k != "t_train"}
+    parts = _differences(settings, chip_settings(AnalogConfig()))
     if len(grid.adc_levels) == 1 and grid.adc_levels[0] != chip.adc_levels:
         parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
     return f"{recipe} | chip {', '.join(parts)}" if parts else recipe

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import netrc
 import os
-from dataclasses import asdict
 from pathlib import Path
 
-from cimsim.report import lines
+from cimsim.report import lines, row_record
 from cimsim.robustness import Row
 
 
@@ -67,7 +66,7 @@ def log_robustness(
         for label, entries in lines(summary, x).items()
     }
     payload = {
-        f"{prefix}/rows": _table([asdict(r) for r in rows]),
+        f"{prefix}/rows": _table([row_record(r) for r in rows]),
         f"{prefix}/summary": _table(summary),
     }
     if plot is not None:
