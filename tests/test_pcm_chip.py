@@ -12,9 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import cimsim
+import cimsim.convert
+import cimsim.robustness
 from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_time
 from cimsim.pcm import PCMConfig, PCMWeights, pcm_training_perturbation
 from cimsim.robustness import EvalSettings, RobustnessGrid, evaluate_robustness
+from train import train
 
 
 def net() -> nn.Sequential:
@@ -138,3 +141,19 @@ def test_an_evaluation_leaves_the_chip_at_its_time():
         chip, loader, RobustnessGrid(sigmas=[0.0], chips=2), EvalSettings(progress=False)
     )
     assert chip[0].chip_time == (86400.0, 1) and torch.equal(chip(X), before)
+
+
+def test_val_acc_noisy_of_a_pcm_model_reads_its_chips_at_t_train(train_cfg, monkeypatch):
+    times = []
+    real = cimsim.convert.set_time
+
+    def spy(model, t, repetition=0):
+        times.append(t)
+        return real(model, t, repetition)
+
+    monkeypatch.setattr(cimsim.robustness, "set_time", spy)
+    overrides = ["noise=pcm", "noise.t_train=3600", "logger=none", "test=false"]
+    train(
+        train_cfg([*overrides, "callbacks.robustness=null", "callbacks.hessian.every_n_epochs=0"])
+    )
+    assert times and set(times) == {3600.0}

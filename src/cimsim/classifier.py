@@ -228,6 +228,8 @@ class AnalogClassifier(pl.LightningModule):
             mean_shifts=[self.chip.mean_shift],
             adc_levels=[self.chip.adc_levels],
             chips=self.val_chips,
+            # a PCM chip is read at the time training targets, not right after programming
+            times=[self.chip.t_train] if self.chip.pcm_device else [None],
         )
         limit = self.trainer.limit_val_batches
         settings = EvalSettings(
