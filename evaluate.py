@@ -14,6 +14,9 @@ robustness.json and robustness.png into outputs/evaluate/<run_name>/, logs them 
 prints a summary table. Rerunning the same command resumes from the rows already written; rows
 computed with other settings are moved to robustness_rows.stale.csv and recomputed.
 A sweep's study goes to <sweep_dir>/evaluate/<run_name>/.
+
+The file is over 350 lines because the command line is one recipe plus its checks: checkpoint
+selection, test-chip overrides, split checks and PCM compensation subjects, each a short function.
 """
 
 from __future__ import annotations

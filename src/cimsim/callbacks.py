@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 
+from cimsim.checkpoint import datamodule_spec
 from cimsim.hessian import hessian_traces
 from cimsim.robustness import (
     TRAIN,
@@ -24,7 +25,6 @@ from cimsim.study import (
     Subject,
     calibration_loader,
     check_calib_split,
-    data_spec,
     recipe_label,
     run_study,
     subject_label,
@@ -144,7 +144,7 @@ class RobustnessMonitor(pl.Callback):
             rank=trainer.global_rank,
             world_size=trainer.world_size,
             calib_split=self.calib_split,
-            data_spec=data_spec(datamodule),
+            data_spec=datamodule_spec(datamodule),
         )
         label = subject_label(
             recipe_label(module.chip, module.L, module.methods), module.chip, grid

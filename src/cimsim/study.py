@@ -125,12 +125,6 @@ def calibration_loader(datamodule, split: str) -> DataLoader:
     )
 
 
-def data_spec(datamodule) -> dict:
-    """``{"_target_": class path, **hparams}``: the datamodule as a checkpoint records it."""
-    cls = type(datamodule)
-    return {"_target_": f"{cls.__module__}.{cls.__qualname__}", **dict(datamodule.hparams)}
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
