@@ -37,8 +37,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
+from cimsim.hessian import hessian_traces
 from cimsim.pcm import DRIFT_COMPENSATIONS
-from cimsim.report import plot_compute
+from cimsim.report import plot_compute, plot_loss_prediction
 from cimsim.robustness import (
     SWEEPS,
     EvalSettings,
@@ -339,10 +340,34 @@ def evaluate(cfg: DictConfig):
     print(format_summary(result.summary))
     for name, path in vars(files).items():
         print(f"{name:<8}: {path}")
+    if cfg.get("hessian"):  # the Hessian traces HA-SGD penalizes, and what they predict
+        traces = hessian_of(subjects, ev.test_loader, cfg.hessian_probes, cfg.hessian_batches)
+        table, plot = plot_loss_prediction(result.summary, traces, cfg.paths.output_dir)
+        print(f"hessian : {table}\nhessian : {plot}")
     if r.get("target_sigma") is not None:  # robust accuracy vs training compute
         table, plot = plot_compute(result.summary, subjects, r.target_sigma, cfg.paths.output_dir)
         print(f"compute : {table}\ncompute : {plot}")
     return result
+
+
+def hessian_of(subjects, loader, probes: int, batches: int) -> dict[str, dict]:
+    """Each subject's range-weighted Hessian trace (Hutchinson) at its clean weights, on the
+    first ``batches`` test batches, with its standard error and the probe count."""
+    data = [b for _, b in zip(range(batches), loader, strict=False)]
+    out = {}
+    for s in subjects:
+        net = s.net.eval()
+        device = next(net.parameters()).device
+
+        def loss(net=net, device=device):
+            return sum(
+                torch.nn.functional.cross_entropy(net(x.to(device)), y.to(device)) for x, y in data
+            ) / len(data)
+
+        with torch.enable_grad():
+            _, (total, se) = hessian_traces(net, loss, probes, torch.Generator().manual_seed(0))
+        out[s.label] = {"weighted": total, "weighted_se": se, "probes": probes, "batches": batches}
+    return out
 
 
 def launch(cfg: DictConfig) -> Fabric:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -68,6 +69,8 @@ from torch import nn
 
 import cimsim
 from cimsim.hasgd import hasgd_backward
+from cimsim.hessian import hessian_traces
+from cimsim.schedule import NoiseSchedule
 from cimsim.wide_resnet import WideResNet
 
 ROOT = Path(__file__).resolve().parent
@@ -81,7 +84,10 @@ TARGETS = {
     "pcm_eval": 1.10,
     "memory": 1.10,
     "vs_aihwkit_lightning": 2.5,
+    "method": 1.05,  # antithetic pairs / a noise schedule vs HA-SGD with the same L
 }
+METHOD_L = 4  # L of the method rows (even: antithetic pairs)
+HESSIAN_PROBES = 4
 DAY = 86400.0  # s: the PCM chip's t_inference
 
 
@@ -128,7 +134,13 @@ class Bench:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
-    def step(self, model: nn.Module, samples: int, opt: torch.optim.Optimizer | None = None):
+    def step(
+        self,
+        model: nn.Module,
+        samples: int,
+        opt: torch.optim.Optimizer | None = None,
+        antithetic: bool = False,
+    ):
         """One HA-SGD step (a plain training step when ``samples`` is 1 and model is digital)."""
         opt = opt or self.opt[model]
         model.train()
@@ -138,8 +150,21 @@ class Bench:
             with self.autocast():
                 return F.cross_entropy(model(self.x), self.y)
 
-        hasgd_backward(closure, samples)
+        hasgd_backward(closure, samples, antithetic=antithetic)
         opt.step()
+
+    def scheduled_step(self, samples: int):
+        """A step with a noise schedule: every analog layer's sigma set (as the classifier does
+        per step), then the HA-SGD step."""
+        sigma = NoiseSchedule(kind="uniform").sigma(SIGMA, 0.0)
+        for _, layer in cimsim.analog_layers(self.analog):
+            layer.config = dataclasses.replace(layer.config, sigma=sigma)
+        self.step(self.analog, samples)
+
+    def hessian(self):
+        """One Hutchinson estimate with ``HESSIAN_PROBES`` probes at the clean weights."""
+        model = self.analog.eval()
+        hessian_traces(model, lambda: F.cross_entropy(model(self.x), self.y), HESSIAN_PROBES)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> None:
@@ -151,6 +176,13 @@ class Bench:
         v = {"digital step": lambda: self.step(self.digital, 1)}
         for L in self.args.L:
             v[f"analog step L={L}"] = lambda L=L: self.step(self.analog, L)
+        v[f"antithetic step L={METHOD_L}"] = lambda: self.step(
+            self.analog, METHOD_L, antithetic=True
+        )
+        v[f"scheduled step L={METHOD_L}"] = lambda: self.scheduled_step(METHOD_L)
+        v[f"Hessian estimate, {HESSIAN_PROBES} probes"] = self.hessian
+        if METHOD_L not in self.args.L:
+            v[f"analog step L={METHOD_L}"] = lambda: self.step(self.analog, METHOD_L)
         v["digital eval"] = lambda: self.evaluate(self.digital_eval)
         v["chip eval"] = lambda: self.evaluate(self.chip)
         v["PCM chip eval"] = lambda: self.evaluate(self.pcm_chip)
@@ -259,6 +291,12 @@ def summarize(times: dict, memory: dict, args) -> dict:
     )
     value = ms["PCM chip eval"] / ms["digital eval"]
     ratios.append(_ratio("PCM chip eval / digital eval", value, TARGETS["pcm_eval"]))
+    for method in ("antithetic", "scheduled"):
+        value = ms[f"{method} step L={METHOD_L}"] / ms[f"analog step L={METHOD_L}"]
+        ratios.append(_ratio(f"{method} / HA-SGD step, L={METHOD_L}", value, TARGETS["method"]))
+    per_probe = ms[f"Hessian estimate, {HESSIAN_PROBES} probes"] / HESSIAN_PROBES
+    ms["Hessian, per probe"] = per_probe
+    ms["Hessian per probe / digital step"] = per_probe / ms["digital step"]
     if len(args.L) > 1:
         lo, hi = min(args.L), max(args.L)
         value = memory[f"analog L={hi}"] / memory[f"analog L={lo}"]
@@ -288,6 +326,11 @@ def print_report(summary: dict, times: dict, memory: dict, meta: dict) -> None:
     print(f"\n{'ratio':<36}{'value':>7}  {'target':<8} met")
     for r in summary["ratios"]:
         print(f"{r['ratio']:<36}{r['value']:>7.3f}  {r['target']:<8} {'yes' if r['met'] else 'NO'}")
+    ms = summary["median_ms"]
+    print(
+        f"Hessian trace, per probe: {ms['Hessian, per probe']:.1f} ms = "
+        f"{ms['Hessian per probe / digital step']:.2f} x a digital step"
+    )
     print(f"\naihwkit-lightning: {meta['aihwkit_lightning']}\ncimsim measured: {meta['cimsim']}")
 
 

@@ -21,7 +21,8 @@ from cimsim.noise import antithetic
 from cimsim.report import plot_compute
 from cimsim.schedule import NoiseSchedule
 from cimsim.study import Subject, recipe_label, training_passes
-from conftest import authors_scales
+from conftest import authors_scales, compose_cfg
+from evaluate import evaluate
 from train import train
 
 
@@ -251,3 +252,35 @@ def test_hessian_monitor_logs_the_estimate_of_the_saved_weights(train_cfg, tmp_p
         net, lambda: F.cross_entropy(net(x), y), 4, torch.Generator().manual_seed(0)
     )
     assert value == pytest.approx(total, rel=1e-4)
+
+
+def test_evaluate_hessian_writes_the_estimate_and_the_prediction(train_cfg, tmp_path):
+    train(train_cfg(["logger=none", "test=false", "callbacks.robustness.final=null"]))
+    ckpt = next((tmp_path / "checkpoints").glob("epoch_*.ckpt"))
+    cfg = compose_cfg(
+        "evaluate",
+        tmp_path / "eval",
+        [
+            f"ckpt={ckpt}",
+            "hessian=true",
+            "hessian_probes=4",
+            "hessian_batches=1",
+            "robustness.chips=2",
+            "robustness.sigmas=[0.0,0.02]",
+            "progress=false",
+            "wandb.enabled=false",
+        ],
+    )
+    evaluate(cfg)
+    (row,) = csv.DictReader(open(tmp_path / "eval" / "hessian.csv"))
+    model = AnalogClassifier.load_from_checkpoint(ckpt)
+    dm = DigitsDataModule(batch_size=64, seed=42)
+    dm.setup("test")
+    x, y = next(iter(dm.test_dataloader()))
+    net = model.net.eval()
+    _, (total, se) = hessian_traces(
+        net, lambda: F.cross_entropy(net(x), y), 4, torch.Generator().manual_seed(0)
+    )
+    assert float(row["weighted"]) == pytest.approx(total, rel=1e-4)
+    assert float(row["weighted_se"]) == pytest.approx(se, rel=1e-4) and row["probes"] == "4"
+    assert (tmp_path / "eval" / "robustness_loss_prediction.png").stat().st_size > 0

@@ -532,3 +532,58 @@ def plot_compute(
     ax.legend(fontsize=7)
     plot = _atomic_write(out / COMPUTE_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     return table, plot
+
+
+LOSS_TABLE = "hessian.csv"
+LOSS_PLOT = "robustness_loss_prediction.png"
+
+
+def plot_loss_prediction(
+    summary: Sequence[dict], traces: Mapping[str, dict], out_dir: str | os.PathLike
+) -> tuple[Path, Path]:
+    """The second-order prediction ``J(w) + sigma^2 / 2 * sum_t r_t^2 tr(H_t)`` next to the
+    Monte Carlo mean test loss at each sigma (zero mean shift, no ADC): where the quadratic
+    picture of HA-SGD holds. ``traces[model]`` holds ``weighted``, ``weighted_se`` and
+    ``probes`` (``cimsim.hessian.hessian_traces``); ``J(w)`` is the sigma = 0 loss.
+    """
+    out = Path(out_dir)
+    records = [{"model": m, **t} for m, t in traces.items()]
+
+    def write_table(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+    table = _atomic_write(out / LOSS_TABLE, write_table)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for model, t in traces.items():
+        pts = sorted(
+            (s["sigma"], s["loss_mean"])
+            for s in summary
+            if s.get("model") == model and s["mean_shift"] == 0 and s["adc_levels"] is None
+        )
+        if not pts or pts[0][0] != 0:
+            continue
+        sig = [p[0] for p in pts]
+        (line,) = ax.plot(sig, [p[1] for p in pts], marker="o", label=f"{model}: measured")
+        pred = [pts[0][1] + x * x / 2 * t["weighted"] for x in sig]
+        band = [2 * x * x / 2 * t["weighted_se"] for x in sig]  # +-2 standard errors
+        ax.plot(sig, pred, linestyle="--", color=line.get_color(), label=f"{model}: predicted")
+        ax.fill_between(
+            sig,
+            [p - b for p, b in zip(pred, band, strict=True)],
+            [p + b for p, b in zip(pred, band, strict=True)],
+            color=line.get_color(),
+            alpha=0.15,
+            linewidth=0,
+        )
+    ax.set_xlabel("test noise sigma (fraction of range)")
+    ax.set_ylabel("mean test cross-entropy")
+    ax.set_title("J(w) + sigma^2/2 sum r^2 tr(H) (dashed, +-2 SE) vs Monte Carlo")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    plot = _atomic_write(out / LOSS_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
+    return table, plot
