@@ -475,6 +475,18 @@ def plot_robustness(
     return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))
 
 
+def _write_table(path: Path, records: Sequence[Mapping]) -> Path:
+    """A small CSV (header from the first record), written atomically."""
+
+    def write(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(records)
+
+    return _atomic_write(path, write)
+
+
 COMPUTE_TABLE = "robustness_compute.csv"
 COMPUTE_PLOT = "robustness_compute.png"
 
@@ -506,14 +518,7 @@ def plot_compute(
         for s in subjects
     ]
     out = Path(out_dir)
-
-    def write_table(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(records)
-
-    table = _atomic_write(out / COMPUTE_TABLE, write_table)
+    table = _write_table(out / COMPUTE_TABLE, records)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -547,15 +552,7 @@ def plot_loss_prediction(
     ``probes`` (``cimsim.hessian.hessian_traces``); ``J(w)`` is the sigma = 0 loss.
     """
     out = Path(out_dir)
-    records = [{"model": m, **t} for m, t in traces.items()]
-
-    def write_table(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(records)
-
-    table = _atomic_write(out / LOSS_TABLE, write_table)
+    table = _write_table(out / LOSS_TABLE, [{"model": m, **t} for m, t in traces.items()])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
