@@ -42,6 +42,7 @@ from cimsim.pcm import DRIFT_COMPENSATIONS
 from cimsim.report import plot_compute, plot_loss_prediction
 from cimsim.robustness import (
     SWEEPS,
+    TRAIN,
     EvalSettings,
     RobustnessGrid,
     check_limits,
@@ -288,6 +289,11 @@ def check_settings(cfg: DictConfig) -> None:
         check_compensations(r.get("compensations"))
         check_calib_split(r.calib_split)
         check_limits(r.max_batches, r.calib_batches, r.calib_momentum)
+        target = r.get("target_sigma")
+        if target is not None and target not in [s for s in r.sigmas if s != TRAIN]:
+            raise ConfigError(
+                "target_sigma", target, f"must be one of robustness.sigmas {list(r.sigmas)}"
+            )
     check_choice("accelerator", cfg.accelerator, ACCELERATORS)
     check_int("devices", cfg.devices, minimum=1)
     check_int("num_nodes", cfg.num_nodes, minimum=1)

@@ -284,3 +284,15 @@ def test_evaluate_hessian_writes_the_estimate_and_the_prediction(train_cfg, tmp_
     assert float(row["weighted"]) == pytest.approx(total, rel=1e-4)
     assert float(row["weighted_se"]) == pytest.approx(se, rel=1e-4) and row["probes"] == "4"
     assert (tmp_path / "eval" / "robustness_loss_prediction.png").stat().st_size > 0
+
+
+def test_a_target_sigma_off_the_grid_fails_before_any_work(tmp_path):
+    ckpt = tmp_path / "never_loaded.ckpt"
+    ckpt.write_bytes(b"")
+    cfg = compose_cfg(
+        "evaluate",
+        tmp_path,
+        [f"ckpt={ckpt}", "robustness.target_sigma=0.11", "wandb.enabled=false"],
+    )
+    with pytest.raises(ConfigError, match=r"^robustness\.target_sigma=0\.11 is invalid"):
+        evaluate(cfg)

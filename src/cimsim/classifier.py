@@ -138,7 +138,8 @@ class AnalogClassifier(pl.LightningModule):
         epoch = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
         sigma = self.methods.schedule.sigma(self.chip.sigma, epoch)
         for _, layer in analog_layers(self.net):  # not set_noise: in-loop ADC ranges stay
-            layer.config = dataclasses.replace(layer.config, sigma=sigma)
+            if layer.config.sigma != sigma:  # a constant schedule changes nothing after step 1
+                layer.config = dataclasses.replace(layer.config, sigma=sigma)
         return sigma
 
     def training_step(self, batch, batch_idx):
