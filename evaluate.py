@@ -115,6 +115,7 @@ def grid_for(cfg: DictConfig) -> RobustnessGrid:
             chips=r.chips,
             times=[None] if times is None else list(times),
             repetitions=r.get("repetitions", 1),
+            adc_kind=r.get("adc_kind", "chip"),
         )
 
 
@@ -137,11 +138,37 @@ def chip_overrides(cfg: DictConfig) -> dict:
     return overrides
 
 
+def check_variants(variants) -> list[dict]:
+    """``robustness.variants``: null, or distinct test-chip settings (a curve each)."""
+    if variants is None:
+        return []
+    variants = OmegaConf.to_container(variants) if OmegaConf.is_config(variants) else variants
+    if (
+        not isinstance(variants, list)
+        or not variants
+        or not all(isinstance(v, dict) for v in variants)
+    ):
+        why = "must be null or a non-empty list of chip settings: [{tile_rows: 256}, ...]"
+        raise ConfigError("robustness.variants", variants, why)
+    for v in variants:
+        try:
+            AnalogConfig(**v)
+        except (ConfigError, TypeError) as err:
+            raise ConfigError("robustness.variants", v, f"is not a chip setting ({err})") from None
+    if len({repr(sorted(v.items())) for v in variants}) != len(variants):
+        raise ConfigError("robustness.variants", variants, "must not repeat a setting")
+    return variants
+
+
 def chip_variants(cfg: DictConfig) -> list[dict]:
     """The overrides of each test chip of every checkpoint: the ``chip.<field>`` ones, once per
-    ``robustness.compensations`` setting (a curve each), unless ``chip.pcm.drift_compensation``
-    names one itself (it wins over the preset's list)."""
+    ``robustness.variants`` entry or ``robustness.compensations`` setting (a curve each), unless
+    a ``chip.<field>`` override names a varied field itself (it then wins over the preset's
+    list: ``chip.tile_rows=256``, ``chip.pcm.drift_compensation=none``)."""
     overrides = chip_overrides(cfg)
+    variants = check_variants(cfg.robustness.get("variants"))
+    if variants and not any(k in overrides for v in variants for k in v):
+        return [{**v, **overrides} for v in variants]
     compensations = cfg.robustness.get("compensations")
     pcm = overrides.get("pcm") or {}
     if not compensations or "drift_compensation" in pcm:
@@ -212,9 +239,13 @@ def load_subject(
     recipe, trained = recipe_label(model.chip, model.L, model.methods), model.chip
     with config_scope("chip"):
         chip = override_chip(trained, overrides)
-        if chip != trained:
-            model = load(chip=chip)
     grid = grid.for_chip(chip)
+    swept = [n for n in grid.adc_levels if n is not None]
+    if grid.adc_kind == "tile" and chip.tile_adc_levels is None and swept:
+        # tile ADCs to sweep (the grid sets their levels at each point; null turns them off)
+        chip = dataclasses.replace(chip, tile_adc_levels=swept[0])
+    if chip != trained:
+        model = load(chip=chip)
     label = subject_label(recipe, chip, grid)
     sha = hashlib.sha256(data).hexdigest()
     passes = training_passes(ckpt.get("global_step", 0), model.L, model.methods)
@@ -287,6 +318,7 @@ def check_settings(cfg: DictConfig) -> None:
         if r.x == "t_inference" and not grid.timed:
             raise ConfigError("x", r.x, "needs robustness.times (seconds after programming)")
         check_compensations(r.get("compensations"))
+        check_variants(r.get("variants"))
         check_calib_split(r.calib_split)
         check_limits(r.max_batches, r.calib_batches, r.calib_momentum)
         target = r.get("target_sigma")

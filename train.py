@@ -30,15 +30,19 @@ from cimsim.validation import check_int, config_scope
 
 
 def chip_config(cfg: DictConfig) -> AnalogConfig:
-    """The training chip from the ``noise`` (device) and ``quant`` (ADC) groups."""
+    """The training chip from the ``noise`` (device), ``quant`` (ADC) and ``crossbar`` (tiles,
+    DACs, tile ADCs) groups."""
     noise, quant = OmegaConf.to_container(cfg.noise), OmegaConf.to_container(cfg.quant)
+    crossbar = OmegaConf.to_container(cfg.get("crossbar") or {})
     noise.pop("schedule", None)  # a training method, not the chip
     try:
-        return AnalogConfig(**noise, **quant)
+        return AnalogConfig(**noise, **quant, **crossbar)
     except ConfigError as err:
-        raise err.with_prefix("quant" if err.key in quant else "noise") from None
+        group = "quant" if err.key in quant else "crossbar" if err.key in crossbar else "noise"
+        raise err.with_prefix(group) from None
     except TypeError as err:  # an unknown key such as noise.sigmaa
-        raise ConfigError("noise", sorted(noise) + sorted(quant), str(err)) from None
+        keys = sorted(noise) + sorted(quant) + sorted(crossbar)
+        raise ConfigError("noise", keys, str(err)) from None
 
 
 def training_methods(cfg: DictConfig) -> TrainingMethods:

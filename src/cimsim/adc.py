@@ -98,35 +98,56 @@ class ADC(nn.Module):
             self.lo.lerp_(lo, momentum)
             self.hi.lerp_(hi, momentum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
+    @property
+    def calibratable(self) -> bool:
+        """Whether ``calibrate_adc`` sets this range from data (a learned range is not)."""
+        return True
+
+    def _update_range(self, x: torch.Tensor) -> None:
+        """Observe ``x`` when calibrating or training in the loop; else require a range."""
         if self.observing:
             self._observe(x, self.calib_momentum)
         elif self.training and (self.tracking or not self.calibrated):
             self._observe(x, self.momentum)
         elif not self.calibrated:
             raise RuntimeError(
-                "ADC range is not calibrated: call cimsim.calibrate_adc(model, batches) after "
-                "programming the chip (program_chip / set_noise / set_adc reset the calibration)"
+                f"{type(self).__name__} range is not calibrated: call "
+                "cimsim.calibrate_adc(model, batches) after programming the chip (program_chip "
+                "/ set_noise / set_adc reset the calibration)"
             )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        self._update_range(x)
         return adc_quantize(x, self.lo, self.hi, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, placement={self.placement!r}, active={self.active}"
 
 
+CHIP_PLACEMENTS = ("block", "layer")  # the chip's ADC; "tile" and "dac" are the periphery's
+
+
 def adcs(model: nn.Module, active_only: bool = True) -> list[ADC]:
-    """The model's ADC modules (only those of its placement, by default)."""
+    """The model's ADC modules, periphery converters (tile ADCs, DACs) included (only those of
+    its placement, by default)."""
     return [m for m in model.modules() if isinstance(m, ADC) and (m.active or not active_only)]
 
 
-def set_adc(model: nn.Module, levels: int | None) -> nn.Module:
-    """Set the number of ADC levels (``None`` = no ADC) of every active ADC, in place."""
+def set_adc(model: nn.Module, levels: int | None, kind: str = "chip") -> nn.Module:
+    """Set the number of ADC levels (``None`` = no ADC) of every active ADC, in place: the
+    chip's block/layer ADCs (``kind='chip'``) or the crossbar tiles' ADCs (``kind='tile'``)."""
     if levels is not None:
         check_int("adc_levels", levels, minimum=2)
-    found = adcs(model)
+    placements = CHIP_PLACEMENTS if kind == "chip" else (kind,)
+    found = [a for a in adcs(model) if a.placement in placements]
     if levels is not None and not found:
+        if kind == "tile":
+            raise ValueError(
+                f"tile adc_levels={levels!r} is invalid for this model: it has no tile ADCs. "
+                "Convert it with tile_adc_levels (or out_noise) set"
+            )
         raise ValueError(
             f"adc_levels={levels!r} is invalid for this model: it has no ADC points. Convert it "
             "with adc_placement='layer', or mark block outputs with cimsim.ADC() modules"
@@ -162,7 +183,7 @@ def calibrate_adc(
     Returns:
         The number of batches used.
     """
-    targets = [a for a in adcs(model) if a.enabled]
+    targets = [a for a in adcs(model) if a.enabled and a.calibratable]
     if not targets:
         return 0
     check_number("calib_momentum", momentum, minimum=0.0, maximum=1.0)

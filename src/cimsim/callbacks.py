@@ -87,7 +87,9 @@ class RobustnessMonitor(pl.Callback):
         self.grid = RobustnessGrid(sigmas=list(sigmas), adc_levels=[TRAIN], chips=chips)
 
     def _calib_loader(self, trainer: pl.Trainer, grid: RobustnessGrid):
-        if all(levels is None for levels in grid.adc_levels):
+        chip = getattr(getattr(trainer, "lightning_module", None), "chip", None)
+        periphery = chip is not None and chip.needs_calibration
+        if all(levels is None for levels in grid.adc_levels) and not periphery:
             return None
         if trainer.datamodule is not None:
             return calibration_loader(trainer.datamodule, self.calib_split)

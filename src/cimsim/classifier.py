@@ -221,7 +221,9 @@ class AnalogClassifier(pl.LightningModule):
         noise (the clean accuracy when ``val_chips=0`` or the chip is noise-free)."""
         if self.trainer.sanity_checking:
             return
-        if self.val_chips == 0 or not (self.chip.noisy or self.chip.pcm_device):
+        if self.val_chips == 0 or not (
+            self.chip.noisy or self.chip.pcm_device or self.chip.periphery
+        ):
             self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
             return
         grid = RobustnessGrid(
@@ -236,7 +238,7 @@ class AnalogClassifier(pl.LightningModule):
         settings = EvalSettings(
             seed=VAL_CHIP_SEED,
             stream="val",
-            calib_loader=self.trainer.val_dataloaders if self.chip.adc_levels else None,
+            calib_loader=self.trainer.val_dataloaders if self.chip.needs_calibration else None,
             max_batches=limit if isinstance(limit, int) else None,
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,

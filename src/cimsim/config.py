@@ -13,6 +13,7 @@ BIAS_MODES = ("separate", "per_tensor", "shared", "digital")
 IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
 DEVICES = ("relative", "pcm")
+DAC_RANGES = ("calibrated", "learned")
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,26 @@ class AnalogConfig:
         pcm: the PCM device (``cimsim.pcm.PCMConfig``, or its fields as a dict).
         t_train: with ``device='pcm'``, the time after programming (s) whose weight distribution
             HA-SGD trains against (programming noise plus the drift spread at that time).
+
+    The crossbar periphery of Conv/Linear layers (``cimsim.periphery``; all off by default):
+
+    Attributes:
+        tile_rows: ``None`` = the layer is one tile; else the most input rows per crossbar tile.
+            The unrolled weight (``C_in*k*k`` rows of a conv) is split along its inputs; a conv
+            tile holds whole input channels (``tile_rows // (k*k)`` of them). Each tile has its
+            own weight range (the relative noise is relative to it) and its own output periphery.
+        dac_levels: ``None`` = exact inputs; else inputs are clipped to ``[-b_in, b_in]`` and
+            rounded to this many uniform levels (>= 2) before the crossbar.
+        dac_range: how ``b_in`` is set: ``calibrated`` on data (per layer, like the ADC) or
+            ``learned`` in training with a straight-through gradient (aihwkit's input range
+            learning), initialized from the first training batch.
+        tile_adc_levels: ``None`` = no tile ADC; else each tile digitizes its partial sums to this
+            many levels over ``[-b_out, b_out]`` (``b_out`` calibrated per tile).
+        out_noise: Gaussian output noise of each tile, ``out_noise * b_out * xi``, added before
+            the tile ADC, fresh at every matrix-vector product (>= 0).
+        w_read_noise: short-term weight read noise, fresh at every matrix-vector product:
+            ``y_i += w_read_noise * sqrt(sum_j |w_ij| x_j^2 / w_max) * w_max * xi_i`` per tile,
+            weights in units of the tile's ``w_max = max |w|`` (aihwkit's PCM_READ) (>= 0).
     """
 
     sigma: float = 0.0
@@ -73,6 +94,12 @@ class AnalogConfig:
     device: str = "relative"
     pcm: PCMConfig = field(default_factory=PCMConfig)
     t_train: float = 0.0
+    tile_rows: int | None = None
+    dac_levels: int | None = None
+    dac_range: str = "calibrated"
+    tile_adc_levels: int | None = None
+    out_noise: float = 0.0
+    w_read_noise: float = 0.0
 
     def __post_init__(self):
         check_number("sigma", self.sigma, minimum=0.0)
@@ -90,6 +117,14 @@ class AnalogConfig:
         check_choice("adc_placement", self.adc_placement, ADC_PLACEMENTS)
         check_choice("device", self.device, DEVICES)
         check_number("t_train", self.t_train, minimum=0.0)
+        if self.tile_rows is not None:
+            check_int("tile_rows", self.tile_rows, minimum=1)
+        for key in ("dac_levels", "tile_adc_levels"):
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key), minimum=2)
+        check_choice("dac_range", self.dac_range, DAC_RANGES)
+        check_number("out_noise", self.out_noise, minimum=0.0)
+        check_number("w_read_noise", self.w_read_noise, minimum=0.0)
         if isinstance(self.pcm, dict):  # from a config file or a checkpoint's hparams
             try:
                 object.__setattr__(self, "pcm", PCMConfig(**self.pcm))
@@ -104,6 +139,24 @@ class AnalogConfig:
     def noisy(self) -> bool:
         """Whether the relative perturbation is non-zero (else those layers run digitally)."""
         return self.sigma != 0.0 or self.mean_shift != 0.0
+
+    @property
+    def tile_outputs(self) -> bool:
+        """Whether each tile's partial sums are processed on their own (ADC, output or read
+        noise) before the digital periphery adds them."""
+        return self.tile_adc_levels is not None or self.out_noise > 0 or self.w_read_noise > 0
+
+    @property
+    def periphery(self) -> bool:
+        """Whether any crossbar periphery field is set (else Conv/Linear are today's layers)."""
+        return self.tile_rows is not None or self.dac_levels is not None or self.tile_outputs
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a programmed chip has ranges to calibrate on data (ADC, DAC, tile ADC)."""
+        dac = self.dac_levels is not None and self.dac_range == "calibrated"
+        tile = self.tile_adc_levels is not None or self.out_noise > 0
+        return self.adc_levels is not None or dac or tile
 
     @property
     def pcm_device(self) -> bool:

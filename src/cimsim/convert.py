@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from cimsim.adc import adcs
+from cimsim.adc import CHIP_PLACEMENTS, adcs
 from cimsim.config import AnalogConfig
 from cimsim.layers import (
     AnalogBatchNorm2d,
@@ -74,6 +74,8 @@ def convert_to_analog(model: nn.Module, config: AnalogConfig, inplace: bool = Fa
             "or add ADC() modules where the chip digitizes",
         )
     for adc in adcs(model, active_only=False):
+        if adc.placement not in CHIP_PLACEMENTS:  # a layer's periphery, set by the layer
+            continue
         adc.active = adc.placement == config.adc_placement
         if adc.active:
             adc.levels = config.adc_levels

@@ -24,8 +24,9 @@ from torch import nn
 
 from cimsim.adc import ADC
 from cimsim.config import AnalogConfig
-from cimsim.noise import chip_noise, noise_scales, perturbation, standard_noise
+from cimsim.noise import chip_noise, noise_scales, perturbation, standard_noise, tensor_range
 from cimsim.pcm import PCMWeights, pcm_training_perturbation
+from cimsim.periphery import DAC, TileADC, grouped_index, layer_tiles, read_noise, to_groups
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -51,6 +52,19 @@ class AnalogLayer:
         self.adc: ADC | None = None
         if config.adc_placement == "layer" and self.has_adc:
             self.adc = ADC(config.adc_levels, placement="layer")
+        # The crossbar periphery (cimsim.periphery): tiles, input DAC, tile ADCs.
+        self._tiles: list[slice] | None = None
+        self.dac: DAC | None = None
+        self.tile_adc: TileADC | None = None
+        if self.uses_device and config.periphery:
+            self._tiles = layer_tiles(self, config.tile_rows)
+            inputs = self.weight.shape[1]
+            self._group_index = None if self._tiles is None else grouped_index(self._tiles, inputs)
+            if config.dac_levels is not None:
+                self.dac = DAC(config.dac_levels, learned=config.dac_range == "learned")
+            if config.tile_adc_levels is not None or config.out_noise > 0:
+                tiles = 1 if self._tiles is None else len(self._tiles)
+                self.tile_adc = TileADC(tiles, config.tile_adc_levels, config.out_noise)
         for name in self.analog_tensors():
             # Frozen draws of a programmed chip: moved by .to(), never saved in a state_dict.
             self.register_buffer(f"chip_{name}", None, persistent=False)
@@ -154,9 +168,66 @@ class AnalogLayer:
         if self._pcm_weights:  # the bias keeps the relative model (digital at sigma = mu = 0)
             nu_w = self._pcm_perturbation(weight)
         else:
+            if self._tiles is not None:  # each tile relative to its own range
+                r_w = self._tile_ranges(weight, per_channel)
             nu_w = self._nu("weight", weight, r_w)
         nu_b = None if r_b is None or not cfg.noisy else self._nu("bias", bias, r_b)
         return nu_w, nu_b
+
+    @torch.no_grad()
+    def _tile_ranges(self, weight: torch.Tensor, per_channel: bool) -> torch.Tensor:
+        """The range of every weight's tile: ``(1 or C_out, C_in, 1, ...)``, broadcastable
+        against ``weight``, each tile's columns holding that tile's (per-channel) range."""
+        parts = []
+        for sl in self._tiles:
+            w = weight[:, sl]
+            r = tensor_range(w, self.config.scale, per_channel)  # 0-d or (C_out, 1, ...)
+            shape = (weight.shape[0] if per_channel else 1, w.shape[1]) + (1,) * (w.dim() - 2)
+            parts.append(r.reshape((-1,) + (1,) * (w.dim() - 1)).expand(shape))
+        return torch.cat(parts, dim=1)
+
+    def _tile_products(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Every tile's partial sums ``(B, T, C_out, ...)``, in one grouped product (a conv as a
+        grouped convolution: no im2col)."""
+        raise NotImplementedError
+
+    def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The crossbar's matrix-vector products: the layer's op on ``x`` with these tensors."""
+        raise NotImplementedError
+
+    def _crossbar(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+        """The layer through the periphery: DAC, per-tile partial sums with read noise, output
+        noise and tile ADC, their sum and the bias (added by the digital periphery)."""
+        if self.dac is not None:
+            x = self.dac(x)
+        cfg = self.config
+        if not cfg.tile_outputs:  # tiles then change only the weights' ranges: one product
+            return self._mvm(x, weight, bias)
+        reads = self.training or self.chip_seed is not None  # a chip is read: noise per read
+        y = self._tile_products(x, weight)  # (B, T, C_out, ...)
+        if cfg.w_read_noise > 0 and reads:
+            with torch.no_grad():
+                w_abs = weight.detach().abs()
+                squares = self._tile_products(x.detach().square(), w_abs)
+                tiles = self._tiles or [slice(None)]
+                w_max = torch.stack([w_abs[:, sl].amax() for sl in tiles])
+                w_max = w_max.reshape((1, -1) + (1,) * (y.dim() - 2))
+                noise = read_noise(y, squares, w_max, cfg.w_read_noise)
+            y = y + noise
+        if self.tile_adc is not None:
+            self.tile_adc.noisy = reads
+            y = self.tile_adc(y)
+        y = y.sum(dim=1)
+        if bias is None:
+            return y
+        return y + bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+    def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Conv/Linear: the perturbed parameters, through the periphery when it is on."""
+        weight, bias = self._noisy_parameters()
+        if not self.config.periphery:
+            return self._output(self._mvm(x, weight, bias))
+        return self._output(self._crossbar(x, weight, bias))
 
     @torch.no_grad()
     def _pcm_perturbation(self, weight: torch.Tensor) -> torch.Tensor:
@@ -204,9 +275,26 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
             shapes["bias"] = self.bias.shape
         return shapes
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._noisy_parameters()
-        return self._output(self._conv_forward(x, weight, bias))
+    def _tile_products(self, x, weight):
+        if self._tiles is None:
+            return self._conv_forward(x, weight, None).unsqueeze(1)
+        tiles = len(self._tiles)
+        xg = to_groups(x, self._group_index, 1)
+        wg = to_groups(weight, self._group_index, 1)  # (C_out, T * c, k, k)
+        c_out, width = wg.shape[0], wg.shape[1] // tiles
+        wg = wg.reshape(c_out, tiles, width, *wg.shape[2:]).transpose(0, 1)
+        wg = wg.reshape(tiles * c_out, width, *wg.shape[3:])
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            xg = F.pad(xg, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        y = F.conv2d(xg, wg, None, self.stride, padding, self.dilation, tiles)
+        return y.reshape(y.shape[0], tiles, c_out, *y.shape[2:])
+
+    def _mvm(self, x, weight, bias):
+        return self._conv_forward(x, weight, bias)
+
+    forward = AnalogLayer._analog_forward
 
 
 class AnalogLinear(AnalogLayer, nn.Linear):
@@ -216,9 +304,24 @@ class AnalogLinear(AnalogLayer, nn.Linear):
 
     analog_tensors = AnalogConv2d.analog_tensors
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self._noisy_parameters()
-        return self._output(F.linear(x, weight, bias))
+    def _tile_products(self, x, weight):  # x: (N, C_in) (``_crossbar`` flattens the rest)
+        if self._tiles is None:
+            return F.linear(x, weight).unsqueeze(1)
+        tiles = len(self._tiles)
+        xg = to_groups(x, self._group_index, 1).reshape(x.shape[0], tiles, -1)
+        wg = to_groups(weight, self._group_index, 1).reshape(weight.shape[0], tiles, -1)
+        return torch.einsum("ntc,otc->nto", xg, wg)
+
+    def _mvm(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def _crossbar(self, x, weight, bias):
+        if x.dim() <= 2 or not self.config.tile_outputs:
+            return super()._crossbar(x, weight, bias)
+        y = super()._crossbar(x.reshape(-1, x.shape[-1]), weight, bias)  # (N, C_out)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    forward = AnalogLayer._analog_forward
 
 
 class AnalogBatchNorm2d(AnalogLayer, nn.BatchNorm2d):

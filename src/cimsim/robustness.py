@@ -35,7 +35,7 @@ from scipy import stats
 from torch import nn
 from tqdm import tqdm
 
-from cimsim.adc import adcs, calibrate_adc, set_adc
+from cimsim.adc import CHIP_PLACEMENTS, adcs, calibrate_adc, set_adc
 from cimsim.convert import analog_layers, program_chip, set_noise, set_time
 from cimsim.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # report imports this module; the annotation only names its c
 SWEEPS = ("sigma", "mean_shift", "adc_levels", "t_inference")
 STREAMS = ("test", "val")  # chips that are reported / chips that select checkpoints
 TRAIN = "train"  # in a grid's sigmas or adc_levels: each model's own training value
+ADC_KINDS = ("chip", "tile")  # what a grid's adc_levels set: the chip's ADCs or the tiles'
 
 Point = tuple[float, float, int | None]  # (sigma, mean_shift, adc_levels)
 Read = tuple[float, int] | None  # (t_inference, repetition) of a PCM time sweep; None otherwise
@@ -80,6 +81,9 @@ class RobustnessGrid:
             programmed.
         repetitions: read-outs R per chip and time (each redraws only the read noise); 1 without
             ``times``.
+        adc_kind: which converters ``adc_levels`` sets: ``chip`` (default), the block/layer ADCs
+            of ``AnalogConfig.adc_levels``; or ``tile``, the crossbar tiles' ADCs of
+            ``AnalogConfig.tile_adc_levels`` (``train`` then means the model's tile levels).
     """
 
     sigmas: tuple[float | str, ...]
@@ -88,6 +92,7 @@ class RobustnessGrid:
     chips: int = 20
     times: tuple[float | None, ...] = (None,)
     repetitions: int = 1
+    adc_kind: str = "chip"
 
     def __post_init__(self):
         # Lists from a config file become tuples, numbers become floats: a frozen, hashable grid
@@ -104,6 +109,7 @@ class RobustnessGrid:
             if n is not None and n != TRAIN:
                 check_int("adc_levels", n, minimum=2)
         check_int("chips", self.chips, minimum=1)
+        check_choice("adc_kind", self.adc_kind, ADC_KINDS)
         sigmas = tuple(s if s == TRAIN else float(s) for s in sigmas)
         object.__setattr__(self, "sigmas", sigmas)
         object.__setattr__(self, "mean_shifts", tuple(float(m) for m in shifts))
@@ -138,10 +144,11 @@ class RobustnessGrid:
         def resolve(values, own):
             return list(dict.fromkeys(own if v == TRAIN else v for v in values))
 
+        own_levels = chip.tile_adc_levels if self.adc_kind == "tile" else chip.adc_levels
         return replace(
             self,
             sigmas=resolve(self.sigmas, chip.sigma),
-            adc_levels=resolve(self.adc_levels, chip.adc_levels),
+            adc_levels=resolve(self.adc_levels, own_levels),
         )
 
     def points(self) -> Iterator[Point]:
@@ -319,6 +326,20 @@ def _measure(model: nn.Module, test_loader: Iterable, max_batches: int | None) -
     return correct / n, loss_sum / n, n
 
 
+def _needs_calibration(model: nn.Module) -> bool:
+    """Whether the chip has ranges to calibrate: enabled ADCs, tile ADCs or calibrated DACs."""
+    return any(a.enabled and a.calibratable for a in adcs(model))
+
+
+def _stochastic_reads(model: nn.Module) -> bool:
+    """Whether every read of the chip draws fresh noise (output or weight read noise)."""
+    return any(
+        layer.config.out_noise > 0 or layer.config.w_read_noise > 0
+        for _, layer in analog_layers(model)
+        if layer.uses_device
+    )
+
+
 def _calibrate(model: nn.Module, settings: EvalSettings, seed: int) -> None:
     """Calibrate the programmed chip's ADC ranges, with torch's CPU generator seeded by the
     chip seed: a shuffling or augmenting calibration loader (random crops and flips of training
@@ -342,11 +363,13 @@ def _evaluate_chip(
     cells: Sequence[tuple[Read, Point]],
     test_loader,
     settings: EvalSettings,
+    adc_kind: str = "chip",
 ) -> list[Row]:
     """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
     chip is moved to each read-out's time once (its weights are computed there, not per batch)."""
     program_chip(model, seed)
     model.eval()
+    device = next(model.parameters()).device
     rows = []
     for read, group in itertools.groupby(cells, key=operator.itemgetter(0)):
         if read is not None:
@@ -354,10 +377,16 @@ def _evaluate_chip(
         for _, (sigma, mean_shift, levels) in group:
             # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
             set_noise(model, sigma=sigma, mean_shift=mean_shift)
-            set_adc(model, levels)
-            if levels is not None:
+            set_adc(model, levels, kind=adc_kind)
+            if _needs_calibration(model):
                 _calibrate(model, settings, seed)
-            acc, loss, n = _measure(model, test_loader, settings.max_batches)
+            if _stochastic_reads(model):  # fresh noise per read, the same in every run
+                devices = [device] if device.type == "cuda" else []
+                with torch.random.fork_rng(devices=devices, device_type=device.type):
+                    torch.manual_seed(derive_seed("reads", seed))
+                    acc, loss, n = _measure(model, test_loader, settings.max_batches)
+            else:
+                acc, loss, n = _measure(model, test_loader, settings.max_batches)
             measured = (chip, seed, sigma, mean_shift, levels, acc, loss, n)
             if read is None:
                 rows.append(Row(*measured))
@@ -412,20 +441,26 @@ def _chips(model: nn.Module, grid: RobustnessGrid, settings: EvalSettings) -> li
         check_int("chip_indices", c, minimum=0)
         if c >= grid.chips:
             raise ConfigError("chip_indices", c, f"must be < chips={grid.chips}")
-    if any(levels is not None for levels in grid.adc_levels):
+    periphery = any(a.calibratable for a in adcs(model) if a.placement in ("tile", "dac"))
+    if any(levels is not None for levels in grid.adc_levels) or periphery:
         if settings.calib_loader is None:
             raise ConfigError(
                 "calib_loader",
                 None,
-                "required when adc_levels are set: ADC ranges are calibrated on training or "
-                "validation data (never test data) after programming a chip",
+                "required when adc_levels are set (or the chip has DACs or tile ADCs): ADC "
+                "ranges are calibrated on training or validation data (never test data) after "
+                "programming a chip",
             )
-        if not adcs(model):
+    if any(levels is not None for levels in grid.adc_levels):
+        placements = ("tile",) if grid.adc_kind == "tile" else CHIP_PLACEMENTS
+        if not any(a.placement in placements for a in adcs(model)):
             raise ConfigError(
                 "adc_levels",
                 list(grid.adc_levels),
-                "this model has no ADC "
-                "points: convert it with adc_placement='layer' or add ADC() modules",
+                "this model has no tile ADCs: test it on a chip with tile_adc_levels set"
+                if grid.adc_kind == "tile"
+                else "this model has no ADC points: convert it with adc_placement='layer' or "
+                "add ADC() modules",
             )
     return sorted(set(chips))
 
@@ -486,7 +521,10 @@ def evaluate_robustness(
     done: dict[tuple[int, Read, Point], Row] = {}
     if rows_file is not None:
         expected = {(c, *cell): seeds[c] for c in chips for cell in cells}
-        done = rows_file.resume(model, settings.determinants(), expected, timed=grid.timed)
+        known = settings.determinants()
+        if grid.adc_kind != "chip":  # the levels column means the tiles' ADCs
+            known["adc_kind"] = grid.adc_kind
+        done = rows_file.resume(model, known, expected, timed=grid.timed)
     todo = [(c, [cell for cell in cells if (c, *cell) not in done]) for c in chips]
     todo = [(c, missing) for c, missing in todo if missing]
     rows = list(done.values())
@@ -496,7 +534,7 @@ def evaluate_robustness(
     )
     with bar, _preserved(model):
         for c, missing in todo:
-            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings)
+            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid.adc_kind)
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
     rows = sort_rows(rows, grid)

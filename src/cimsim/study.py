@@ -187,9 +187,12 @@ def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
     ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have. A PCM
     chip reads ``train ..., PCM t_train=3600s | chip device=pcm`` (``t_train`` is the recipe's)."""
     # t_train acts only in training (the recipe names it); a test chip is read at the grid's times.
-    settings = {k: v for k, v in chip_settings(chip).items() if k != "t_train"}
+    # The tiles' ADC levels are the grid's axis in a tile sweep (the rows' adc_levels column).
+    axis = ("tile_adc_levels",) if grid.adc_kind == "tile" else ()
+    settings = {k: v for k, v in chip_settings(chip).items() if k not in ("t_train", *axis)}
     parts = _differences(settings, chip_settings(AnalogConfig()))
-    if len(grid.adc_levels) == 1 and grid.adc_levels[0] != chip.adc_levels:
+    own = chip.tile_adc_levels if grid.adc_kind == "tile" else chip.adc_levels
+    if len(grid.adc_levels) == 1 and grid.adc_levels[0] != own:
         parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
     return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
 
