@@ -268,6 +268,7 @@ def test_adc_sweep_resolves_each_models_training_sigma(checkpoints, tmp_path):
             "robustness=adc_sweep",
             "robustness.chips=1",
             "robustness.adc_levels=[4]",
+            "robustness.sigmas=[0.0,train]",
             "progress=false",
             "wandb.enabled=false",
         ],

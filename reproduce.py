@@ -1,0 +1,270 @@
+"""Regenerate the results report, docs/results.md and docs/results/: every training and Monte
+Carlo study it needs, then the report from their rows (``cimsim.results``).
+
+    python reproduce.py                              # digits, WRN-10-2 (~15-20 min on 2 CPUs)
+    python reproduce.py --tiny                       # the smoke version (seconds per stage)
+    python reproduce.py data=cifar100 model=wrn28_10 trainer=gpu --epochs 200   # paper scale
+
+Resumable: rerun the same command after an interruption. A finished training (``done.json``
+beside its checkpoints, written last) is skipped, an interrupted one resumes from its
+``last.ckpt``, and each study resumes from its ``robustness_rows.csv`` (``evaluate.py``).
+
+Hydra overrides after the options go to every training (``data=``, ``model=``, ``trainer=``,
+``hasgd.*``, ...), except those of evaluate.py's own keys (``robustness.*``, ``chip.*``,
+``accelerator``, ``devices``, ``num_nodes``, ``progress``, ``wandb.*``), which go to every
+study. Evaluations always read the data each checkpoint was trained on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import evaluate as evaluate_cli
+import train as train_cli
+from cimsim import ConfigError
+from cimsim.results import RUNS, STUDIES, Run, Study, atomic_write, git_commit, write_report
+
+ROOT = Path(__file__).resolve().parent
+EVALUATE_KEYS = ("robustness", "chip", "accelerator", "devices", "num_nodes", "progress", "wandb")
+# Trainings: CSV logs beside the checkpoints, no end-of-fit sweep (the studies measure every
+# model on the same chips), no Hessian monitor, the test set left to the studies.
+TRAIN_DEFAULTS = [
+    "logger=csv",
+    "callbacks.robustness=null",
+    "callbacks.hessian=null",
+    "test=false",
+    "+trainer.enable_progress_bar=false",
+]
+EVALUATE_DEFAULTS = ["wandb.enabled=false", "progress=false"]
+# --tiny: one epoch of two batches of a width-1 network, 2 chips on one test batch.
+TINY_TRAIN = [
+    "model.widen_factor=1",
+    "+trainer.limit_train_batches=2",
+    "+trainer.limit_val_batches=1",
+    "val_chips=1",
+    "val_calib_batches=1",
+]
+TINY_EVALUATE = ["robustness.calib_batches=1"]
+
+
+def compose_cfg(config_name: str, out_dir: Path, overrides: list[str]) -> DictConfig:
+    """The real config as the CLI composes it, with its run directory set to ``out_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """(training overrides, evaluation overrides), by the override's top-level key."""
+    train, evaluate = [], []
+    for o in overrides:
+        if "=" not in o:
+            raise ConfigError("override", o, "a Hydra override is KEY=VALUE")
+        key = o.split("=", 1)[0].lstrip("+~").split(".")[0]
+        (evaluate if key in EVALUATE_KEYS else train).append(o)
+    return train, evaluate
+
+
+class Progress:
+    """One line per stage: what, how many done and left, elapsed time."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.start = total, 0, time.time()
+
+    def __call__(self, what: str) -> None:
+        elapsed = time.time() - self.start
+        left = self.total - self.done
+        print(
+            f"[reproduce {self.done}/{self.total} done, {left} left, "
+            f"{elapsed // 60:.0f}m{elapsed % 60:02.0f}s] {what}",
+            flush=True,
+        )
+
+
+def best_checkpoint(run_dir: Path) -> Path:
+    """The checkpoint chosen on validation (``epoch_*.ckpt``; ``last.ckpt`` without one)."""
+    best = sorted(glob.glob(str(run_dir / "checkpoints" / "epoch_*.ckpt")), key=os.path.getmtime)
+    return Path(best[-1]) if best else run_dir / "checkpoints" / "last.ckpt"
+
+
+def write_json(path: Path, doc: dict) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
+
+
+def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progress) -> dict:
+    """Train ``run`` unless ``done.json`` says it finished with the same overrides; resume it
+    from ``last.ckpt`` when interrupted. Returns its record (``done.json``)."""
+    run_dir = out / "train" / run.name
+    marker = run_dir / "done.json"
+    full = [*TRAIN_DEFAULTS, *run.resolved(args.epochs), *overrides]
+    if run.teacher:
+        full.append(f"distill.teacher={out / 'train' / run.teacher / 'checkpoints' / 'last.ckpt'}")
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        if record["overrides"] != full:
+            why = (
+                f"holds {run.name} trained with {record['overrides']}, not {full}: "
+                "use another --out or delete that run"
+            )
+            raise ConfigError("--out", str(out), why)
+        progress(f"train {run.name}: done before, reused")
+        return {**record, "reused": True}
+    last = run_dir / "checkpoints" / "last.ckpt"
+    resume = [f"ckpt_path={last}"] if last.is_file() else []
+    progress(f"train {run.name}" + (" (resuming from last.ckpt)" if resume else ""))
+    cfg = compose_cfg("train", run_dir, full + resume)
+    start = time.time()
+    train_cli.train(cfg)
+    ckpt = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
+    record = {
+        "overrides": full,
+        "wall_s": time.time() - start,
+        "epochs": cfg.trainer.max_epochs,
+        "L": cfg.hasgd.L,
+        "sigma": cfg.noise.sigma,
+        "best": str(best_checkpoint(run_dir)),
+        "global_step": ckpt.get("global_step"),
+        "passes": ckpt.get("global_step", 0) * (cfg.hasgd.L + (cfg.hasgd.sam.rho > 0)),
+        "schedule": {
+            "lr": cfg.hasgd.optimizer.lr,
+            "step_size": cfg.hasgd.scheduler.step_size,
+            "gamma": cfg.hasgd.scheduler.gamma,
+            "max_epochs": cfg.trainer.max_epochs,
+        },
+    }
+    write_json(marker, record)  # last: its presence means the training finished
+    return {**record, "reused": False}
+
+
+def run_study(study: Study, args, overrides: list[str], out: Path, progress: Progress) -> None:
+    """One evaluate.py study over the study's runs' best checkpoints (resumes from its rows)."""
+    ckpts = ",".join(str(best_checkpoint(out / "train" / r)) for r in study.runs)
+    limits = [f"robustness.chips={args.chips}"]
+    if args.max_batches is not None:
+        limits.append(f"robustness.max_batches={args.max_batches}")
+    tiny = [*study.tiny, *TINY_EVALUATE] if args.tiny else []
+    full = [f"ckpt=[{ckpts}]", *EVALUATE_DEFAULTS, *study.overrides, *limits, *tiny, *overrides]
+    progress(f"evaluate {study.name}: {len(study.runs)} models")
+    evaluate_cli.evaluate(compose_cfg("evaluate", out / "evaluate" / study.name, full))
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Other arguments are Hydra overrides (KEY=VALUE), e.g. data=cifar100.",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("outputs/reproduce"),
+        help="where the trainings and studies go (default outputs/reproduce)",
+    )
+    parser.add_argument(
+        "--report-dir",
+        type=Path,
+        default=Path("docs"),
+        help="where results.md and results/ go (default docs)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="base epochs of every training (default 10; --tiny: 1)",
+    )
+    parser.add_argument(
+        "--chips", type=int, default=None, help="chips per grid point (default 20; --tiny: 2)"
+    )
+    parser.add_argument(
+        "--max-batches",
+        type=int,
+        default=None,
+        help="test batches per chip (default all; --tiny: 1)",
+    )
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="1 epoch of 2 batches, width 1, 2 chips, 1 test batch, short grids",
+    )
+    args, overrides = parser.parse_known_args(argv)
+    for o in overrides:
+        if o.startswith("-"):
+            parser.error(f"unknown option {o}")
+    tiny = args.tiny
+    args.epochs = args.epochs if args.epochs is not None else (1 if tiny else 10)
+    args.chips = args.chips if args.chips is not None else (2 if tiny else 20)
+    if args.max_batches is None and tiny:
+        args.max_batches = 1
+    for key in ("epochs", "chips", "max_batches"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{key.replace('_', '-')}", value, "must be an integer >= 1")
+    if tiny:
+        overrides = [*TINY_TRAIN, *overrides]
+    return args, overrides
+
+
+def reproduce(argv: list[str]) -> dict:
+    """Run every training and study, then write the report; returns what was trained/reused."""
+    start = time.time()
+    args, overrides = parse(argv)
+    train_over, eval_over = split_overrides(overrides)
+    out = args.out.resolve()
+    progress = Progress(len(RUNS) + len(STUDIES) + 1)
+    records = {}
+    for run in RUNS:  # in order: the digital model (a distillation teacher) first
+        records[run.name] = train_run(run, args, train_over, out, progress)
+        progress.done += 1
+    runs = {name: {k: v for k, v in r.items() if k != "reused"} for name, r in records.items()}
+    longest = max(runs.values(), key=lambda r: r["schedule"]["max_epochs"])
+    write_json(out / "manifest.json", {"runs": runs, "schedule": longest["schedule"]})
+    for study in STUDIES:
+        run_study(study, args, eval_over, out, progress)
+        progress.done += 1
+    progress("report")
+    meta = {
+        "command": shlex.join(["python", "reproduce.py", *argv]),
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "wall_s": time.time() - start,
+        "trained": sum(not r["reused"] for r in records.values()),
+        "skipped": sum(r["reused"] for r in records.values()),
+        "train_s": sum(r["wall_s"] for r in records.values()),
+        "commit": git_commit(ROOT),
+        "chips": args.chips,
+        "scale": "tiny (smoke test)" if args.tiny else f"base epochs {args.epochs}",
+    }
+    report = write_report(out, args.report_dir, meta)
+    progress.done += 1
+    progress(f"wrote {report} and {args.report_dir / 'results'}/")
+    return meta
+
+
+def main() -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    try:
+        reproduce(sys.argv[1:])
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
