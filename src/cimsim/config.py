@@ -9,7 +9,7 @@ from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 DISTRIBUTIONS = ("gaussian", "uniform")
 SCALES = ("half_range", "abs_max")
-BIAS_MODES = ("separate", "per_tensor", "shared", "digital")
+BIAS_MODES = ("separate", "unscaled", "per_tensor", "shared", "digital")
 IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
 DEVICES = ("relative", "pcm")
@@ -35,8 +35,11 @@ class AnalogConfig:
             ``R = r(concat(W, b/f))``: W is perturbed relative to ``R`` and b relative to ``R f``
             (their ``match_range``). ``per_tensor``: W relative to ``r(W)``, b relative to
             ``r(b)`` (each tensor on its own scale; equals ``separate`` only when both tensors
-            are centred). ``shared``: b relative to ``r(W)`` (the naive mapping the paper
-            improves on). ``digital``: the bias is not perturbed.
+            are centred). ``unscaled``: the naive physical mapping ``[W, b]`` (``s = 1``): the
+            bias on the weights' scale, so both are relative to ``R = r(concat(W, b))``.
+            ``shared``: b relative to ``r(W)`` and W to ``r(W)`` (the bias noise at the weights'
+            scale as if the bias fitted in it: optimistic when ``|b|`` exceeds the weights'
+            range). ``digital``: the bias is not perturbed.
         analog_bn: BatchNorm runs on the chip as a per-channel affine layer (default true).
         identity_noise: identity shortcuts get multiplicative noise ``x * (1 + sigma*eps)``.
         identity_draws: ``element`` (default): one draw per activation element (C, H, W), as
@@ -69,7 +72,7 @@ class AnalogConfig:
             rounded to this many uniform levels (>= 2) before the crossbar.
         dac_range: how ``b_in`` is set: ``calibrated`` on data (per layer, like the ADC) or
             ``learned`` in training with a straight-through gradient (aihwkit's input range
-            learning), initialized from the first training batch.
+            learning), initialized from the max ``|x|`` of the first batch it sees.
         tile_adc_levels: ``None`` = no tile ADC; else each tile digitizes its partial sums to this
             many levels over ``[-b_out, b_out]`` (``b_out`` calibrated per tile).
         out_noise: Gaussian output noise of each tile, ``out_noise * b_out * xi``, added before

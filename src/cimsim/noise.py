@@ -68,8 +68,10 @@ def noise_scales(
     ``f = r(b) / r(W)``, so both share the scale of the union ``R = r(concat(W, b/f))``: W is
     perturbed relative to ``R`` and b relative to ``R * f``. When ``r(W)`` or ``r(b)`` is 0 there
     is nothing to match and each tensor keeps its own range (as the authors' code does).
-    ``per_tensor``: ``r(W)`` and ``r(b)``; ``shared``: ``r(W)`` for both; ``digital``: no bias
-    noise (``None``). The union's range comes from the extremes of W and b (f > 0 keeps their
+    ``unscaled``: the naive physical mapping ``[W, b]`` with ``s = 1`` (the bias on the weights'
+    conductance scale, which must then span it): both relative to ``R = r(concat(W, b))``.
+    ``per_tensor``: ``r(W)`` and ``r(b)``; ``shared``: ``r(W)`` for both (the bias noise at the
+    weights' scale, as if the bias fitted in it); ``digital``: no bias noise (``None``). The union's range comes from the extremes of W and b (f > 0 keeps their
     order), so no copy of the weights is made.
 
     Args:
@@ -78,7 +80,7 @@ def noise_scales(
         scale: ``half_range`` or ``abs_max`` (see ``tensor_range``).
         per_channel: one scale per output channel (row of the augmented matrix); ``f`` stays one
             per tensor (the one extra input line that carries the bias).
-        bias_mode: ``separate``, ``per_tensor``, ``shared`` or ``digital``.
+        bias_mode: ``separate``, ``unscaled``, ``per_tensor``, ``shared`` or ``digital``.
 
     Returns:
         ``(r_w, r_b)``: ``r_w`` broadcasts against ``weight``, ``r_b`` against ``bias`` (or None).
@@ -93,14 +95,18 @@ def noise_scales(
     r_b = _span(lo_b, hi_b, scale)
     if bias_mode == "per_tensor":
         return _as_weight(r_w, weight, per_channel), r_b
-    if bias_mode != "separate":
+    if bias_mode not in ("separate", "unscaled"):
         raise ValueError(
-            f"bias_mode={bias_mode!r} is invalid: allowed values are 'separate', 'per_tensor', "
-            "'shared', 'digital'"
+            f"bias_mode={bias_mode!r} is invalid: allowed values are 'separate', 'unscaled', "
+            "'per_tensor', 'shared', 'digital'"
         )
     r_w_tensor = _span(lo_w.min(), hi_w.max(), scale)
-    matched = (r_w_tensor > 0) & (r_b > 0)
-    f = torch.where(matched, r_b / torch.where(matched, r_w_tensor, 1.0), 1.0)  # 0-d
+    if bias_mode == "unscaled":  # s = 1: the union of W and the raw bias, always
+        matched = torch.ones((), dtype=torch.bool, device=weight.device)
+        f = torch.ones((), dtype=weight.dtype, device=weight.device)
+    else:
+        matched = (r_w_tensor > 0) & (r_b > 0)
+        f = torch.where(matched, r_b / torch.where(matched, r_w_tensor, 1.0), 1.0)  # 0-d
     if per_channel:  # row i of [W, b/f]: its own extremes and b_i / f
         lo_u, hi_u = torch.minimum(lo_w, bias / f), torch.maximum(hi_w, bias / f)
     else:
