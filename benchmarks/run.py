@@ -25,6 +25,12 @@ Variants (each one call, timed whole):
   pass plus one ``set_time``.
 * ``aihwkit-lightning step``: the HA-SGD step with L = 1 on ``aihwkit_lightning``'s layers with
   additive weight noise (``WeightNoiseInjectionType.ADD_NORMAL``, std 0.05), when it imports.
+* ``tiled step`` / ``tiled chip eval``: the L = 1 step and the chip evaluation with the crossbar
+  periphery on (``TILES``: 256-row tiles, 256-level DACs and tile ADCs, output noise 0.04, sigma
+  0.05); the chip's DAC and tile ADC ranges are calibrated on one batch outside the timed
+  region. ``aihwkit-lightning tiled step``: its step with the matching periphery
+  (``max_input_size`` 256, 8-bit input and output resolution, ``out_noise`` 0.04, input range
+  learning, additive weight noise 0.05): the peer the tiled step is measured against.
 
 Timing: all variants run in one process. After ``--warmup`` untimed rounds, each of the
 ``--repeats`` rounds runs every variant once, in an order rotated by one each round, so drift in
@@ -86,6 +92,9 @@ TARGETS = {
     "vs_aihwkit_lightning": 2.5,
     "method": 1.05,  # antithetic pairs / a noise schedule vs HA-SGD with the same L
 }
+TARGETS["tiled"] = 1.5  # the crossbar periphery (issue 12): tiled step / digital step
+# The crossbar periphery of the tiled rows: aihwkit-like tiles and converters.
+TILES = dict(tile_rows=256, dac_levels=256, tile_adc_levels=256, out_noise=0.04)
 METHOD_L = 4  # L of the method rows (even: antithetic pairs)
 HESSIAN_PROBES = 4
 DAY = 86400.0  # s: the PCM chip's t_inference
@@ -127,7 +136,11 @@ class Bench:
         pcm = cimsim.convert_to_analog(self.digital, cimsim.AnalogConfig(device="pcm"))
         self.pcm_chip = cimsim.set_time(cimsim.program_chip(pcm.eval(), 0), DAY)
         self.digital_eval = copy.deepcopy(self.digital).eval()
-        self.opt = {m: _sgd(m) for m in (self.digital, self.analog)}
+        tiles = cimsim.AnalogConfig(sigma=SIGMA, **TILES)
+        self.tiled = cimsim.convert_to_analog(self.digital, tiles)
+        self.tiled_chip = cimsim.program_chip(cimsim.convert_to_analog(self.digital, tiles), 0)
+        cimsim.calibrate_adc(self.tiled_chip, [self.x])
+        self.opt = {m: _sgd(m) for m in (self.digital, self.analog, self.tiled)}
 
     def autocast(self):
         if not self.args.bf16:
@@ -188,6 +201,8 @@ class Bench:
         v["PCM chip eval"] = lambda: self.evaluate(self.pcm_chip)
         # The same (t, repetition) again: the same weights, recomputed in full.
         v["PCM set_time"] = lambda: cimsim.set_time(self.pcm_chip, DAY)
+        v["tiled step L=1"] = lambda: self.step(self.tiled, 1)
+        v["tiled chip eval"] = lambda: self.evaluate(self.tiled_chip)
         return v
 
 
@@ -214,6 +229,32 @@ def aihwkit_lightning_variant(bench: Bench) -> tuple[Callable[[], None] | None, 
     except Exception as e:
         return None, f"does not run: {type(e).__name__}: {e}"
     return (lambda: bench.step(model, 1, opt)), f"aihwkit-lightning {__version__}"
+
+
+def aihwkit_lightning_tiled_variant(bench: Bench) -> Callable[[], None] | None:
+    """The aihwkit-lightning step (L = 1) with its crossbar periphery matching ``TILES``."""
+    try:
+        from aihwkit_lightning.nn.conversion import convert_to_analog
+        from aihwkit_lightning.simulator.configs import TorchInferenceRPUConfig
+        from aihwkit_lightning.simulator.parameters.enums import WeightNoiseInjectionType
+    except Exception:
+        return None
+    rpu = TorchInferenceRPUConfig()
+    rpu.modifier.noise_type = WeightNoiseInjectionType.ADD_NORMAL
+    rpu.modifier.std_dev = SIGMA
+    rpu.mapping.max_input_size = TILES["tile_rows"]
+    rpu.forward.inp_res = rpu.forward.out_res = 1 / (2**8 - 2)  # aihwkit's 8-bit converters
+    rpu.forward.out_noise = TILES["out_noise"]
+    rpu.forward.out_bound = 10.0
+    rpu.pre_post.input_range.enable = True
+    try:
+        model = convert_to_analog(bench.digital, rpu).to(bench.device)
+        opt = _sgd(model)
+        bench.step(model, 1, opt)
+    except Exception as e:
+        print(f"aihwkit-lightning tiled step skipped: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+    return lambda: bench.step(model, 1, opt)
 
 
 def _sync(device: torch.device) -> None:
@@ -301,6 +342,13 @@ def summarize(times: dict, memory: dict, args) -> dict:
         lo, hi = min(args.L), max(args.L)
         value = memory[f"analog L={hi}"] / memory[f"analog L={lo}"]
         ratios.append(_ratio(f"peak memory L={hi} / L={lo}", value, TARGETS["memory"]))
+    value = ms["tiled step L=1"] / ms["digital step"]
+    ratios.append(_ratio("tiled step / digital step", value, TARGETS["tiled"]))
+    value = ms["tiled chip eval"] / ms["digital eval"]
+    ratios.append(_ratio("tiled chip eval / digital eval", value, TARGETS["tiled"]))
+    if "aihwkit-lightning tiled step" in ms:
+        value = ms["aihwkit-lightning tiled step"] / ms["tiled step L=1"]
+        ms["aihwkit-lightning tiled / cimsim tiled step"] = value
     if "aihwkit-lightning step L=1" in ms and 1 in args.L:
         value = ms["aihwkit-lightning step L=1"] / ms["analog step L=1"]
         ratios.append(
@@ -331,6 +379,9 @@ def print_report(summary: dict, times: dict, memory: dict, meta: dict) -> None:
         f"Hessian trace, per probe: {ms['Hessian, per probe']:.1f} ms = "
         f"{ms['Hessian per probe / digital step']:.2f} x a digital step"
     )
+    if "aihwkit-lightning tiled / cimsim tiled step" in ms:
+        value = ms["aihwkit-lightning tiled / cimsim tiled step"]
+        print(f"aihwkit-lightning tiled step / cimsim tiled step: {value:.2f}")
     print(f"\naihwkit-lightning: {meta['aihwkit_lightning']}\ncimsim measured: {meta['cimsim']}")
 
 
@@ -366,6 +417,9 @@ def main(argv=None) -> dict:
         ahl_step, ahl_status = aihwkit_lightning_variant(bench)
         if ahl_step is not None:
             variants["aihwkit-lightning step L=1"] = ahl_step
+            tiled = aihwkit_lightning_tiled_variant(bench)
+            if tiled is not None:
+                variants["aihwkit-lightning tiled step"] = tiled
     meta = describe(args, ahl_status)
     times = time_interleaved(variants, bench.device, args.repeats, args.warmup)
     memory = {f"analog L={L}": step_memory(bench, bench.analog, L) for L in args.L}

@@ -20,21 +20,30 @@ from cimsim.validation import ConfigError
 _TINY = torch.finfo(torch.float32).tiny
 
 
+@torch.no_grad()
+def quantize_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
+    """``y`` replaced in place by its level of ``symmetric_quantize``; returns where ``y`` was
+    inside ``[-b, b]``. With ``c = (levels - 1) / 2`` the level index is
+    ``k = clip(round(y c / b + c), 0, levels - 1)`` (for odd ``levels``, ``round(y / d) + c``:
+    the issue's ``round(y / d) d``; for even, the grid offset by ``b``) and the value
+    ``(k - c) / c * b``, so the ends are exactly ``-b`` and ``b`` and, for odd ``levels``, the
+    middle exactly 0. Seven in-place passes and two boolean ones."""
+    b = bound.to(y.dtype).clamp_min(_TINY)
+    c = (levels - 1) / 2
+    y.mul_(c / b).add_(c)  # index space [0, levels - 1]
+    inside = (y >= 0) & (y <= levels - 1)
+    y.round_().clamp_(0, levels - 1).sub_(c).div_(c).mul_(b)
+    return inside
+
+
 class _SymmetricQuantize(torch.autograd.Function):
     """``symmetric_quantize`` with its straight-through gradient, in one node (the quantizer sits
     on every tile's partial sums, so its elementwise passes are most of the periphery's cost)."""
 
     @staticmethod
     def forward(ctx, x, bound, levels: int):
-        b = bound.to(x.dtype).clamp_min(_TINY)
-        d = b * (2.0 / (levels - 1))
-        inside = x.abs() <= b
-        if levels % 2:  # clip(round(x / d) * d, -b, b): 0 is a level
-            half = (levels - 1) // 2
-            q = (x / d).round_().clamp_(-half, half).mul_(d)
-        else:  # the grid -b + k d, offset by b
-            q = ((x + b) / d).round_().clamp_(0, levels - 1).mul_(d).sub_(b)
-        ctx.levels = levels
+        q = x.detach().clone()
+        inside = quantize_(q, bound.detach(), levels)
         if bound.requires_grad:
             ctx.save_for_backward(inside, torch.sign(x))
         else:
@@ -83,27 +92,23 @@ def tile_slices(inputs: int, per_tile: int) -> list[slice]:
     return [slice(a, a + k) for a, k in zip(starts, sizes, strict=True)]
 
 
-def grouped_index(tiles: list[slice], inputs: int) -> torch.Tensor | None:
-    """Where tile ``t``'s inputs sit in a grouped layout of ``T`` equal groups of
-    ``max(size)`` lines: the index into the inputs with one zero line appended (index
-    ``inputs``) that pads the smaller tiles; ``None`` when all tiles have the same size."""
+def to_groups(t: torch.Tensor, tiles: list[slice], dim: int) -> torch.Tensor:
+    """``t`` with its input lines (dim ``dim``) laid out as ``T`` equal groups of the largest
+    tile's size, the smaller tiles padded with zero lines (a view-free copy whose backward is
+    slicing)."""
     width = max(sl.stop - sl.start for sl in tiles)
     if all(sl.stop - sl.start == width for sl in tiles):
-        return None
-    index = []
-    for sl in tiles:
-        index += list(range(sl.start, sl.stop)) + [inputs] * (width - (sl.stop - sl.start))
-    return torch.tensor(index)
-
-
-def to_groups(t: torch.Tensor, index: torch.Tensor | None, dim: int) -> torch.Tensor:
-    """``t`` with its input lines (dim ``dim``) in equal tile groups (``grouped_index``)."""
-    if index is None:
         return t
-    pad_shape = list(t.shape)
-    pad_shape[dim] = 1
-    padded = torch.cat([t, t.new_zeros(pad_shape)], dim=dim)
-    return padded.index_select(dim, index.to(t.device))
+    parts = []
+    for sl in tiles:
+        part = t.narrow(dim, sl.start, sl.stop - sl.start)
+        missing = width - (sl.stop - sl.start)
+        if missing:
+            shape = list(part.shape)
+            shape[dim] = missing
+            part = torch.cat([part, part.new_zeros(shape)], dim=dim)
+        parts.append(part)
+    return torch.cat(parts, dim=dim)
 
 
 def layer_tiles(layer: nn.Module, tile_rows: int | None) -> list[slice] | None:
@@ -129,7 +134,7 @@ class DAC(ADC):
 
     ``learned=False``: ``b_in`` is calibrated on data like an ADC range (the moving max of
     ``|x|``; ``calibrate_adc`` after programming, tracked while training in the loop).
-    ``learned=True``: ``b_in`` is a parameter set from the first training batch's max ``|x|``,
+    ``learned=True``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees,
     then trained through the straight-through gradient (``symmetric_quantize``); it is part of
     the trained network, so programming a chip does not reset it.
     """
@@ -162,9 +167,7 @@ class DAC(ADC):
         if not self.enabled:
             return x
         if self.learned:
-            if not self.calibrated:
-                if not self.training:
-                    raise RuntimeError("a learned DAC range is set by training: train first")
+            if not self.calibrated:  # the first batch it sees (training, or a sanity check)
                 with torch.no_grad():
                     self.b_in.copy_(x.detach().abs().amax().float())
                 self.calibrated = True
@@ -176,14 +179,33 @@ class DAC(ADC):
         return f"levels={self.levels}, learned={self.learned}"
 
 
+class _StraightThrough(torch.autograd.Function):
+    """``fn_(y.clone())`` (an in-place map returning where its input was inside the range, or
+    None), with the gradient passed straight through where it was."""
+
+    @staticmethod
+    def forward(ctx, y, fn_):
+        out = y.detach().clone()
+        inside = fn_(out)
+        ctx.save_for_backward(inside)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return (grad if inside is None else grad * inside), None
+
+
 class TileADC(ADC):
     """The ADCs of a layer's tiles: output noise, then quantization, per tile.
 
     Its input is the tiles' partial sums stacked along dim 1, ``(B, T, ...)``. Tile ``t`` has its
     own bound ``b_out[t]`` (the moving max of its ``|y|``, calibrated after programming and
     tracked while training, as the layer ADC), adds ``out_noise * b_out * xi`` (fresh standard
-    normal draws at every forward), then with ``levels`` quantizes to ``[-b_out, b_out]``
-    (``symmetric_quantize``). With ``levels=None`` only the output noise is added.
+    normal draws at every forward where ``noisy``), then with ``levels`` quantizes to
+    ``[-b_out, b_out]`` (``symmetric_quantize``'s grid); the gradient is straight through where
+    the noisy partial sum is inside the range. With ``levels=None`` only the output noise is
+    added. ``digitize_`` does it in place (the layers' fused path, ``tiled_sum``).
     """
 
     def __init__(self, tiles: int, levels: int | None, out_noise: float, momentum: float = 0.01):
@@ -198,13 +220,23 @@ class TileADC(ADC):
         return self.active and (self.levels is not None or self.out_noise > 0)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Ranges of another tiling (a test chip with other tile_rows than trained) do not apply:
+        # load as uncalibrated (a chip's ranges are calibrated after programming anyway).
+        other = any(
+            prefix + k in state_dict and state_dict[prefix + k].shape != (self.tiles,)
+            for k in ("lo", "hi")
+        )
         for key in ("lo", "hi"):
-            state_dict.setdefault(prefix + key, torch.zeros(self.tiles))
+            if other or prefix + key not in state_dict:
+                state_dict[prefix + key] = torch.zeros(self.tiles)
+        if other:
+            state_dict[prefix + "_calibrated"] = torch.tensor(False)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @torch.no_grad()
     def _observe(self, y: torch.Tensor, momentum: float) -> None:
-        peak = y.detach().abs().transpose(0, 1).reshape(y.shape[1], -1).amax(dim=1).float()
+        dims = [d for d in range(y.dim()) if d != 1]
+        peak = torch.maximum(y.amax(dim=dims), -y.amin(dim=dims)).float()  # (T,)
         if not self.calibrated:
             self.hi.copy_(peak)
             self.calibrated = True
@@ -212,21 +244,75 @@ class TileADC(ADC):
             self.hi.lerp_(peak, momentum)
         self.lo.copy_(-self.hi)
 
+    @torch.no_grad()
+    def digitize_(self, y: torch.Tensor) -> torch.Tensor | None:
+        """Observe the range (calibrating or training), add the output noise and quantize, all in
+        place on ``y``; return where the noisy ``y`` was inside ``[-b, b]`` (None: no levels).
+        Each step is one in-place pass over the ``T``-times larger tensor of partial sums."""
+        noisy = self.out_noise > 0 and self.noisy
+        if self.levels is None and not noisy and not (self.training or self.observing):
+            return None  # nothing to do: a clean read-out needs no range
+        self._update_range(y)
+        bound = self.hi.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)  # (1, T, 1, ...)
+        if noisy:
+            y.addcmul_(dense_randn_like(y), bound, value=self.out_noise)
+        return None if self.levels is None else quantize_(y, bound, self.levels)
+
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return y
-        self._update_range(y)
-        bound = self.hi.reshape((1, -1) + (1,) * (y.dim() - 2))  # (1, T, 1, ...)
-        if self.out_noise > 0 and self.noisy:
-            with torch.no_grad():
-                noise = torch.randn_like(y).mul_(bound.to(y.dtype) * self.out_noise)
-            y = y + noise  # a constant for autograd
-        if self.levels is None:
-            return y
-        return symmetric_quantize(y, bound, self.levels)
+        return _StraightThrough.apply(y, self.digitize_)
 
     def extra_repr(self) -> str:
         return f"tiles={self.tiles}, levels={self.levels}, out_noise={self.out_noise}"
+
+
+class _TiledSum(torch.autograd.Function):
+    """``sum_t post_(products(xg, wg))[:, t]``: the tiles' partial sums, processed in place by
+    ``post_`` (noise, ADC; it returns where the gradient passes, or None), added up. One node:
+    autograd keeps only the inputs and a boolean mask, never the ``T``-times larger partial sums,
+    and the backward is the grouped product's own (``backward``)."""
+
+    @staticmethod
+    def forward(ctx, xg, wg, products, backward, post_):
+        y = products(xg, wg)  # (B, T, C_out, ...)
+        inside = post_(y)
+        ctx.save_for_backward(xg, wg, inside)
+        ctx.backward_fn, ctx.shape = backward, y.shape
+        return y.sum(dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xg, wg, inside = ctx.saved_tensors
+        g = grad.unsqueeze(1)
+        if inside is None:
+            g = g.expand(ctx.shape).contiguous(memory_format=torch.contiguous_format)
+        else:  # in the partial sums' own layout (channels-last for a conv): no reordering copy
+            g = torch.mul(g, inside, out=torch.empty_like(inside, dtype=grad.dtype))
+        gx, gw = ctx.backward_fn(g, xg, wg, ctx.needs_input_grad[:2])
+        return gx, gw, None, None, None
+
+
+def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
+    """The layer's output before the bias: every tile's partial sums (``products`` of the grouped
+    inputs and weights, ``(B, T, C_out, ...)``) through ``post_`` (in place), summed over the
+    tiles; ``backward(g, xg, wg, needs)`` gives the products' input and weight gradients."""
+    if torch.is_grad_enabled() and (xg.requires_grad or wg.requires_grad):
+        return _TiledSum.apply(xg, wg, products, backward, post_)
+    with torch.no_grad():
+        y = products(xg, wg)
+        post_(y)
+        return y.sum(dim=1)
+
+
+def dense_randn_like(y: torch.Tensor) -> torch.Tensor:
+    """Standard normal draws shaped and laid out like ``y`` (e.g. channels-last), drawn over its
+    storage in memory order: ``normal_`` on a permuted layout takes a slow strided path."""
+    out = torch.empty_like(y)  # same strides as a dense y
+    if out.is_contiguous():
+        return out.normal_()
+    out.as_strided((out.numel(),), (1,)).normal_()
+    return out
 
 
 @torch.no_grad()
@@ -236,4 +322,4 @@ def read_noise(y_part: torch.Tensor, squares: torch.Tensor, w_max: torch.Tensor,
     product of ``|W|`` with ``x^2``), i.e. ``scale * sqrt(sum_j |w_ij / w_max| x_j^2)`` in units of
     the tile's ``w_max``, fresh at every call. A constant for autograd."""
     std = squares.clamp_min(0.0).mul_(w_max.to(squares.dtype)).sqrt_().mul_(scale)
-    return torch.randn_like(y_part).mul_(std)
+    return dense_randn_like(y_part).mul_(std)

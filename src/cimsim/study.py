@@ -142,8 +142,8 @@ def _text(value: Any) -> str:
 
 def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = None) -> str:
     """A model's training recipe, from its training ``chip``, HA-SGD's ``L`` samples per step and
-    the training methods: ``train sigma=0.1, L=4`` (then ``mu=..``, ``ADC n``, ``PCM``,
-    ``antithetic``, the schedule, ``SAM rho``, ``distilled`` when set)."""
+    the training methods: ``train sigma=0.1, L=4`` (then ``mu=..``, ``ADC n``, ``PCM``, the
+    crossbar periphery, ``antithetic``, the schedule, ``SAM rho``, ``distilled`` when set)."""
     parts = [f"train sigma={chip.sigma:g}", f"L={L}"]
     if chip.mean_shift:
         parts.append(f"mu={chip.mean_shift:g}")
@@ -151,6 +151,7 @@ def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = N
         parts.append(f"ADC {chip.adc_levels}")
     if chip.pcm_device:
         parts.append(f"PCM t_train={chip.t_train:g}s")
+    parts += periphery_parts(chip)
     m = methods or TrainingMethods()
     schedule = m.schedule
     if m.antithetic:
@@ -166,6 +167,22 @@ def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = N
     if m.teacher:
         parts.append("distilled")
     return ", ".join(parts)
+
+
+def periphery_parts(chip: AnalogConfig) -> list[str]:
+    """The crossbar periphery a model was trained with, for its recipe label."""
+    parts = []
+    if chip.tile_rows is not None:
+        parts.append(f"tiles {chip.tile_rows} rows")
+    if chip.dac_levels is not None:
+        parts.append(f"DAC {chip.dac_levels}" + (" learned" if chip.dac_range == "learned" else ""))
+    if chip.tile_adc_levels is not None:
+        parts.append(f"tile ADC {chip.tile_adc_levels}")
+    if chip.out_noise:
+        parts.append(f"out noise {chip.out_noise:g}")
+    if chip.w_read_noise:
+        parts.append(f"read noise {chip.w_read_noise:g}")
+    return parts
 
 
 def _differences(settings: dict, default: dict, prefix: str = "") -> list[str]:
