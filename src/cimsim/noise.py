@@ -71,8 +71,9 @@ def noise_scales(
     ``unscaled``: the naive physical mapping ``[W, b]`` with ``s = 1`` (the bias on the weights'
     conductance scale, which must then span it): both relative to ``R = r(concat(W, b))``.
     ``per_tensor``: ``r(W)`` and ``r(b)``; ``shared``: ``r(W)`` for both (the bias noise at the
-    weights' scale, as if the bias fitted in it); ``digital``: no bias noise (``None``). The union's range comes from the extremes of W and b (f > 0 keeps their
-    order), so no copy of the weights is made.
+    weights' scale, as if the bias fitted in it); ``digital``: no bias noise (``None``). The
+    union's range comes from the extremes of W and b (f > 0 keeps their order), so no copy of
+    the weights is made.
 
     Args:
         weight: (C_out, ...) weights.
