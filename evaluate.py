@@ -64,6 +64,7 @@ from cimsim.tracking import default_wandb_mode, log_robustness
 from cimsim.validation import check_choice, check_int, config_scope
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+TILE_STANDIN = 2  # tile ADC levels a tile sweep converts with; each grid point sets its own
 
 
 def output_dir(sweep_dir: str | None, task_name: str, run_name: str) -> str:
@@ -240,12 +241,16 @@ def load_subject(
     with config_scope("chip"):
         chip = override_chip(trained, overrides)
     grid = grid.for_chip(chip)
-    swept = [n for n in grid.adc_levels if n is not None]
-    if grid.adc_kind == "tile" and chip.tile_adc_levels is None and swept:
-        # tile ADCs to sweep (the grid sets their levels at each point; null turns them off)
-        chip = dataclasses.replace(chip, tile_adc_levels=swept[0])
+    if grid.adc_kind == "tile" and chip.tile_adc_levels is None:
+        # Tile ADCs to sweep: the grid sets their levels at each point (null turns them off); a
+        # fixed stand-in, so the rows' fingerprint does not change with the grid.
+        chip = dataclasses.replace(chip, tile_adc_levels=TILE_STANDIN)
     if chip != trained:
-        model = load(chip=chip)
+        try:
+            model = load(chip=chip)
+        except (ConfigError, KeyError, TypeError, RuntimeError) as err:
+            why = f"does not load on the test chip (overrides {overrides}): {_one_line(err)}"
+            raise ConfigError("ckpt", str(path), why) from None
     label = subject_label(recipe, chip, grid)
     sha = hashlib.sha256(data).hexdigest()
     passes = training_passes(ckpt.get("global_step", 0), model.L, model.methods)

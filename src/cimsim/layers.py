@@ -81,6 +81,15 @@ class AnalogLayer:
     def analog_tensors(self) -> dict[str, torch.Size]:
         raise NotImplementedError
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # A checkpoint trained with a periphery this chip lacks (evaluate.py chip.dac_levels=null,
+        # chip.tile_rows=... without tile outputs): its DAC / tile-ADC state does not apply.
+        for name in ("dac", "tile_adc"):
+            if getattr(self, name, None) is None:
+                for key in [k for k in state_dict if k.startswith(f"{prefix}{name}.")]:
+                    del state_dict[key]
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def program(self, seed: int, prefix: str) -> None:
         """Draw and freeze this layer's standard draws for chip ``seed``."""
         self.chip_seed, self._chip_cache = seed, None
@@ -310,7 +319,7 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
 
     def _conv_args(self, tiles: int) -> tuple:
         padding = self.padding if self.padding_mode == "zeros" else 0
-        return self.stride, padding, self.dilation, tiles
+        return self.stride, padding, self.dilation, tiles * self.groups  # tiles > 1: groups 1
 
     def _products(self, xg, wg):
         tiles = 1 if self._tiles is None else len(self._tiles)

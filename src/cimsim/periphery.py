@@ -12,6 +12,7 @@ bias. Every quantizer has a straight-through gradient inside its range and zero 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from cimsim.adc import ADC
@@ -23,15 +24,27 @@ _TINY = torch.finfo(torch.float32).tiny
 @torch.no_grad()
 def quantize_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
     """``y`` replaced in place by its level of ``symmetric_quantize``; returns where ``y`` was
-    inside ``[-b, b]``. With ``c = (levels - 1) / 2`` the level index is
-    ``k = clip(round(y c / b + c), 0, levels - 1)`` (for odd ``levels``, ``round(y / d) + c``:
-    the issue's ``round(y / d) d``; for even, the grid offset by ``b``) and the value
-    ``(k - c) / c * b``, so the ends are exactly ``-b`` and ``b`` and, for odd ``levels``, the
-    middle exactly 0. Seven in-place passes and two boolean ones."""
+    inside ``[-b, b]`` (``|y| = b`` included, aihwkit's convention). With
+    ``c = (levels - 1) / 2`` the level index is ``k = clip(round(y c / b + c), 0, levels - 1)``
+    and the value ``(k - c) / c * b``: the ends are exactly ``-b`` and ``b``. For odd ``levels``
+    this is the issue's ``clip(round(y / d) d, -b, b)`` and the middle level is exactly 0; for
+    even ``levels`` the grid is offset by ``d / 2`` (exactly ``levels`` values, but no zero: an
+    exact 0 reads as ``+-d / 2``, a coherent offset over many zero inputs; aihwkit's "8-bit"
+    converters have 255 levels). Half-precision inputs are quantized on a float32 copy (a bf16
+    grid of 256 levels would not be uniform)."""
+    if y.dtype in (torch.float16, torch.bfloat16):
+        y32 = y.float()
+        inside = _quantize32_(y32, bound, levels)
+        y.copy_(y32)
+        return inside
+    return _quantize32_(y, bound, levels)
+
+
+def _quantize32_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
     b = bound.to(y.dtype).clamp_min(_TINY)
     c = (levels - 1) / 2
+    inside = (y >= -b) & (y <= b)  # before scaling, so |y| = b is exactly inside
     y.mul_(c / b).add_(c)  # index space [0, levels - 1]
-    inside = (y >= 0) & (y <= levels - 1)
     y.round_().clamp_(0, levels - 1).sub_(c).div_(c).mul_(b)
     return inside
 
@@ -134,9 +147,12 @@ class DAC(ADC):
 
     ``learned=False``: ``b_in`` is calibrated on data like an ADC range (the moving max of
     ``|x|``; ``calibrate_adc`` after programming, tracked while training in the loop).
-    ``learned=True``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees,
-    then trained through the straight-through gradient (``symmetric_quantize``); it is part of
-    the trained network, so programming a chip does not reset it.
+    ``learned=True``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees
+    (the max over processes under DDP), then trained through the straight-through gradient
+    (``symmetric_quantize``: the clipped inputs pass ``sign(x) * grad`` to it, two-sided and
+    unscaled; aihwkit-lightning's input-range learning is one-sided, scaled and decayed, and
+    starts from a multiple of the std); it is part of the trained network, so programming a chip
+    does not reset it.
     """
 
     def __init__(self, levels: int, learned: bool = False, momentum: float = 0.01):
@@ -170,6 +186,8 @@ class DAC(ADC):
             if not self.calibrated:  # the first batch it sees (training, or a sanity check)
                 with torch.no_grad():
                     self.b_in.copy_(x.detach().abs().amax().float())
+                    if dist.is_available() and dist.is_initialized():  # one range on all ranks
+                        dist.all_reduce(self.b_in.data, op=dist.ReduceOp.MAX)
                 self.calibrated = True
             return symmetric_quantize(x, self.b_in, self.levels)
         self._update_range(x)
@@ -275,8 +293,14 @@ class _TiledSum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xg, wg, products, backward, post_):
-        y = products(xg, wg)  # (B, T, C_out, ...)
-        inside = post_(y)
+        ctx.dtypes = (xg.dtype, wg.dtype)
+        device = xg.device.type
+        if torch.is_autocast_enabled(device):  # the products run (and are saved) in its dtype
+            dtype = torch.get_autocast_dtype(device)
+            xg, wg = xg.to(dtype), wg.to(dtype)
+        with torch.autocast(device, enabled=False):
+            y = products(xg, wg)  # (B, T, C_out, ...)
+            inside = post_(y)
         ctx.save_for_backward(xg, wg, inside)
         ctx.backward_fn, ctx.shape = backward, y.shape
         return y.sum(dim=1)
@@ -284,12 +308,14 @@ class _TiledSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         xg, wg, inside = ctx.saved_tensors
-        g = grad.unsqueeze(1)
+        g = grad.unsqueeze(1).to(xg.dtype)
         if inside is None:
             g = g.expand(ctx.shape).contiguous(memory_format=torch.contiguous_format)
         else:  # in the partial sums' own layout (channels-last for a conv): no reordering copy
-            g = torch.mul(g, inside, out=torch.empty_like(inside, dtype=grad.dtype))
+            g = torch.mul(g, inside, out=torch.empty_like(inside, dtype=g.dtype))
         gx, gw = ctx.backward_fn(g, xg, wg, ctx.needs_input_grad[:2])
+        gx = None if gx is None else gx.to(ctx.dtypes[0])
+        gw = None if gw is None else gw.to(ctx.dtypes[1])
         return gx, gw, None, None, None
 
 

@@ -378,7 +378,7 @@ def write_results(result: RobustnessResult, out_dir: str | os.PathLike) -> tuple
 _AXIS_LABELS = {
     "sigma": "test noise sigma (fraction of range)",
     "mean_shift": "test mean shift mu (fraction of range)",
-    "adc_levels": "ADC levels (log2 scale; bits = log2(levels))",
+    "adc_levels": "ADC levels (log2 scale; bits = log2(levels); dashed: no ADC)",
     "t_inference": "time after programming t_inference (log scale)",
 }
 
@@ -414,7 +414,9 @@ def _draw_line(ax, label: str, entries: list[dict], x: str, position: Callable) 
         ax.fill_between(xs, low, high, color=color, alpha=0.2, linewidth=0)
     for ref in refs:
         mean = 100 * ref["acc_mean"]
-        ax.axhline(mean, linestyle="--", linewidth=1, color=color, label=f"{label} (no ADC)")
+        # Same colour as its curve: one legend entry per model (the dashed style is explained in
+        # the axis label), so the legend stays readable with many models.
+        ax.axhline(mean, linestyle="--", linewidth=1, color=color, label="_nolegend_")
 
 
 def _time_axis(ax, times: Sequence[float]) -> Callable[[float], float]:
@@ -466,7 +468,9 @@ def plot_robustness(
     ax.set_xlabel(_AXIS_LABELS[x])
     ax.set_ylabel("top-1 test accuracy (%), mean ± 95 % CI")
     ax.grid(True, alpha=0.3)
-    if timed:  # labels name the test chip's compensation: long, so below the axes
+    labels = list(lines(summary, x))
+    if timed or max(map(len, labels)) > 40:  # long labels (test-chip settings): below the axes
+        fig.set_figheight(4 + 0.22 * len(labels))
         fig.legend(loc="outside lower center", fontsize="small")
     else:
         ax.legend()

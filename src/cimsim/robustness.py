@@ -345,9 +345,14 @@ def _calibrate(model: nn.Module, settings: EvalSettings, seed: int) -> None:
     chip seed: a shuffling or augmenting calibration loader (random crops and flips of training
     images) then draws the same batches for this chip in every run and at every grid point, and
     the caller's random stream is left as it was."""
-    # Data loading (samplers, transforms, worker seeds) draws from the CPU generator only.
-    with torch.random.fork_rng(devices=[]):
+    # Data loading (samplers, transforms, worker seeds) draws from the CPU generator; output and
+    # read noise during calibration (which upstream ranges see) from the model's device's.
+    device = next(model.parameters()).device
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, device_type=device.type):
         torch.default_generator.manual_seed(seed)
+        if cuda:
+            torch.cuda.manual_seed(derive_seed("calib-reads", seed))
         calibrate_adc(
             model,
             settings.calib_loader,
@@ -383,7 +388,8 @@ def _evaluate_chip(
             if _stochastic_reads(model):  # fresh noise per read, the same in every run
                 devices = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices, device_type=device.type):
-                    torch.manual_seed(derive_seed("reads", seed))
+                    # each read-out (t, repetition) of a PCM chip redraws them too
+                    torch.manual_seed(derive_seed("reads", seed, *(read or ())))
                     acc, loss, n = _measure(model, test_loader, settings.max_batches)
             else:
                 acc, loss, n = _measure(model, test_loader, settings.max_batches)
