@@ -3,11 +3,14 @@ Carlo study it needs, then the report from their rows (``cimsim.results``).
 
     python reproduce.py                              # digits, WRN-10-2 (~15-20 min on 2 CPUs)
     python reproduce.py --tiny                       # the smoke version (seconds per stage)
-    python reproduce.py data=cifar100 model=wrn28_10 trainer=gpu --epochs 200   # paper scale
+    python reproduce.py experiment=paper_wrn28_10_cifar100 data.download=true --epochs 200
+                                                     # paper scale (a GPU)
 
 Resumable: rerun the same command after an interruption. A finished training (``done.json``
 beside its checkpoints, written last) is skipped, an interrupted one resumes from its
-``last.ckpt``, and each study resumes from its ``robustness_rows.csv`` (``evaluate.py``).
+``last.ckpt`` if its ``started.json`` names the same overrides, and a study whose marker
+(``done.json``) records the same call on the same checkpoint files is skipped; otherwise it
+resumes from its ``robustness_rows.csv`` (``evaluate.py``).
 
 Hydra overrides after the options go to every training (``data=``, ``model=``, ``trainer=``,
 ``hasgd.*``, ...), except those of evaluate.py's own keys (``robustness.*``, ``chip.*``,
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import shlex
@@ -31,12 +35,24 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import evaluate as evaluate_cli
 import train as train_cli
 from cimsim import ConfigError
-from cimsim.results import RUNS, STUDIES, Run, Study, atomic_write, git_commit, write_report
+from cimsim.results import (
+    RUNS,
+    STUDIES,
+    STUDY_MARKER,
+    Run,
+    Study,
+    atomic_write,
+    file_sha256,
+    git_commit,
+    machine,
+    read_json,
+    write_report,
+)
 
 ROOT = Path(__file__).resolve().parent
 EVALUATE_KEYS = ("robustness", "chip", "accelerator", "devices", "num_nodes", "progress", "wandb")
@@ -110,40 +126,81 @@ def write_json(path: Path, doc: dict) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1) + "\n"))
 
 
+def config_sha256(cfg: DictConfig) -> str:
+    """A hash of the resolved config, Hydra's own node left out."""
+    doc = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def warn(text: str) -> None:
+    print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progress) -> dict:
     """Train ``run`` unless ``done.json`` says it finished with the same overrides; resume it
-    from ``last.ckpt`` when interrupted. Returns its record (``done.json``)."""
+    from ``last.ckpt`` when interrupted, if its ``started.json`` names the same overrides.
+    Returns its record (``done.json``)."""
     run_dir = out / "train" / run.name
-    marker = run_dir / "done.json"
+    marker, started = run_dir / "done.json", run_dir / "started.json"
     full = [*TRAIN_DEFAULTS, *run.resolved(args.epochs), *overrides]
     if run.teacher:
         full.append(f"distill.teacher={out / 'train' / run.teacher / 'checkpoints' / 'last.ckpt'}")
-    if marker.exists():
-        record = json.loads(marker.read_text())
-        if record["overrides"] != full:
+    commit = git_commit(ROOT)
+    cfg = compose_cfg("train", run_dir, full)
+    cfg_hash = config_sha256(cfg)
+
+    def refuse(record: dict, what: str) -> None:
+        if record.get("overrides") != full:
+            old, new = record.get("overrides") or [], full
+            gone = [o for o in old if o not in new]
+            added = [o for o in new if o not in old]
             why = (
-                f"holds {run.name} trained with {record['overrides']}, not {full}: "
-                "use another --out or delete that run"
+                f"holds {run.name} {what} with other overrides (only there: {gone}; only now: "
+                f"{added}): use another --out or delete that run"
             )
             raise ConfigError("--out", str(out), why)
+
+    if marker.exists():
+        record = json.loads(marker.read_text())
+        refuse(record, "trained")
+        for key, now in (("config_sha256", cfg_hash), ("commit", commit)):
+            if record.get(key) is not None and record[key] != now:
+                warn(f"{run.name} was trained with {key} {record[key]}, now {now}; reused")
         progress(f"train {run.name}: done before, reused")
         return {**record, "reused": True}
     last = run_dir / "checkpoints" / "last.ckpt"
     resume = [f"ckpt_path={last}"] if last.is_file() else []
+    if resume:
+        if started.exists():
+            refuse(json.loads(started.read_text()), "started (interrupted, not resumed)")
+        else:
+            warn(f"{run.name}: resuming {last} without started.json (its overrides unchecked)")
+    write_json(started, {"overrides": full, "config_sha256": cfg_hash, "commit": commit})
     progress(f"train {run.name}" + (" (resuming from last.ckpt)" if resume else ""))
-    cfg = compose_cfg("train", run_dir, full + resume)
+    if resume:
+        cfg = compose_cfg("train", run_dir, full + resume)
     start = time.time()
     train_cli.train(cfg)
-    ckpt = torch.load(best_checkpoint(run_dir), map_location="cpu", weights_only=True)
+    best = best_checkpoint(run_dir)
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    end = torch.load(last, map_location="cpu", weights_only=True)
+    per_step = cfg.hasgd.L + (cfg.hasgd.sam.rho > 0)
     record = {
         "overrides": full,
         "wall_s": time.time() - start,
+        "resumed": bool(resume),  # wall_s then misses the interrupted part
+        "commit": commit,
+        "machine": machine(),
+        "config_sha256": cfg_hash,
         "epochs": cfg.trainer.max_epochs,
         "L": cfg.hasgd.L,
         "sigma": cfg.noise.sigma,
-        "best": str(best_checkpoint(run_dir)),
+        "best": str(best),
         "global_step": ckpt.get("global_step"),
-        "passes": ckpt.get("global_step", 0) * (cfg.hasgd.L + (cfg.hasgd.sam.rho > 0)),
+        "passes": ckpt.get("global_step", 0) * per_step,
+        "last": str(last),
+        "last_global_step": end.get("global_step"),
+        "last_passes": end.get("global_step", 0) * per_step,
         "schedule": {
             "lr": cfg.hasgd.optimizer.lr,
             "step_size": cfg.hasgd.scheduler.step_size,
@@ -155,16 +212,56 @@ def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progres
     return {**record, "reused": False}
 
 
-def run_study(study: Study, args, overrides: list[str], out: Path, progress: Progress) -> None:
-    """One evaluate.py study over the study's runs' best checkpoints (resumes from its rows)."""
-    ckpts = ",".join(str(best_checkpoint(out / "train" / r)) for r in study.runs)
+def study_checkpoint(study: Study, run_dir: Path) -> Path:
+    """The checkpoint ``study`` evaluates: the run's ``last.ckpt`` (fixed budget) or the best."""
+    return run_dir / "checkpoints" / "last.ckpt" if study.last else best_checkpoint(run_dir)
+
+
+def run_study(study: Study, args, overrides: list[str], out: Path, progress: Progress) -> bool:
+    """One evaluate.py study over the study's runs' checkpoints (resumes from its rows), unless
+    its marker records the same call on the same checkpoint files; then writes the marker.
+    Returns whether it ran."""
+    ckpts = {r: str(study_checkpoint(study, out / "train" / r)) for r in study.runs}
+    sha = {r: file_sha256(p) for r, p in ckpts.items()}
     limits = [f"robustness.chips={args.chips}"]
     if args.max_batches is not None:
         limits.append(f"robustness.max_batches={args.max_batches}")
     tiny = [*study.tiny, *TINY_EVALUATE] if args.tiny else []
-    full = [f"ckpt=[{ckpts}]", *EVALUATE_DEFAULTS, *study.overrides, *limits, *tiny, *overrides]
+    full = [
+        f"ckpt=[{','.join(ckpts.values())}]",
+        *EVALUATE_DEFAULTS,
+        *study.overrides,
+        *limits,
+        *tiny,
+        *overrides,
+    ]
+    study_dir = out / "evaluate" / study.name
+    marker, rows = study_dir / STUDY_MARKER, study_dir / "robustness_rows.csv"
+    record = read_json(marker)
+    if rows.exists() and record.get("overrides") == full and record.get("sha256") == sha:
+        progress(f"evaluate {study.name}: done before, reused")
+        return False
+    marker.unlink(missing_ok=True)
+    before = rows.exists() and rows.stat().st_size > 0
     progress(f"evaluate {study.name}: {len(study.runs)} models")
-    evaluate_cli.evaluate(compose_cfg("evaluate", out / "evaluate" / study.name, full))
+    cfg = compose_cfg("evaluate", study_dir, full)
+    grid = OmegaConf.to_container(cfg.robustness, resolve=True)
+    start = time.time()
+    evaluate_cli.evaluate(cfg)
+    record = {
+        "overrides": full,
+        "ckpts": ckpts,
+        "sha256": sha,
+        "grid": {k: grid.get(k) for k in ("sigmas", "mean_shifts", "adc_levels", "times")},
+        "seed": cfg.seed,
+        "chips": args.chips,
+        "wall_s": time.time() - start,
+        "resumed": before,  # rows there before: wall_s misses their time
+        "commit": git_commit(ROOT),
+        "machine": machine(),
+    }
+    write_json(marker, record)
+    return True
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -236,8 +333,9 @@ def reproduce(argv: list[str]) -> dict:
     runs = {name: {k: v for k, v in r.items() if k != "reused"} for name, r in records.items()}
     longest = max(runs.values(), key=lambda r: r["schedule"]["max_epochs"])
     write_json(out / "manifest.json", {"runs": runs, "schedule": longest["schedule"]})
+    studied = 0
     for study in STUDIES:
-        run_study(study, args, eval_over, out, progress)
+        studied += run_study(study, args, eval_over, out, progress)
         progress.done += 1
     progress("report")
     meta = {
@@ -246,8 +344,10 @@ def reproduce(argv: list[str]) -> dict:
         "wall_s": time.time() - start,
         "trained": sum(not r["reused"] for r in records.values()),
         "skipped": sum(r["reused"] for r in records.values()),
-        "train_s": sum(r["wall_s"] for r in records.values()),
+        "studied": studied,
+        "studies_reused": len(STUDIES) - studied,
         "commit": git_commit(ROOT),
+        "machine": machine(),
         "chips": args.chips,
         "scale": "tiny (smoke test)" if args.tiny else f"base epochs {args.epochs}",
     }

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -13,8 +14,9 @@ import torch
 from scipy import stats
 
 from cimsim import ConfigError
-from cimsim.results import MEAN_SHIFT, RUNS, STUDIES
-from reproduce import reproduce
+from cimsim.results import MEAN_SHIFT, RUN, RUNS, STUDIES, STUDY, study_rows, write_report
+from cimsim.robustness import format_time
+from reproduce import Progress, parse, reproduce, split_overrides, train_run
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +113,142 @@ def test_rerun_reuses_every_training_and_chip(tiny):
     assert [li for li in again.splitlines() if not li.startswith(HEADER)] == body
 
 
+def fmt(values):
+    """A markdown cell: mean ± 95 % CI in percent, recomputed with numpy and scipy."""
+    mean, ci = mean_ci(values)
+    return f"{100 * mean:.1f} ± {100 * ci:.1f}"
+
+
+def tables(text):
+    """{section number: (header, body rows)} of the report's first table in each section."""
+    out = {}
+    for part in text.split("\n## ")[1:]:
+        lines = [li for li in part.splitlines() if li.startswith("| ")]
+        cells = [[c.strip() for c in li.strip("|").split(" | ")] for li in lines]
+        out[part.split(".")[0]] = (cells[0], cells[2:])
+    return out
+
+
+def copy_out(tmp, new):
+    """The tiny run's studies and manifest in ``new`` (the checkpoints stay where they are)."""
+    shutil.copytree(tmp / "out" / "evaluate", new / "evaluate")
+    shutil.copy(tmp / "out" / "manifest.json", new / "manifest.json")
+    return new
+
+
+def mutate(path, run, f):
+    with open(path) as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        if r["ckpt"].split(os.sep)[-3] == run:
+            r["acc"] = repr(f(float(r["acc"])))
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_every_table_cell_follows_mutated_rows(tiny, tmp_path):
+    """acc -> 1 - acc for each study's first run: every table cell of every section equals
+    an independent recomputation from the mutated rows."""
+    tmp, meta = tiny
+    out = copy_out(tmp, tmp_path / "out")
+    for study in STUDIES:
+        mutate(
+            out / "evaluate" / study.name / "robustness_rows.csv", study.runs[0], lambda a: 1 - a
+        )
+    write_report(out, tmp_path / "docs", meta)
+    text = (tmp_path / "docs" / "results.md").read_text()
+    t = tables(text)
+    rows = {s.name: rows_of(tmp_path, s.name) for s in STUDIES}
+    name = {r.title: r.name for r in RUNS}
+    checked = 0
+
+    def check(got, study, run, **point):
+        nonlocal checked
+        assert got == fmt(list(accs(rows[study], run, **point).values())), (study, run, point)
+        checked += 1
+
+    for number, study, key in (("1", "fig7", "sigma"), ("2", "fig8", "mean_shift")):
+        head, body = t[number]
+        for line in body:
+            for title, got in zip(head[1:], line[1:], strict=True):
+                check(got, study, name[title], **{key: float(line[0])})
+    head, body = t["3"]  # Fig. 9: columns "<model>, sigma <s>", rows ADC levels
+    for line in body:
+        level = line[0].split(" ")[0]
+        for col, got in zip(head[1:], line[1:], strict=True):
+            title, sigma = col.rsplit(", sigma ", 1)
+            point = {"sigma": float(sigma)}
+            if level != "none":
+                point["adc_levels"] = float(level)
+            got_rows = [r for r in rows["fig9"] if (r["adc_levels"] == "") == (level == "none")]
+            assert got == fmt(list(accs(got_rows, name[title], **point).values()))
+            checked += 1
+    for number, studies in (
+        ("4", ("bias_separate", "bias_unscaled", "bias_shared", "bias_digital")),
+        ("5", ("hurt_weights", "hurt_bn", "hurt_identity", "hurt_adc")),
+    ):
+        head, body = t[number]
+        variants = list(dict.fromkeys(line[1] for line in body))
+        for line in body:
+            study = studies[variants.index(line[1])]
+            for col, got in zip(head[2:], line[2:], strict=True):
+                check(got, study, name[line[0]], sigma=float(col.split()[1]))
+    for number, study in (("6", "lstudy"), ("7b", "methods")):
+        head, body = t[number]
+        for line in body:
+            for col, got in zip(head, line, strict=True):
+                if col.startswith("sigma "):
+                    check(got, study, name[line[0]], sigma=float(col.split()[1]))
+    head, body = t["7a"]  # PCM: per chip setting and time, the mean over chips and read-outs
+    expected = {}
+    for r in rows["pcm"]:
+        key = (r["model"].split("| chip ")[-1], format_time(float(r["t_inference"])))
+        expected.setdefault(key, []).append(float(r["acc"]))
+    assert sorted((line[0], line[1], line[2]) for line in body) == sorted(
+        (*k, f"{100 * np.mean(v):.1f}") for k, v in expected.items()
+    )
+    assert checked > 100
+    # and the mutation shows: fig7's digital column is 1 - the original's
+    original = rows_of(tmp, "fig7")
+    flipped = [1 - a for a in accs(original, "digital", sigma=0.2).values()]
+    assert fmt(flipped) == t["1"][1][-1][1]
+
+
+def test_a_stale_checkpoint_or_off_grid_row_is_left_out(tiny, tmp_path):
+    tmp, meta = tiny
+    out = copy_out(tmp, tmp_path / "out")
+    path = out / "evaluate" / "fig7" / "robustness_rows.csv"
+    rows = rows_of(tmp, "fig7")
+    stale = dict(rows[0], acc="0.0")
+    stale["ckpt"] = os.path.join(os.path.dirname(rows[0]["ckpt"]), "epoch_099.ckpt")
+    off_grid = dict(rows[0], sigma="0.33", acc="0.0")
+    with open(path, "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n").writerows(
+            [stale, off_grid]
+        )
+    manifest = json.loads((out / "manifest.json").read_text())
+    kept = study_rows(out / "evaluate", STUDY["fig7"], 2, manifest)
+    assert len(kept) == len(rows)
+    assert all(r.ckpt != stale["ckpt"] and r.sigma != 0.33 for r in kept)
+    write_report(out, tmp_path / "docs", meta)
+    mine = tables((tmp_path / "docs" / "results.md").read_text())["1"]
+    assert mine == tables((tmp / "docs" / "results.md").read_text())["1"]
+    # a missing chip is an error naming the study, run and count
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows[1:])
+    with pytest.raises(ValueError, match=r"study fig7: run digital at .* has 1 chips, not 2"):
+        study_rows(out / "evaluate", STUDY["fig7"], 2, manifest)
+
+
+def single(tmp, out):
+    args, overrides = parse(["--tiny", "--out", str(out)])
+    return args, split_overrides(overrides)[0]
+
+
 def test_an_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     tmp, _ = tiny
     run = tmp / "out" / "train" / "sigma0.1_L2"
@@ -118,10 +256,24 @@ def test_an_interrupted_training_resumes_from_its_last_checkpoint(tiny):
     (run / "done.json").unlink()  # killed after its last epoch's checkpoint, before the marker
     best = (run / "checkpoints").glob("epoch_*.ckpt")
     sizes = {p: p.read_bytes() for p in best}
-    meta = reproduce(tiny_args(tmp))
-    assert meta["trained"] == 1
+    args, over = single(tmp, tmp / "out")
+    again = train_run(RUN["sigma0.1_L2"], args, over, (tmp / "out").resolve(), Progress(1))
+    assert not again["reused"] and again["resumed"]
     assert json.loads((run / "done.json").read_text())["global_step"] == record["global_step"]
     assert {p: p.read_bytes() for p in sizes} == sizes  # resumed at its end: the same model
+
+
+def test_an_interrupted_training_with_other_overrides_is_refused(tiny, tmp_path):
+    tmp, _ = tiny
+    run = tmp_path / "out" / "train" / "sigma0.1_L8"
+    shutil.copytree(tmp / "out" / "train" / "sigma0.1_L8", run)
+    (run / "done.json").unlink()
+    started = json.loads((run / "started.json").read_text())
+    started["overrides"] = [*started["overrides"], "hasgd.optimizer.lr=0.5"]
+    (run / "started.json").write_text(json.dumps(started))
+    args, over = single(tmp, tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"^--out=.*only there: \['hasgd.optimizer.lr=0.5'\]"):
+        train_run(RUN["sigma0.1_L8"], args, over, (tmp_path / "out").resolve(), Progress(1))
 
 
 def test_a_bad_option_names_itself(tmp_path):
