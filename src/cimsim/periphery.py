@@ -11,6 +11,8 @@ bias. Every quantizer has a straight-through gradient inside its range and zero 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -331,13 +333,38 @@ def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
         return y.sum(dim=1)
 
 
+# Gaussian draws on the CPU: torch's normal_ runs on one thread (one Mersenne-Twister stream),
+# and the tiles' output noise needs one draw per partial sum (T times the layer's outputs). Large
+# draws are split into a fixed number of chunks, each with its own generator seeded from the
+# global one, filled in parallel: the values depend on the global seed only, not on the threads.
+_CHUNKS = 8
+_PARALLEL_MIN = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+
+
+def _normal_(flat: torch.Tensor) -> torch.Tensor:
+    """``flat.normal_()`` (a contiguous 1-D tensor), in parallel chunks when large on the CPU."""
+    threads = min(torch.get_num_threads(), _CHUNKS)
+    if flat.device.type != "cpu" or threads < 2 or flat.numel() < _PARALLEL_MIN:
+        return flat.normal_()
+    global _pool
+    if _pool is None or _pool._max_workers < threads:
+        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cimsim-randn")
+    seeds = torch.randint(0, 2**62, (_CHUNKS,)).tolist()  # from the global generator
+
+    def fill(part: tuple[torch.Tensor, int]) -> None:
+        with torch.no_grad():
+            part[0].normal_(generator=torch.Generator().manual_seed(part[1]))
+
+    list(_pool.map(fill, zip(flat.chunk(_CHUNKS), seeds, strict=True)))
+    return flat
+
+
 def dense_randn_like(y: torch.Tensor) -> torch.Tensor:
     """Standard normal draws shaped and laid out like ``y`` (e.g. channels-last), drawn over its
     storage in memory order: ``normal_`` on a permuted layout takes a slow strided path."""
     out = torch.empty_like(y)  # same strides as a dense y
-    if out.is_contiguous():
-        return out.normal_()
-    out.as_strided((out.numel(),), (1,)).normal_()
+    _normal_(out.as_strided((out.numel(),), (1,)))
     return out
 
 
