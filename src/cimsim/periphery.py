@@ -144,6 +144,17 @@ def layer_tiles(layer: nn.Module, tile_rows: int | None) -> list[slice] | None:
     return None if inputs <= per_tile else tile_slices(inputs, per_tile)
 
 
+def _track_bound(adc: ADC, peak: torch.Tensor, momentum: float) -> None:
+    """A symmetric range ``[-b, b]``: the first observation sets ``b`` to ``peak``, later ones
+    move it by ``momentum`` (the moving max of ``|x|``)."""
+    if not adc.calibrated:
+        adc.hi.copy_(peak)
+        adc.calibrated = True
+    else:
+        adc.hi.lerp_(peak, momentum)
+    adc.lo.copy_(-adc.hi)
+
+
 class DAC(ADC):
     """A layer's input DAC: ``x`` clipped to ``[-b_in, b_in]`` and rounded to ``levels`` values.
 
@@ -173,13 +184,7 @@ class DAC(ADC):
 
     @torch.no_grad()
     def _observe(self, x: torch.Tensor, momentum: float) -> None:
-        peak = x.detach().abs().amax().float()
-        if not self.calibrated:
-            self.hi.copy_(peak)
-            self.calibrated = True
-        else:
-            self.hi.lerp_(peak, momentum)
-        self.lo.copy_(-self.hi)
+        _track_bound(self, x.detach().abs().amax().float(), momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -257,12 +262,7 @@ class TileADC(ADC):
     def _observe(self, y: torch.Tensor, momentum: float) -> None:
         dims = [d for d in range(y.dim()) if d != 1]
         peak = torch.maximum(y.amax(dim=dims), -y.amin(dim=dims)).float()  # (T,)
-        if not self.calibrated:
-            self.hi.copy_(peak)
-            self.calibrated = True
-        else:
-            self.hi.lerp_(peak, momentum)
-        self.lo.copy_(-self.hi)
+        _track_bound(self, peak, momentum)
 
     @torch.no_grad()
     def digitize_(self, y: torch.Tensor) -> torch.Tensor | None:

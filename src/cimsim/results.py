@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
-import hashlib
 import json
 import math
 import os
@@ -35,6 +34,7 @@ from torch import nn
 from cimsim.convert import build_network
 from cimsim.report import ROWS_FILE, plot_robustness
 from cimsim.robustness import Row, TimedRow, format_time, summarize, summarize_times
+from cimsim.study import file_sha256
 from cimsim.validation import ConfigError
 
 # ----------------------------------------------------------------------------- the plan
@@ -325,14 +325,6 @@ def study_rows(eval_dir: Path, study: Study, chips: int, manifest: dict | None =
                 f"t) = {tuple(point)} has {len(got)} chips, not {chips}"
             )
     return rows
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=256)
