@@ -479,7 +479,7 @@ def plot_robustness(
     return _atomic_write(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=150))
 
 
-def _write_table(path: Path, records: Sequence[Mapping]) -> Path:
+def write_table(path: Path, records: Sequence[Mapping]) -> Path:
     """A small CSV (header from the first record), written atomically."""
 
     def write(tmp):
@@ -522,7 +522,7 @@ def plot_compute(
         for s in subjects
     ]
     out = Path(out_dir)
-    table = _write_table(out / COMPUTE_TABLE, records)
+    table = write_table(out / COMPUTE_TABLE, records)
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -556,7 +556,7 @@ def plot_loss_prediction(
     ``probes`` (``cimsim.hessian.hessian_traces``); ``J(w)`` is the sigma = 0 loss.
     """
     out = Path(out_dir)
-    table = _write_table(out / LOSS_TABLE, [{"model": m, **t} for m, t in traces.items()])
+    table = write_table(out / LOSS_TABLE, [{"model": m, **t} for m, t in traces.items()])
     fig = Figure(figsize=(7, 4.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -32,7 +32,7 @@ from scipy import stats
 from torch import nn
 
 from cimsim.convert import build_network
-from cimsim.report import ROWS_FILE, plot_robustness
+from cimsim.report import ROWS_FILE, plot_robustness, write_table
 from cimsim.robustness import Row, TimedRow, format_time, summarize, summarize_times
 from cimsim.study import file_sha256
 from cimsim.validation import ConfigError
@@ -450,18 +450,6 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> Path:
     return path
 
 
-def write_csv(path: Path, records: Sequence[dict]) -> Path:
-    """A table's records as CSV (header from the first record), atomically."""
-
-    def write(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(records[0]), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(records)
-
-    return atomic_write(path, write)
-
-
 def _sigmas(rows: Iterable[Row]) -> list[float]:
     return sorted({r.sigma for r in rows})
 
@@ -499,7 +487,7 @@ class Context:
         table as ``<name>.csv``; return the markdown image link."""
         summary = summarize(rows) if x != "t_inference" else summarize_times(rows)
         self.written.append(plot_robustness(summary, x, self.figures / f"{name}.png", title))
-        self.written.append(write_csv(self.figures / f"{name}.csv", accuracy_records(rows, x)))
+        self.written.append(write_table(self.figures / f"{name}.csv", accuracy_records(rows, x)))
         link = f"{self.link}/{name}"
         return f"![{title}]({link}.png)\n\n(Table: [`{name}.csv`]({link}.csv).)"
 
@@ -1036,7 +1024,7 @@ def section_l(ctx: Context) -> str:
     for r in runs:
         mean, ci = mean_ci(list(cell(rows, r, sigma=0.1).values()))
         records.append({"run": r, "passes": ev[r]["passes"], "acc_mean": mean, "acc_ci95": ci})
-    ctx.written.append(write_csv(ctx.figures / "lstudy_compute.csv", records))
+    ctx.written.append(write_table(ctx.figures / "lstudy_compute.csv", records))
     ctx.written.append(plot_points(records, ctx.figures / "lstudy_compute.png"))
     fig = ctx.figure("lstudy", rows, "sigma", "HA-SGD's L: accuracy vs test sigma")
     better = any("(better)" in v for v in verdicts)
