@@ -53,6 +53,7 @@ from cimsim.results import (
     read_json,
     write_report,
 )
+from cimsim.study import training_passes
 
 ROOT = Path(__file__).resolve().parent
 EVALUATE_KEYS = ("robustness", "chip", "accelerator", "devices", "num_nodes", "progress", "wandb")
@@ -77,11 +78,12 @@ TINY_TRAIN = [
 TINY_EVALUATE = ["robustness.calib_batches=1"]
 
 
-def compose_cfg(config_name: str, out_dir: Path, overrides: list[str]) -> DictConfig:
-    """The real config as the CLI composes it, with its run directory set to ``out_dir``."""
+def compose_cfg(config_name: str, out_dir: Path, overrides: list[str] = ()) -> DictConfig:
+    """The real config as the CLI composes it, with its run directory set to ``out_dir`` (the
+    tests compose theirs with it too)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = str(out_dir)
         cfg.hydra.job.num = 0
@@ -184,7 +186,7 @@ def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progres
     best = best_checkpoint(run_dir)
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
     end = torch.load(last, map_location="cpu", weights_only=True)
-    per_step = cfg.hasgd.L + (cfg.hasgd.sam.rho > 0)
+    methods = train_cli.training_methods(cfg)
     record = {
         "overrides": full,
         "wall_s": time.time() - start,
@@ -197,10 +199,10 @@ def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progres
         "sigma": cfg.noise.sigma,
         "best": str(best),
         "global_step": ckpt.get("global_step"),
-        "passes": ckpt.get("global_step", 0) * per_step,
+        "passes": training_passes(ckpt.get("global_step", 0), cfg.hasgd.L, methods),
         "last": str(last),
         "last_global_step": end.get("global_step"),
-        "last_passes": end.get("global_step", 0) * per_step,
+        "last_passes": training_passes(end.get("global_step", 0), cfg.hasgd.L, methods),
         "schedule": {
             "lr": cfg.hasgd.optimizer.lr,
             "step_size": cfg.hasgd.scheduler.step_size,

@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import evaluate  # noqa: F401  (registers the eval_dir resolver that evaluate.yaml uses)
+from reproduce import compose_cfg  # noqa: F401  (the tests compose configs as reproduce.py does)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -43,18 +42,6 @@ def _offline_and_single_threaded(monkeypatch):
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
     GlobalHydra.instance().clear()
-
-
-def compose_cfg(config_name: str, out_dir: Path, overrides: list[str] = ()) -> DictConfig:
-    """The real config, composed as the CLI would, with the run directory set to ``out_dir``."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        cfg = compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-        cfg.hydra.job.num = 0
-    HydraConfig().set_config(cfg)
-    return cfg
 
 
 @pytest.fixture

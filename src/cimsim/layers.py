@@ -329,7 +329,7 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
     def _products_backward(self, g, xg, wg, needs):
         tiles = g.shape[1]
         stride, padding, dilation, groups = self._conv_args(tiles)
-        padding = (padding,) * 2 if isinstance(padding, int) else padding
+        padding = (padding,) * 2 if isinstance(padding, int) else padding  # 0 after F.pad
         g = g.reshape(g.shape[0], -1, *g.shape[3:])
         if tiles > 1:  # already channels-last when it comes from the mask (a view then)
             g = g.contiguous(memory_format=torch.channels_last)
@@ -340,7 +340,7 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
             None,
             stride,
             padding,
-            self.dilation,
+            dilation,
             False,
             [0, 0],
             groups,

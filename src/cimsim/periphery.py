@@ -304,16 +304,18 @@ class _TiledSum(torch.autograd.Function):
             y = products(xg, wg)  # (B, T, C_out, ...)
             inside = post_(y)
         ctx.save_for_backward(xg, wg, inside)
-        ctx.backward_fn, ctx.shape = backward, y.shape
+        ctx.backward_fn, ctx.shape, ctx.stride = backward, y.shape, y.stride()
         return y.sum(dim=1)
 
     @staticmethod
     def backward(ctx, grad):
         xg, wg, inside = ctx.saved_tensors
         g = grad.unsqueeze(1).to(xg.dtype)
+        # In the partial sums' own layout (channels-last for a conv): no reordering copy later.
         if inside is None:
-            g = g.expand(ctx.shape).contiguous(memory_format=torch.contiguous_format)
-        else:  # in the partial sums' own layout (channels-last for a conv): no reordering copy
+            out = torch.empty_strided(ctx.shape, ctx.stride, dtype=g.dtype, device=g.device)
+            g = out.copy_(g.expand(ctx.shape))
+        else:
             g = torch.mul(g, inside, out=torch.empty_like(inside, dtype=g.dtype))
         gx, gw = ctx.backward_fn(g, xg, wg, ctx.needs_input_grad[:2])
         gx = None if gx is None else gx.to(ctx.dtypes[0])
@@ -340,6 +342,7 @@ def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
 _CHUNKS = 8
 _PARALLEL_MIN = 1 << 20
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _normal_(flat: torch.Tensor) -> torch.Tensor:
@@ -347,9 +350,10 @@ def _normal_(flat: torch.Tensor) -> torch.Tensor:
     threads = min(torch.get_num_threads(), _CHUNKS)
     if flat.device.type != "cpu" or threads < 2 or flat.numel() < _PARALLEL_MIN:
         return flat.normal_()
-    global _pool
-    if _pool is None or _pool._max_workers < threads:
+    global _pool, _pool_size
+    if _pool is None or _pool_size < threads:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cimsim-randn")
+        _pool_size = threads
     seeds = torch.randint(0, 2**62, (_CHUNKS,)).tolist()  # from the global generator
 
     def fill(part: tuple[torch.Tensor, int]) -> None:
