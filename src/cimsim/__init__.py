@@ -10,6 +10,7 @@ from cimsim.convert import (
     program_chip,
     set_noise,
     set_time,
+    systematic_chip,
 )
 from cimsim.layers import (
     AnalogBatchNorm2d,
@@ -38,4 +39,5 @@ __all__ = [
     "set_adc",
     "set_noise",
     "set_time",
+    "systematic_chip",
 ]

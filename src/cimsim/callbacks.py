@@ -33,6 +33,12 @@ from cimsim.tracking import log_robustness
 from cimsim.validation import check_int
 
 
+def sweep_title(grid: RobustnessGrid) -> str:
+    """The end-of-fit figure's title: the chips per point and the mean shift the curve is at."""
+    shifts = ", ".join(f"{m:g}" for m in grid.mean_shifts)
+    return f"test accuracy vs. sigma at mean shift {shifts}, {grid.chips} chips per point"
+
+
 class RobustnessMonitor(pl.Callback):
     """Monte Carlo robustness during and after ``fit``.
 
@@ -84,7 +90,9 @@ class RobustnessMonitor(pl.Callback):
             calib_batches,
             calib_momentum,
         )
-        self.grid = RobustnessGrid(sigmas=list(sigmas), adc_levels=[TRAIN], chips=chips)
+        self.grid = RobustnessGrid(
+            sigmas=list(sigmas), mean_shifts=[TRAIN], adc_levels=[TRAIN], chips=chips
+        )
 
     def _calib_loader(self, trainer: pl.Trainer, grid: RobustnessGrid):
         chip = getattr(getattr(trainer, "lightning_module", None), "chip", None)
@@ -156,7 +164,7 @@ class RobustnessMonitor(pl.Callback):
             ev,
             trainer.default_root_dir,
             "sigma",
-            title=f"test accuracy vs. sigma, {grid.chips} chips per point",
+            title=sweep_title(grid),
         )
         if files is not None:
             log_robustness(result.summary, result.rows, "sigma", files.plot, prefix="robust/test")

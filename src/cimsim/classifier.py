@@ -17,7 +17,7 @@ from torchmetrics import MeanMetric
 
 from cimsim.adc import adcs, calibrate_adc
 from cimsim.config import AnalogConfig
-from cimsim.convert import analog_layers, build_network, convert_to_analog
+from cimsim.convert import analog_layers, build_network, convert_to_analog, systematic_chip
 from cimsim.distill import distillation_loss
 from cimsim.hasgd import (
     TrainingMethods,
@@ -191,8 +191,11 @@ class AnalogClassifier(pl.LightningModule):
             scheduler.step()
 
     def _clean_step(self, batch, stage: str):
+        """``{stage}/acc``, ``{stage}/loss``: the noise-free chip (sigma 0) at the training mean
+        shift, which is the clean network unless the model was trained for a drifted chip."""
         x, y = batch
-        logits = self.net(x)  # eval mode and no chip programmed: the clean network
+        with systematic_chip(self.net):  # eval mode, no chip programmed
+            logits = self.net(x)
         acc, loss = self.metrics[f"{stage}_acc"], self.metrics[f"{stage}_loss"]
         acc.update((logits.argmax(1) == y).float())
         loss.update(F.cross_entropy(logits, y, reduction="none"))

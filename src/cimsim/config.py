@@ -14,6 +14,18 @@ IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
 DEVICES = ("relative", "pcm")
 DAC_RANGES = ("calibrated", "learned")
+# A relative std or mean shift beyond 100 % of a tensor's range leaves the stored weights with no
+# signal (the paper's largest test sigma is 0.2): such a value is a typo (5 for 0.05), not a study.
+MAX_RELATIVE = 1.0
+
+
+def check_relative(key: str, value, *, signed: bool = False) -> None:
+    """A relative noise level: ``0 <= sigma <= 1`` or ``-1 <= mean_shift <= 1`` (the range)."""
+    check_number(key, value, minimum=None if signed else 0.0)
+    if abs(value) > MAX_RELATIVE:
+        bound = f"-{MAX_RELATIVE:g} <= {key} <= {MAX_RELATIVE:g}" if signed else f"0 <= {key} <= 1"
+        why = "a fraction of the weight range (0.05 = 5 %); beyond 1 no signal is left"
+        raise ConfigError(key, value, f"must be {bound}: {why}")
 
 
 @dataclass(frozen=True)
@@ -22,8 +34,9 @@ class AnalogConfig:
 
     Attributes:
         sigma: relative std of the programming/drift perturbation, as a fraction of each tensor's
-            range (``0.05`` = 5 % of the range). Must be >= 0.
-        mean_shift: relative mean of the perturbation (systematic drift), same units, any sign.
+            range (``0.05`` = 5 % of the range), in ``[0, 1]``.
+        mean_shift: relative mean of the perturbation (systematic drift), same units, any sign,
+            in ``[-1, 1]``.
         distribution: ``gaussian`` (default) or ``uniform`` with the same std.
         scale: the range ``r`` noise is relative to: ``half_range`` = (max - min) / 2 (default,
             the authors'), or ``abs_max`` = max |p| (aihwkit, Joshi et al. 2020).
@@ -105,8 +118,8 @@ class AnalogConfig:
     w_read_noise: float = 0.0
 
     def __post_init__(self):
-        check_number("sigma", self.sigma, minimum=0.0)
-        check_number("mean_shift", self.mean_shift)
+        check_relative("sigma", self.sigma)
+        check_relative("mean_shift", self.mean_shift, signed=True)
         check_choice("distribution", self.distribution, DISTRIBUTIONS)
         check_choice("scale", self.scale, SCALES)
         check_choice("per_channel", self.per_channel, (True, False))

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import dataclasses
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from torch import nn
 
 from cimsim.adc import CHIP_PLACEMENTS, adcs
-from cimsim.config import AnalogConfig
+from cimsim.config import AnalogConfig, check_relative
 from cimsim.layers import (
     AnalogBatchNorm2d,
     AnalogConv2d,
@@ -109,10 +111,10 @@ def set_noise(
     """
     changes = {}
     if sigma is not None:
-        check_number("sigma", sigma, minimum=0.0)
+        check_relative("sigma", sigma)
         changes["sigma"] = float(sigma)
     if mean_shift is not None:
-        check_number("mean_shift", mean_shift)
+        check_relative("mean_shift", mean_shift, signed=True)
         changes["mean_shift"] = float(mean_shift)
     for _, layer in _require_analog(model):
         layer.config = dataclasses.replace(layer.config, **changes)
@@ -154,6 +156,33 @@ def set_time(model: nn.Module, t_inference: float, repetition: int = 0) -> nn.Mo
         layer.set_time(t_inference, repetition)
     _reset_adcs(model)
     return model
+
+
+@contextmanager
+def systematic_chip(model: nn.Module) -> Iterator[nn.Module]:
+    """The model's chip without its random part, for its noise-free accuracy: inside, every
+    analog layer whose chip has a mean shift reads ``p + r * mean_shift`` in ``eval()`` (sigma 0:
+    deterministic, so one chip stands for all); outside, the layers are as they were. A model
+    trained for a drifted chip is scored on that chip, not on its undrifted weights.
+
+    For a model with no chip programmed (``clear_chip``); ADC ranges are kept (in training they
+    track the drifted outputs). PCM weights follow their own device, so those layers are left
+    alone.
+    """
+    layers = [
+        (name, layer, layer.config)
+        for name, layer in analog_layers(model)
+        if layer.config.mean_shift != 0.0 and not layer._pcm_weights
+    ]
+    try:
+        for name, layer, config in layers:
+            layer.config = dataclasses.replace(config, sigma=0.0)
+            layer.program(0, name)  # any seed: the draws are multiplied by sigma = 0
+        yield model
+    finally:
+        for _, layer, config in layers:
+            layer.clear()
+            layer.config = config
 
 
 def clear_chip(model: nn.Module) -> nn.Module:

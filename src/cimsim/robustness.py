@@ -36,6 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cimsim.adc import CHIP_PLACEMENTS, adcs, calibrate_adc, set_adc
+from cimsim.config import check_relative
 from cimsim.convert import analog_layers, program_chip, set_noise, set_time
 from cimsim.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
@@ -48,7 +49,7 @@ if TYPE_CHECKING:  # report imports this module; the annotation only names its c
 # rest of the chip is fixed for a whole sweep).
 SWEEPS = ("sigma", "mean_shift", "adc_levels", "t_inference")
 STREAMS = ("test", "val")  # chips that are reported / chips that select checkpoints
-TRAIN = "train"  # in a grid's sigmas or adc_levels: each model's own training value
+TRAIN = "train"  # in a grid's sigmas, mean_shifts or adc_levels: each model's own training value
 ADC_KINDS = ("chip", "tile")  # what a grid's adc_levels set: the chip's ADCs or the tiles'
 
 Point = tuple[float, float, int | None]  # (sigma, mean_shift, adc_levels)
@@ -71,7 +72,9 @@ class RobustnessGrid:
     Attributes:
         sigmas: test noise levels, relative std as a fraction of each tensor's range (>= 0), or
             ``"train"``: the model's own training sigma (``for_chip`` resolves it).
-        mean_shifts: test mean shifts (systematic drift), same units, any sign.
+        mean_shifts: test mean shifts (systematic drift), same units, any sign, or ``"train"``:
+            the model's own training mean shift (a model trained for a drifted chip is tested
+            on that chip).
         adc_levels: ADC output levels per point; ``None`` = no ADC, else an integer >= 2, or
             ``"train"``: the model's own training levels (``None`` for a model trained without
             ADC). These override the levels the model was converted with (restored afterwards).
@@ -87,7 +90,7 @@ class RobustnessGrid:
     """
 
     sigmas: tuple[float | str, ...]
-    mean_shifts: tuple[float, ...] = (0.0,)
+    mean_shifts: tuple[float | str, ...] = (0.0,)
     adc_levels: tuple[int | str | None, ...] = (None,)
     chips: int = 20
     times: tuple[float | None, ...] = (None,)
@@ -102,9 +105,10 @@ class RobustnessGrid:
         levels = _non_empty_tuple("adc_levels", self.adc_levels)
         for s in sigmas:
             if s != TRAIN:
-                check_number("sigmas", s, minimum=0.0)
+                check_relative("sigmas", s)
         for m in shifts:
-            check_number("mean_shifts", m)
+            if m != TRAIN:
+                check_relative("mean_shifts", m, signed=True)
         for n in levels:
             if n is not None and n != TRAIN:
                 check_int("adc_levels", n, minimum=2)
@@ -112,7 +116,8 @@ class RobustnessGrid:
         check_choice("adc_kind", self.adc_kind, ADC_KINDS)
         sigmas = tuple(s if s == TRAIN else float(s) for s in sigmas)
         object.__setattr__(self, "sigmas", sigmas)
-        object.__setattr__(self, "mean_shifts", tuple(float(m) for m in shifts))
+        shifts = tuple(m if m == TRAIN else float(m) for m in shifts)
+        object.__setattr__(self, "mean_shifts", shifts)
         object.__setattr__(self, "adc_levels", tuple(levels))
         object.__setattr__(self, "times", self._checked_times())
 
@@ -139,7 +144,7 @@ class RobustnessGrid:
 
     def for_chip(self, chip) -> RobustnessGrid:
         """This grid with ``train`` replaced by the training ``chip``'s (an ``AnalogConfig``)
-        sigma and ADC levels; a value that then appears twice is kept once."""
+        sigma, mean shift and ADC levels; a value that then appears twice is kept once."""
 
         def resolve(values, own):
             return list(dict.fromkeys(own if v == TRAIN else v for v in values))
@@ -148,12 +153,13 @@ class RobustnessGrid:
         return replace(
             self,
             sigmas=resolve(self.sigmas, chip.sigma),
+            mean_shifts=resolve(self.mean_shifts, chip.mean_shift),
             adc_levels=resolve(self.adc_levels, own_levels),
         )
 
     def points(self) -> Iterator[Point]:
         """``(sigma, mean_shift, adc_levels)`` for every grid point, ADC levels varying fastest."""
-        for key in ("sigmas", "adc_levels"):
+        for key in ("sigmas", "mean_shifts", "adc_levels"):
             if TRAIN in getattr(self, key):
                 raise ConfigError(
                     key, TRAIN, "resolve it first with grid.for_chip(the model's training chip)"
