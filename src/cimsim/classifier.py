@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytorch_lightning as pl
@@ -27,7 +27,7 @@ from cimsim.hasgd import (
     sam_ascent,
     sync_buffers,
 )
-from cimsim.noise import tensor_seed
+from cimsim.noise import derive_seed, training_stream
 from cimsim.robustness import EvalSettings, RobustnessGrid, evaluate_robustness
 from cimsim.validation import check_int, check_number, config_scope
 
@@ -118,13 +118,27 @@ class AnalogClassifier(pl.LightningModule):
         return model if isinstance(model, DistributedDataParallel) else None
 
     def on_train_start(self):
-        # Data-parallel ranks draw their own perturbations: L x world_size samples per step.
-        # Re-derived from (seed, rank, step) so a resumed run continues distinct streams.
         if self.trainer.world_size > 1:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            torch.manual_seed(tensor_seed(seed, f"rank{self.global_rank}/step{self.global_step}"))
             # ranks calibrated ADCs on their own validation shards in the sanity check
             sync_buffers(self.net)
+
+    @contextmanager
+    def _step_streams(self) -> Iterator[None]:
+        """The random streams of one training step, each derived from (run seed, rank, step)
+        alone: the relative weight noise from a generator of its own (``training_stream``);
+        dropout, PCM and periphery draws from the global RNG inside a fork of it. Nothing a step draws
+        moves the global RNG that orders the data, so runs that differ only in sigma, L or the
+        method see the same batches; data-parallel ranks draw distinct noise (L x world_size
+        samples per step); a resumed run redraws exactly the noise it would have drawn."""
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # pl.seed_everything's (train.py: seed)
+        where = (seed, f"rank{self.global_rank}", f"step{self.global_step}")
+        device = self.device
+        cuda = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda, device_type=device.type):
+            torch.manual_seed(derive_seed("train-dropout", *where))
+            noise = torch.Generator(device=device).manual_seed(derive_seed("train-noise", *where))
+            with training_stream(noise):
+                yield
 
     def on_fit_start(self):
         if self.methods.teacher and self.teacher is None:
@@ -143,6 +157,10 @@ class AnalogClassifier(pl.LightningModule):
         return sigma
 
     def training_step(self, batch, batch_idx):
+        with self._step_streams():
+            return self._training_step(batch, batch_idx)
+
+    def _training_step(self, batch, batch_idx):
         x, y = batch
         opt = self.optimizers()
         opt.zero_grad()

@@ -128,6 +128,25 @@ def _draw(shape, distribution: str, generator, device, dtype) -> torch.Tensor:
     )
 
 
+class _Stream:
+    """Where unseeded (training) draws come from: ``training_stream``'s generator, else the
+    global RNG of the draw's device."""
+
+    generator: torch.Generator | None = None
+
+
+@contextmanager
+def training_stream(generator: torch.Generator) -> Iterator[None]:
+    """Unseeded draws inside come from ``generator`` (on the device they are drawn on), so the
+    training noise is a stream of its own: it neither moves nor follows the global RNG that
+    orders the data and drives dropout."""
+    previous, _Stream.generator = _Stream.generator, generator
+    try:
+        yield
+    finally:
+        _Stream.generator = previous
+
+
 class _Tape:
     """The training draws of one forward, kept to be replayed negated by the next (antithetic
     pairs). ``mode`` is None (draw), ``record`` or ``replay``."""
@@ -161,12 +180,13 @@ def standard_noise(
     shape, distribution: str, *, generator: torch.Generator | None = None, device=None, dtype=None
 ) -> torch.Tensor:
     """Zero-mean, unit-variance iid draws: N(0, 1) or U(-sqrt(3), sqrt(3)). Unseeded (training)
-    draws follow ``antithetic`` when it is active; seeded ones (chips) never do."""
+    draws come from ``training_stream`` when one is active and follow ``antithetic`` when it is;
+    seeded ones (chips) do neither."""
     if generator is None and _Tape.mode == "replay":
         if not _Tape.draws or tuple(_Tape.draws[0].shape) != tuple(shape):
             raise RuntimeError("antithetic replay: the forward drew differently than recorded")
         return _Tape.draws.pop(0).neg_()
-    eps = _draw(shape, distribution, generator, device, dtype)
+    eps = _draw(shape, distribution, generator if generator is not None else _Stream.generator, device, dtype)
     if generator is None and _Tape.mode == "record":
         _Tape.draws.append(eps.clone())
     return eps

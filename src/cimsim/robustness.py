@@ -377,7 +377,18 @@ def _evaluate_chip(
     adc_kind: str = "chip",
 ) -> list[Row]:
     """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
-    chip is moved to each read-out's time once (its weights are computed there, not per batch)."""
+    chip is moved to each read-out's time once (its weights are computed there, not per batch).
+    The caller's random streams are left as they were: iterating a loader draws its base seed
+    from the global RNG, and a training run's data order must not depend on its validation
+    chips (which a noise-free run does not program)."""
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(
+        devices=[device] if device.type == "cuda" else [], device_type=device.type
+    ):
+        return _measure_cells(model, chip, seed, cells, test_loader, settings, adc_kind)
+
+
+def _measure_cells(model, chip, seed, cells, test_loader, settings, adc_kind) -> list[Row]:
     program_chip(model, seed)
     model.eval()
     device = next(model.parameters()).device
