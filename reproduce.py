@@ -6,6 +6,13 @@ Carlo study it needs, then the report from their rows (``cimsim.results``).
     python reproduce.py experiment=paper_wrn28_10_cifar100 data.download=true --epochs 200
                                                      # paper scale (a GPU)
 
+Where it writes: the trainings and studies under ``--out`` (default outputs/reproduce), the
+report into ``--report-dir`` (default the repository's docs/). ``--tiny`` is a smoke test, so it
+keeps away from both: its default ``--out`` is outputs/reproduce-tiny and its report goes to
+``<out>/report`` (outputs/reproduce-tiny/report/results.md). A ``--tiny`` report is refused
+inside docs/ (it would replace the committed report and its figures with smoke-test numbers)
+unless ``--force`` says so.
+
 Resumable: rerun the same command after an interruption. A finished training (``done.json``
 beside its checkpoints, written last) is skipped, an interrupted one resumes from its
 ``last.ckpt`` if its ``started.json`` names the same overrides, and a study whose marker
@@ -15,12 +22,15 @@ resumes from its ``robustness_rows.csv`` (``evaluate.py``).
 Hydra overrides after the options go to every training (``data=``, ``model=``, ``trainer=``,
 ``hasgd.*``, ...), except those of evaluate.py's own keys (``robustness.*``, ``chip.*``,
 ``accelerator``, ``devices``, ``num_nodes``, ``progress``, ``wandb.*``), which go to every
-study. Evaluations always read the data each checkpoint was trained on.
+study. Evaluations always read the data each checkpoint was trained on. Every training's and
+study's config is composed and checked before the first training starts: a bad option or
+override fails at once, in one line naming it (exit status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import glob
 import hashlib
 import json
@@ -35,7 +45,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 import evaluate as evaluate_cli
 import train as train_cli
@@ -54,8 +66,10 @@ from cimsim.results import (
     write_report,
 )
 from cimsim.study import training_passes
+from cimsim.validation import check_int
 
 ROOT = Path(__file__).resolve().parent
+DOCS = ROOT / "docs"  # the committed report: only the full plan writes here by default
 EVALUATE_KEYS = ("robustness", "chip", "accelerator", "devices", "num_nodes", "progress", "wandb")
 # Trainings: CSV logs beside the checkpoints, no end-of-fit sweep (the studies measure every
 # model on the same chips), no Hessian monitor, the test set left to the studies.
@@ -89,6 +103,50 @@ def compose_cfg(config_name: str, out_dir: Path, overrides: list[str] = ()) -> D
         cfg.hydra.job.num = 0
     HydraConfig().set_config(cfg)
     return cfg
+
+
+def override_error(override: str, err: HydraException, config_name: str) -> ConfigError:
+    """Hydra's error for the user's ``override`` as one line: its key, its value, what is wrong."""
+    key, _, value = override.partition("=")
+    if isinstance(err, MissingConfigException) and err.options:
+        why = f"no such {key} config; allowed values are {', '.join(err.options)}"
+    elif isinstance(err.__cause__, ConfigAttributeError | ConfigKeyError):
+        why = f"no such key in conf/{config_name}.yaml or its groups (a new key: +{override})"
+    elif isinstance(err, OverrideParseException):
+        why = f"does not parse as a Hydra override ({str(err).splitlines()[0]})"
+    else:
+        why = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return ConfigError(key, value, why)
+
+
+# check_plan composes every config once (~0.2 s each); the trainings and studies reuse them
+COMPOSED: dict[tuple, DictConfig] = {}
+
+
+def composed(config_name: str, out_dir: Path, overrides: list[str], mine: list[str]) -> DictConfig:
+    """``compose_cfg``, composed once per distinct call (later ones get a copy); when Hydra
+    refuses, the ``ConfigError`` names the user's override (one of ``mine``) that it refuses."""
+    key = (config_name, str(out_dir), tuple(overrides))
+    if key not in COMPOSED:
+        COMPOSED[key] = checked_compose(config_name, out_dir, overrides, mine)
+    cfg = copy.deepcopy(COMPOSED[key])
+    HydraConfig().set_config(cfg)  # as compose_cfg does: ${hydra:...} resolves from it
+    return cfg
+
+
+def checked_compose(config_name: str, out_dir: Path, overrides: list[str], mine: list[str]):
+    """``compose_cfg``, a Hydra error blamed on the one of ``mine`` that Hydra refuses alone
+    (composed with the plan's overrides)."""
+    try:
+        return compose_cfg(config_name, out_dir, overrides)
+    except HydraException:
+        plan = [o for o in overrides if o not in mine]
+        for o in mine:
+            try:
+                compose_cfg(config_name, out_dir, [*plan, o])
+            except HydraException as err:
+                raise override_error(o, err, config_name) from None
+        raise  # none of the user's alone: the plan itself is broken, a bug worth its traceback
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
@@ -138,17 +196,24 @@ def warn(text: str) -> None:
     print(f"warning: {text}", file=sys.stderr, flush=True)
 
 
+def train_overrides(run: Run, args, overrides: list[str], out: Path) -> list[str]:
+    """Every override of ``run``'s training: the plan's, the run's own, --tiny's, the user's."""
+    tiny = TINY_TRAIN if args.tiny else []
+    full = [*TRAIN_DEFAULTS, *run.resolved(args.epochs), *tiny, *overrides]
+    if run.teacher:
+        full.append(f"distill.teacher={out / 'train' / run.teacher / 'checkpoints' / 'last.ckpt'}")
+    return full
+
+
 def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progress) -> dict:
     """Train ``run`` unless ``done.json`` says it finished with the same overrides; resume it
     from ``last.ckpt`` when interrupted, if its ``started.json`` names the same overrides.
     Returns its record (``done.json``)."""
     run_dir = out / "train" / run.name
     marker, started = run_dir / "done.json", run_dir / "started.json"
-    full = [*TRAIN_DEFAULTS, *run.resolved(args.epochs), *overrides]
-    if run.teacher:
-        full.append(f"distill.teacher={out / 'train' / run.teacher / 'checkpoints' / 'last.ckpt'}")
+    full = train_overrides(run, args, overrides, out)
     commit = git_commit(ROOT)
-    cfg = compose_cfg("train", run_dir, full)
+    cfg = composed("train", run_dir, full, overrides)
     cfg_hash = config_sha256(cfg)
 
     def refuse(record: dict, what: str) -> None:
@@ -219,12 +284,11 @@ def study_checkpoint(study: Study, run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last.ckpt" if study.last else best_checkpoint(run_dir)
 
 
-def run_study(study: Study, args, overrides: list[str], out: Path, progress: Progress) -> bool:
-    """One evaluate.py study over the study's runs' checkpoints (resumes from its rows), unless
-    its marker records the same call on the same checkpoint files; then writes the marker.
-    Returns whether it ran."""
+def study_overrides(
+    study: Study, args, overrides: list[str], out: Path
+) -> tuple[dict[str, str], list[str]]:
+    """({run: checkpoint}, every override of ``study``'s evaluate.py call)."""
     ckpts = {r: str(study_checkpoint(study, out / "train" / r)) for r in study.runs}
-    sha = {r: file_sha256(p) for r, p in ckpts.items()}
     limits = [f"robustness.chips={args.chips}"]
     if args.max_batches is not None:
         limits.append(f"robustness.max_batches={args.max_batches}")
@@ -237,6 +301,38 @@ def run_study(study: Study, args, overrides: list[str], out: Path, progress: Pro
         *tiny,
         *overrides,
     ]
+    return ckpts, full
+
+
+def check_training(cfg: DictConfig) -> None:
+    """train.py's checks of a run that need neither data nor a model: the chip, L and the
+    training methods with the chip (a distillation teacher is only planned: not checked)."""
+    chip = train_cli.chip_config(cfg)
+    check_int("hasgd.L", cfg.hasgd.L, minimum=1)
+    methods = cfg.copy()
+    with open_dict(methods):
+        methods.distill = {**OmegaConf.to_container(cfg.get("distill") or {}), "teacher": None}
+    train_cli.training_methods(methods).check(chip, cfg.hasgd.L)
+
+
+def check_plan(args, train_over: list[str], eval_over: list[str], out: Path) -> None:
+    """Compose and check every training's and study's config before the first training, so a
+    bad override fails in seconds, naming itself, not after the trainings before it."""
+    for run in RUNS:
+        full = train_overrides(run, args, train_over, out)
+        check_training(composed("train", out / "train" / run.name, full, train_over))
+    for study in STUDIES:
+        _, full = study_overrides(study, args, eval_over, out)
+        cfg = composed("evaluate", out / "evaluate" / study.name, full, eval_over)
+        evaluate_cli.check_settings(cfg)
+
+
+def run_study(study: Study, args, overrides: list[str], out: Path, progress: Progress) -> bool:
+    """One evaluate.py study over the study's runs' checkpoints (resumes from its rows), unless
+    its marker records the same call on the same checkpoint files; then writes the marker.
+    Returns whether it ran."""
+    ckpts, full = study_overrides(study, args, overrides, out)
+    sha = {r: file_sha256(p) for r, p in ckpts.items()}
     study_dir = out / "evaluate" / study.name
     marker, rows = study_dir / STUDY_MARKER, study_dir / "robustness_rows.csv"
     record = read_json(marker)
@@ -246,7 +342,7 @@ def run_study(study: Study, args, overrides: list[str], out: Path, progress: Pro
     marker.unlink(missing_ok=True)
     before = rows.exists() and rows.stat().st_size > 0
     progress(f"evaluate {study.name}: {len(study.runs)} models")
-    cfg = compose_cfg("evaluate", study_dir, full)
+    cfg = composed("evaluate", study_dir, full, overrides)
     grid = OmegaConf.to_container(cfg.robustness, resolve=True)
     start = time.time()
     evaluate_cli.evaluate(cfg)
@@ -266,22 +362,34 @@ def run_study(study: Study, args, overrides: list[str], out: Path, progress: Pro
     return True
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line, exit status 2 (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        print(f"config error: {message} (python reproduce.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(
+    """(options with their defaults resolved, the Hydra overrides). ``--tiny`` changes the
+    defaults (``--help`` lists them) and keeps its report out of docs/ unless ``--force``."""
+    parser = Parser(
         description=__doc__.split("\n\n")[0],
         epilog="Other arguments are Hydra overrides (KEY=VALUE), e.g. data=cifar100.",
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path("outputs/reproduce"),
-        help="where the trainings and studies go (default outputs/reproduce)",
+        default=None,
+        help="where the trainings and studies go (default outputs/reproduce; "
+        "--tiny: outputs/reproduce-tiny)",
     )
     parser.add_argument(
         "--report-dir",
         type=Path,
-        default=Path("docs"),
-        help="where results.md and results/ go (default docs)",
+        default=None,
+        help="where results.md and results/ go (default the repository's docs/; --tiny: "
+        "<out>/report, and docs/ only with --force)",
     )
     parser.add_argument(
         "--epochs",
@@ -301,7 +409,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument(
         "--tiny",
         action="store_true",
-        help="1 epoch of 2 batches, width 1, 2 chips, 1 test batch, short grids",
+        help="a smoke test: 1 epoch of 2 batches, width 1, 2 chips, 1 test batch, short grids",
+    )
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="let a --tiny report replace the committed one (--report-dir docs)",
     )
     args, overrides = parser.parse_known_args(argv)
     for o in overrides:
@@ -316,17 +429,27 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}", value, "must be an integer >= 1")
-    if tiny:
-        overrides = [*TINY_TRAIN, *overrides]
+    args.out = args.out or Path("outputs/reproduce-tiny" if tiny else "outputs/reproduce")
+    args.report_dir = args.report_dir or (args.out / "report" if tiny else DOCS)
+    if tiny and not args.force and args.report_dir.resolve().is_relative_to(DOCS.resolve()):
+        why = (
+            "a --tiny report would replace the committed report in docs/ with smoke-test "
+            "numbers: give another folder, or add --force"
+        )
+        raise ConfigError("--report-dir", str(args.report_dir), why)
     return args, overrides
 
 
 def reproduce(argv: list[str]) -> dict:
-    """Run every training and study, then write the report; returns what was trained/reused."""
+    """Check the whole plan, run every training and study, then write the report; returns
+    what was trained/reused."""
     start = time.time()
     args, overrides = parse(argv)
     train_over, eval_over = split_overrides(overrides)
     out = args.out.resolve()
+    check_plan(args, train_over, eval_over, out)
+    scale = "--tiny, a smoke test: docs/ is left alone; " if args.tiny else ""
+    print(f"[reproduce] {scale}runs under {out}/, report to {args.report_dir}/", flush=True)
     progress = Progress(len(RUNS) + len(STUDIES) + 1)
     records = {}
     for run in RUNS:  # in order: the digital model (a distillation teacher) first

@@ -7,6 +7,8 @@ import csv
 import json
 import os
 import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from scipy import stats
 from cimsim import ConfigError
 from cimsim.results import MEAN_SHIFT, RUN, RUNS, STUDIES, STUDY, study_rows, write_report
 from cimsim.robustness import format_time
-from reproduce import Progress, parse, reproduce, split_overrides, train_run
+from conftest import ROOT
+from reproduce import Progress, main, parse, reproduce, split_overrides, train_run
 
 
 @pytest.fixture(autouse=True)
@@ -281,3 +284,45 @@ def test_a_bad_option_names_itself(tmp_path):
         reproduce([*tiny_args(tmp_path), "--chips", "0"])
     with pytest.raises(ConfigError, match=r"^override='data' is invalid"):
         reproduce([*tiny_args(tmp_path), "data"])
+
+
+def test_tiny_writes_outside_docs_unless_forced(tmp_path, monkeypatch):
+    """A smoke run never replaces the committed report: its defaults lie under outputs/, and
+    docs/ as its report folder is refused unless --force; the full plan writes docs/."""
+    docs = ROOT / "docs"
+    args, _ = parse(["--tiny"])
+    assert args.out == Path("outputs/reproduce-tiny")
+    assert args.report_dir == Path("outputs/reproduce-tiny/report")
+    assert parse(["--tiny", "--out", str(tmp_path)])[0].report_dir == tmp_path / "report"
+    full, _ = parse([])
+    assert (full.out, full.report_dir) == (Path("outputs/reproduce"), docs)
+    monkeypatch.chdir(ROOT)  # "docs" as typed in the repository
+    for report_dir in ("docs", str(docs), str(docs / "results")):
+        with pytest.raises(ConfigError, match=r"^--report-dir=.* is invalid: .*--force"):
+            parse(["--tiny", "--report-dir", report_dir])
+    assert parse(["--tiny", "--report-dir", "docs", "--force"])[0].report_dir == Path("docs")
+
+
+@pytest.mark.parametrize(
+    ("extra", "first_line"),
+    [
+        (["noise.sigmaa=1"], "config error: noise.sigmaa='1' is invalid: no such key in conf/"),
+        (["data=nosuch"], "config error: data='nosuch' is invalid: no such data config; allowed"),
+        (["robustness.chipz=3"], "config error: robustness.chipz='3' is invalid: no such key"),
+        (["--epochs", "-1"], "config error: --epochs=-1 is invalid: must be an integer >= 1"),
+        (["--epochs", "abc"], "config error: argument --epochs: invalid int value: 'abc'"),
+        (["--chips", "0"], "config error: --chips=0 is invalid: must be an integer >= 1"),
+    ],
+)
+def test_a_bad_input_fails_in_one_line_before_any_training(
+    extra, first_line, tmp_path, monkeypatch, capsys
+):
+    """The user sees one line naming the bad key and exit status 2, not Hydra's tracebacks, and
+    nothing is trained first (an evaluation key is checked before the first training too)."""
+    monkeypatch.setattr(sys, "argv", ["reproduce.py", *tiny_args(tmp_path), *extra])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(first_line) and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
