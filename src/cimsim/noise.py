@@ -186,7 +186,13 @@ def standard_noise(
         if not _Tape.draws or tuple(_Tape.draws[0].shape) != tuple(shape):
             raise RuntimeError("antithetic replay: the forward drew differently than recorded")
         return _Tape.draws.pop(0).neg_()
-    eps = _draw(shape, distribution, generator if generator is not None else _Stream.generator, device, dtype)
+    eps = _draw(
+        shape,
+        distribution,
+        generator if generator is not None else _Stream.generator,
+        device,
+        dtype,
+    )
     if generator is None and _Tape.mode == "record":
         _Tape.draws.append(eps.clone())
     return eps
