@@ -3,30 +3,49 @@
     python train.py                                  # digits, WRN-10-2, clean training
     python train.py noise.sigma=0.05 hasgd.L=4       # HA-SGD at 5 % relative weight noise
     python train.py -m noise.sigma=0,0.05,0.1        # a sweep, one run per value
-    python train.py ckpt_path=PATH/last.ckpt         # resume an interrupted run
+    python train.py ckpt_path=RUN/checkpoints/last.ckpt trainer.max_epochs=20
+                                                     # resume an interrupted run, train longer
 
 The config lives in conf/ (train.yaml and one folder per concern); `python train.py --help`
 prints it.
+
+Resuming: every checkpoint stores the run's composed config and its overrides (ResumeState), so
+`ckpt_path=` alone resumes the run with its own settings (sigma, L, data, ...), not the
+defaults, in its own folder RUN (the checkpoint's parent's parent; Hydra's record of the resume
+goes to RUN/.hydra/resume_<time>/, the run's original .hydra/ stays). An override that
+contradicts the run is refused, unless `resume_overrides=allow`; ckpt_path, trainer.max_epochs
+(max_steps, max_time), paths.*, hydra.* and logger.wandb.offline may always change. The W&B run
+continues under its id. A checkpoint written before checkpoints stored the config resumes with
+RUN/.hydra/config.yaml.
 """
 
 from __future__ import annotations
 
+import copy
+import os
+import secrets
+import string
 import sys
 from pathlib import Path
 
 import hydra
 import pytorch_lightning as pl
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from cimsim import AnalogConfig, ConfigError
-from cimsim.checkpoint import ResumeState
+from cimsim.checkpoint import ResumeState, read_checkpoint, resumed_run, run_record, stored_run
 from cimsim.classifier import AnalogClassifier
 from cimsim.hasgd import TrainingMethods
 from cimsim.tracking import default_wandb_mode, finish_wandb
-from cimsim.validation import check_int, config_scope
+from cimsim.validation import check_choice, check_int, config_scope, discard_failed_run
+
+RESUME_OVERRIDES = ("refuse", "allow")
 
 
 def chip_config(cfg: DictConfig) -> AnalogConfig:
@@ -37,9 +56,10 @@ def chip_config(cfg: DictConfig) -> AnalogConfig:
     noise.pop("schedule", None)  # a training method, not the chip
     try:
         return AnalogConfig(**noise, **quant, **crossbar)
-    except ConfigError as err:
-        group = "quant" if err.key in quant else "crossbar" if err.key in crossbar else "noise"
-        raise err.with_prefix(group) from None
+    except ConfigError as err:  # nested keys too: pcm.drift_compensation is noise's
+        head = err.key.split(".")[0]
+        group = "quant" if head in quant else "crossbar" if head in crossbar else "noise"
+        raise ConfigError(f"{group}.{err.key}", err.value, err.allowed) from None
     except TypeError as err:  # an unknown key such as noise.sigmaa
         keys = sorted(noise) + sorted(quant) + sorted(crossbar)
         raise ConfigError("noise", keys, str(err)) from None
@@ -78,19 +98,45 @@ def build_loggers(cfg: DictConfig) -> list:
         return [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
-def build_callbacks(cfg: DictConfig) -> list:
-    """The configured callbacks, plus ``ResumeState`` (RNG streams and data spec in every
-    checkpoint: resuming and ``evaluate.py`` depend on it, so it is not optional)."""
+def build_callbacks(cfg: DictConfig, run: dict | None = None) -> list:
+    """The configured callbacks, plus ``ResumeState`` (RNG streams, data spec and the ``run``
+    record in every checkpoint: resuming and ``evaluate.py`` depend on it, so it is not
+    optional)."""
     with config_scope("callbacks"):
         configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
-    return [*configured, ResumeState()]
+    return [*configured, ResumeState(run)]
 
 
-def build(cfg: DictConfig):
-    """Every object of the run, built (and so validated) before any training starts."""
+def check_required(cfg: DictConfig) -> None:
+    """A ``???`` in the config (``data=image_folder``'s ``data.root``) is a setting without a
+    default: the user must give it."""
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+    if missing:
+        why = f"not set, and it has no default: add {missing[0]}=VALUE to the command line"
+        raise ConfigError(missing[0], "???", why)
+
+
+def check_max_epochs(value) -> None:
+    """``trainer.max_epochs`` as Lightning reads it: null is its default (1000 epochs, or no
+    limit with ``max_steps``), -1 no epoch limit, 0 no training at all."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < -1):
+        why = (
+            "must be the number of epochs to train (an integer >= 0; 0 trains nothing), or -1 "
+            "for no epoch limit (training then stops at trainer.max_steps or trainer.max_time)"
+        )
+        raise ConfigError("trainer.max_epochs", value, why)
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings no object of the run checks itself."""
+    check_required(cfg)
     check_int("val_chips", cfg.val_chips, minimum=0)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError("ckpt_path", cfg.ckpt_path, "no such checkpoint file to resume from")
+    check_max_epochs(cfg.trainer.get("max_epochs"))
+
+
+def build(cfg: DictConfig, run: dict | None = None):
+    """Every object of the run, built (and so validated) before any training starts; ``run`` is
+    the record every checkpoint stores (``run_config``). ``check_settings`` comes first."""
     with config_scope("data"):
         datamodule = instantiate(cfg.data)
     net = {
@@ -111,7 +157,7 @@ def build(cfg: DictConfig):
             calib_momentum=cfg.val_calib_momentum,
             methods=training_methods(cfg),
         )
-    loggers, callbacks = build_loggers(cfg), build_callbacks(cfg)
+    loggers, callbacks = build_loggers(cfg), build_callbacks(cfg, run)
     with config_scope("trainer"):
         trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=callbacks)
     return datamodule, model, trainer
@@ -128,11 +174,74 @@ def group_sweep_runs(cfg: DictConfig) -> None:
             wandb_cfg.group = f"{cfg.task_name}-{Path(hydra_cfg.sweep.dir).name}"
 
 
+def hydra_task() -> tuple[list[str], dict]:
+    """This job's task overrides and config-group choices (not Hydra's own groups)."""
+    if not HydraConfig.initialized():
+        return [], {}
+    hydra_cfg = HydraConfig.get()
+    choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
+    return list(hydra_cfg.overrides.task), choices
+
+
+def plain(cfg: DictConfig) -> dict:
+    """``cfg`` resolved to plain containers, without Hydra's own node."""
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:  # noise.sigma=${nosuchkey}
+        raise ConfigError(err.full_key, None, str(err).splitlines()[0]) from None
+    return {k: v for k, v in config.items() if k != "hydra"}
+
+
+def new_wandb_id() -> str:
+    """A W&B run id (W&B's own form: 8 lowercase letters and digits)."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+def with_wandb_id(config: dict, resuming: bool) -> dict:
+    """``config`` with the W&B logger's run id fixed, so that the id is in every checkpoint and
+    a resume continues the same W&B run."""
+    wandb_cfg = (config.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None:
+        wandb_cfg["id"] = wandb_cfg.get("id") or new_wandb_id()
+        if resuming:
+            wandb_cfg["resume"] = "allow"
+    return config
+
+
+def run_config(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """The config to train with and the run record every checkpoint stores (``run_record``).
+
+    A new run trains with ``cfg``. A resume (``ckpt_path``) trains with the run's own config from
+    its checkpoint, this command line's overrides checked against it (``resumed_run``).
+    """
+    check_choice("resume_overrides", cfg.get("resume_overrides"), RESUME_OVERRIDES)
+    overrides, choices = hydra_task()
+    path = cfg.get("ckpt_path")
+    if not path:
+        run = run_record(with_wandb_id(plain(cfg), resuming=False), overrides, choices)
+        cfg = copy.deepcopy(cfg)  # the caller's stays without the id: its next run gets its own
+        with open_dict(cfg):
+            cfg.logger = run["config"]["logger"]
+        return cfg, run
+    if not Path(path).is_file():
+        raise ConfigError("ckpt_path", path, "no such checkpoint file to resume from")
+    stored = stored_run(path, read_checkpoint(path))
+    allow = cfg.resume_overrides == "allow"
+    run = resumed_run(stored, plain(cfg), overrides, choices, allow)
+    with_wandb_id(run["config"], resuming=True)
+    resumed = OmegaConf.create(run["config"])
+    OmegaConf.set_struct(resumed, True)  # a typo in a key fails as it does in a composed config
+    return resumed, run
+
+
 def train(cfg: DictConfig) -> float | None:
-    """Fit, checkpoint and test one model; return ``cfg.optimized_metric`` for sweeps."""
-    pl.seed_everything(cfg.seed, workers=True)
+    """Fit, checkpoint and test one model; return ``cfg.optimized_metric`` for sweeps. With
+    ``ckpt_path``, the run resumes with its own settings (``run_config``)."""
     group_sweep_runs(cfg)
-    datamodule, model, trainer = build(cfg)
+    cfg, run = run_config(cfg)
+    check_settings(cfg)  # before the seed's log line: a bad value is the only line printed
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule, model, trainer = build(cfg, run)
     try:
         return fit_and_test(cfg, datamodule, model, trainer)
     finally:
@@ -173,8 +282,38 @@ def main(cfg: DictConfig) -> float | None:
         return train(cfg)
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        discard_failed_run()  # a run that never started leaves no empty folder behind
         sys.exit(2)
 
 
+def resume_in_place(args: list[str]) -> list[str]:
+    """The Hydra overrides that keep a resume (``ckpt_path=RUN/checkpoints/last.ckpt``) in its
+    own folder RUN, with the run's original ``.hydra/`` kept (the resume's goes to
+    ``.hydra/resume_<time>``); none if the command line sets ``hydra.run.dir`` itself, sweeps,
+    or names no checkpoint file in a run's ``checkpoints/`` (``train`` then says what is wrong,
+    or resumes in a new folder)."""
+    if {"-m", "--multirun"} & set(args):
+        return []
+    overrides = []
+    for arg in args:
+        try:
+            overrides += OverridesParser.create().parse_overrides([arg])
+        except HydraException:  # not an override (--help, ...): Hydra handles it
+            continue
+    keys = {o.key_or_group: o for o in overrides}
+    path = keys["ckpt_path"].value() if "ckpt_path" in keys else None
+    if "hydra.run.dir" in keys or not isinstance(path, str) or not Path(path).is_file():
+        return []
+    if Path(path).parent.name != "checkpoints":  # not RUN/checkpoints/*.ckpt: no run folder
+        return []
+    run_dir = os.path.abspath(Path(path).parent.parent)
+    quoted = run_dir.replace("\\", "\\\\").replace("'", "\\'")
+    return [
+        f"hydra.run.dir='{quoted}'",
+        "hydra.output_subdir=.hydra/resume_${now:%Y-%m-%d_%H-%M-%S}",
+    ]
+
+
 if __name__ == "__main__":
+    sys.argv += resume_in_place(sys.argv[1:])
     main()

@@ -331,6 +331,13 @@ def test_image_folder_missing_train_explains_layout(tmp_path):
     assert info.value.key == "root"
 
 
+def test_image_folder_with_one_class_is_refused(tmp_path):
+    _write_tree(tmp_path, classes=("cat",))  # a "classifier" that answers cat to everything
+    with pytest.raises(ConfigError, match=r"one class folder \('cat'\).*at least 2") as info:
+        ImageFolderDataModule(str(tmp_path))
+    assert info.value.key == "root"
+
+
 @pytest.mark.parametrize("other_split", ["val", "test"])
 def test_image_folder_class_mismatch(tmp_path, other_split):
     _write_tree(tmp_path)

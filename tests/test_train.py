@@ -229,6 +229,9 @@ def test_resume_continues_where_the_run_stopped(train_cfg, tmp_path, extra):
         ("model.depth=11", "model.depth=11"),
         ("val_chips=-1", "val_chips=-1"),
         ("ckpt_path=/no/such/last.ckpt", "ckpt_path='/no/such/last.ckpt'"),
+        ("trainer.max_epochs=-2", "trainer.max_epochs=-2 is invalid: must be the number"),
+        ("data=image_folder", "data.root='???' is invalid: not set"),  # root: ???
+        ("resume_overrides=sometimes", "resume_overrides='sometimes'"),
     ],
 )
 def test_bad_values_fail_before_training_naming_the_key(train_cfg, tmp_path, override, key):
@@ -236,6 +239,35 @@ def test_bad_values_fail_before_training_naming_the_key(train_cfg, tmp_path, ove
         train(train_cfg([override]))
     assert str(info.value).startswith(key)
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["noise=pcm", "noise.pcm.drift_compensation=bogus"], "noise.pcm.drift_compensation"),
+        (["+noise.pcm.g_max=-1"], "noise.pcm.g_max"),
+        (["quant.adc_levels=1"], "quant.adc_levels"),
+    ],
+)
+def test_a_nested_chip_key_keeps_its_group(train_cfg, overrides, key):
+    with pytest.raises(ConfigError) as info:
+        train(train_cfg(overrides))
+    assert info.value.key == key
+
+
+@pytest.mark.parametrize(
+    "contents, why",
+    [
+        (lambda path: torch.save({"weights": torch.zeros(2)}, path), "not a checkpoint of train"),
+        (lambda path: path.write_bytes(b"not a checkpoint"), "not a PyTorch checkpoint"),
+    ],
+)
+def test_a_foreign_checkpoint_is_refused_naming_ckpt_path(train_cfg, tmp_path, contents, why):
+    path = tmp_path / "foreign.ckpt"
+    contents(path)
+    with pytest.raises(ConfigError, match=why) as info:
+        train(train_cfg([f"ckpt_path={path}"]))
+    assert info.value.key == "ckpt_path"
 
 
 def test_missing_cifar_offline_says_where_to_put_it(train_cfg, tmp_path):
@@ -251,12 +283,29 @@ def test_unknown_dataset_is_rejected_with_the_choices(train_cfg):
 
 
 def test_cli_reports_a_bad_value_and_exits_2(tmp_path):
+    run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "hasgd.L=0", f"hydra.run.dir={tmp_path}", "logger=none"],
+        [sys.executable, "train.py", "hasgd.L=0", f"hydra.run.dir={run_dir}", "logger=none"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 2
-    assert "hasgd.L=0 is invalid" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("config error: hasgd.L=0 is invalid")
+    assert not run_dir.exists()  # the run never started: no folder of Hydra's files left
+
+
+@pytest.mark.parametrize(
+    "script, bad", [("train.py", "trainer.max_epochs=-2"), ("evaluate.py", "ckpt=/no/such.ckpt")]
+)
+def test_a_run_that_fails_before_starting_leaves_no_folder(tmp_path, script, bad):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), bad],
+        cwd=tmp_path,  # the default run folder: outputs/<task>/...
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith("config error:"), proc.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -248,7 +248,8 @@ class ImageFolderDataModule(_SplitDataModule):
         seed: seed of that held-out test split; keep it the same for runs that are compared, so
             that they share one test set.
 
-    ``val/`` selects the best checkpoint and calibrates the ADCs, so it is never the test set.
+    ``train/`` needs at least 2 class folders. ``val/`` selects the best checkpoint and
+    calibrates the ADCs, so it is never the test set.
     With ``root/test/``, that folder is the test set as is. Without it, the test set is carved
     out of ``train/``: a seeded, stratified ``test_fraction`` of each class (rounded, at least
     one image per class, and at least one left to train on; so each class needs 2 images or
@@ -302,6 +303,13 @@ class ImageFolderDataModule(_SplitDataModule):
                 f"no class folders in {self.root / 'train'}; "
                 + layout
                 + " and optionally root/test/<class>/<images>",
+            )
+        if len(classes) < 2:  # one class trains a model that answers it for every image
+            raise ConfigError(
+                "root",
+                str(self.root),
+                f"{self.root / 'train'} has one class folder ({classes[0]!r}); a classifier "
+                "needs at least 2: " + layout,
             )
         for split in ["val"] + ([] if self.carve_test else ["test"]):
             other = self._classes(split)
