@@ -128,8 +128,8 @@ class AnalogClassifier(pl.LightningModule):
         alone: the relative weight noise from a generator of its own (``training_stream``);
         dropout, PCM and periphery draws from the global RNG inside a fork of it. Nothing a
         step draws moves the global RNG that orders the data, so runs that differ only in
-        sigma, L or the method see the same batches; data-parallel ranks draw distinct noise (L x world_size
-        samples per step); a resumed run redraws exactly the noise it would have drawn."""
+        sigma, L or the method see the same batches; data-parallel ranks draw distinct noise
+        (L x world_size samples per step); a resumed run redraws the noise it would have drawn."""
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))  # pl.seed_everything's (train.py: seed)
         where = (seed, f"rank{self.global_rank}", f"step{self.global_step}")
         device = self.device
