@@ -11,9 +11,13 @@
 
 Writes robustness_rows.csv (one row per chip and grid point), robustness_summary.csv,
 robustness.json and robustness.png into outputs/evaluate/<run_name>/, logs them to W&B, and
-prints a summary table. Rerunning the same command resumes from the rows already written; rows
-computed with other settings are moved to robustness_rows.stale.csv and recomputed.
-A sweep's study goes to <sweep_dir>/evaluate/<run_name>/.
+prints a summary table. A sweep's study goes to <sweep_dir>/evaluate/<run_name>/.
+
+A folder holds one evaluation: evaluation.json records the call (checkpoints and their SHA-256,
+test chip, grid and measurement settings, data, seed, hessian). Rerunning the same call resumes
+from the rows already written and says how many chips were read back; another call into the
+folder is refused (pass run_name=NAME, or overwrite=true to delete the old evaluation's files
+first), and so is a second process while one writes there (an OS lock on <folder>/.lock).
 
 The file is over 350 lines because the command line is one recipe plus its checks: checkpoint
 selection, test-chip overrides, split checks and PCM compensation subjects, each a short function.
@@ -21,6 +25,7 @@ selection, test-chip overrides, split checks and PCM compensation subjects, each
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -39,7 +44,7 @@ from cimsim import AnalogConfig, ConfigError
 from cimsim.classifier import AnalogClassifier
 from cimsim.hessian import hessian_traces
 from cimsim.pcm import DRIFT_COMPENSATIONS
-from cimsim.report import plot_compute, plot_loss_prediction
+from cimsim.report import hold_folder, plot_compute, plot_loss_prediction
 from cimsim.robustness import (
     SWEEPS,
     TRAIN,
@@ -55,6 +60,7 @@ from cimsim.study import (
     Subject,
     calibration_loader,
     check_calib_split,
+    data_settings,
     recipe_label,
     run_study,
     subject_label,
@@ -332,6 +338,7 @@ def check_settings(cfg: DictConfig) -> None:
                 "target_sigma", target, f"must be one of robustness.sigmas {list(r.sigmas)}"
             )
     check_choice("accelerator", cfg.accelerator, ACCELERATORS)
+    check_choice("overwrite", cfg.overwrite, (False, True))
     check_int("devices", cfg.devices, minimum=1)
     check_int("num_nodes", cfg.num_nodes, minimum=1)
 
@@ -369,7 +376,50 @@ def evaluate(cfg: DictConfig):
     if spec is None:
         raise ConfigError("data", None, f"{paths[0]} does not record its data: pass data=NAME")
     check_same_split(spec, trained_on, paths)
-    ev = evaluation(cfg, spec, fabric)
+    ev = evaluation(cfg, spec, fabric)  # a bad data setting fails before the folder is claimed
+    with held(cfg, fabric, evaluation_call(cfg, subjects, spec)):
+        return study(cfg, subjects, ev)
+
+
+def evaluation_call(cfg: DictConfig, subjects: list[Subject], spec: dict) -> dict:
+    """What the output folder's files depend on, as its ``evaluation.json`` records it: each
+    checkpoint's contents, the test chip, the preset (grid and how chips are measured), the data,
+    the seed and the Hessian analysis when asked for; not where it runs or how it reports."""
+    call = {
+        "checkpoints": {s.ckpt: {"sha256": s.ckpt_sha256} for s in subjects},
+        "robustness": OmegaConf.to_container(cfg.robustness, resolve=True),
+        "data": data_settings(spec),
+        "seed": cfg.seed,
+    }
+    # Keys only when set, so a refusal reads "chip.bias: unset -> 'shared'".
+    if chip_overrides(cfg):
+        call["chip"] = chip_overrides(cfg)
+    if cfg.get("hessian"):
+        call["hessian"] = {"probes": cfg.hessian_probes, "batches": cfg.hessian_batches}
+    return call
+
+
+@contextlib.contextmanager
+def held(cfg: DictConfig, fabric: Fabric, call: dict):
+    """Rank 0 holds the output folder for ``call`` while the block runs
+    (``cimsim.report.hold_folder``); when it is busy or holds another evaluation, every rank
+    fails with the same ``ConfigError``, before any chip is measured."""
+    with contextlib.ExitStack() as stack:
+        refusal = None
+        if fabric.global_rank == 0:
+            try:
+                stack.enter_context(hold_folder(cfg.paths.output_dir, call, cfg.overwrite))
+            except ConfigError as err:
+                refusal = (err.key, err.value, err.allowed)
+        refusal = fabric.broadcast(refusal, src=0)
+        if refusal is not None:
+            raise ConfigError(*refusal)
+        yield
+
+
+def study(cfg: DictConfig, subjects: list[Subject], ev: Evaluation):
+    """Measure every subject's chips into the (held) output folder, then report: the summary
+    table, W&B, and the Hessian and compute comparisons when asked for."""
     r = cfg.robustness
     reads = f" x {r.repetitions} read-outs" if r.get("repetitions", 1) > 1 else ""
     title = f"{r.name}: {r.chips} chips{reads} per point, seed {cfg.seed}"
@@ -449,7 +499,10 @@ def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg)
     except ConfigError as err:
+        from cimsim.validation import discard_failed_run
+
         print(f"config error: {err}", file=sys.stderr)
+        discard_failed_run()  # a study that never started leaves no empty folder behind
         sys.exit(2)
 
 

@@ -70,7 +70,16 @@ from cimsim.validation import check_int
 
 ROOT = Path(__file__).resolve().parent
 DOCS = ROOT / "docs"  # the committed report: only the full plan writes here by default
-EVALUATE_KEYS = ("robustness", "chip", "accelerator", "devices", "num_nodes", "progress", "wandb")
+EVALUATE_KEYS = (
+    "robustness",
+    "chip",
+    "accelerator",
+    "devices",
+    "num_nodes",
+    "progress",
+    "wandb",
+    "overwrite",
+)
 # Trainings: CSV logs beside the checkpoints, no end-of-fit sweep (the studies measure every
 # model on the same chips), no Hessian monitor, the test set left to the studies.
 TRAIN_DEFAULTS = [
@@ -80,7 +89,9 @@ TRAIN_DEFAULTS = [
     "test=false",
     "+trainer.enable_progress_bar=false",
 ]
-EVALUATE_DEFAULTS = ["wandb.enabled=false", "progress=false"]
+# overwrite=true: a study's done.json decides when it is redone; evaluate.py still resumes the
+# same call's rows and replaces only another call's files in the study's folder.
+EVALUATE_DEFAULTS = ["wandb.enabled=false", "progress=false", "overwrite=true"]
 # --tiny: one epoch of two batches of a width-1 network, 2 chips on one test batch.
 TINY_TRAIN = [
     "model.widen_factor=1",

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -344,18 +345,21 @@ def test_robustness_monitor_during_and_after_training(train_cfg, tmp_path, monke
 
 
 def test_quick_run_then_full_run_gives_full_rows(checkpoints, tmp_path):
-    """A max_batches=1 run followed by the full run: every row covers the whole test set."""
+    """A max_batches=1 run, then the full run in its folder: refused, naming the change; with
+    overwrite=true every row covers the whole test set."""
     args = [f"ckpt={checkpoints[1]}", "robustness.chips=2"]
     quick = evaluate(eval_cfg(tmp_path, *args, "robustness.max_batches=1"))
     assert {r.n for r in quick.rows} == {64}  # one batch
-    with pytest.warns(StaleRowsWarning) as caught:
-        full = evaluate(eval_cfg(tmp_path, *args))
-    assert len(caught) == 1 and "(max_batches: 1 -> None)" in str(caught[0].message)
+    before = (tmp_path / "robustness_rows.csv").read_bytes()
+    change = r"\(evaluation.json: robustness.max_batches: 1 -> None\)"
+    with pytest.raises(ConfigError, match=change):
+        evaluate(eval_cfg(tmp_path, *args))
+    assert (tmp_path / "robustness_rows.csv").read_bytes() == before  # left as it was
+    full = evaluate(eval_cfg(tmp_path, *args, "overwrite=true"))
     size = len(recorded_data(checkpoints[1]).test_set)
     rows = read_rows(tmp_path / "robustness_rows.csv")
     assert len(rows) == 2 * 2 and {int(r["n"]) for r in rows} == {size} == {270}
     assert [r.n for r in full.rows] == [size] * 4
-    assert {r["n"] for r in read_rows(tmp_path / "robustness_rows.stale.csv")} == {"64"}
     summary = read_rows(tmp_path / "robustness_summary.csv")
     assert [int(s["chips"]) for s in summary] == [2, 2]  # no chip counted twice
 
@@ -374,8 +378,12 @@ def test_a_retrained_checkpoint_at_the_same_path_is_recomputed(checkpoints, tmp_
     monkeypatch.setattr(
         cimsim.robustness, "program_chip", lambda m, s: calls.append(s) or real(m, s)
     )
-    with pytest.warns(StaleRowsWarning, match=r"\(ckpt_sha256: [0-9a-f]{12}\.\.\. -> "):
-        second = evaluate(eval_cfg(tmp_path / "out", *args))
+    sha = r"[0-9a-f]{12}\.\.\."
+    change = rf"checkpoints\.{re.escape(str(ckpt))}\.sha256: {sha} -> {sha}"
+    with pytest.raises(ConfigError, match=change):  # the folder holds the old weights' files
+        evaluate(eval_cfg(tmp_path / "out", *args))
+    assert calls == []
+    second = evaluate(eval_cfg(tmp_path / "out", *args, "overwrite=true"))
     assert len(calls) == 2  # every chip again
     assert [r.model for r in second.rows] == [r.model for r in first.rows]
     assert [r.loss for r in second.rows] != [r.loss for r in first.rows]
@@ -391,9 +399,8 @@ def test_a_changed_data_spec_is_detected(checkpoints, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", StaleRowsWarning)
         evaluate(eval_cfg(tmp_path, *args, *data))
-    with pytest.warns(StaleRowsWarning) as caught:
+    with pytest.raises(ConfigError, match=r"\(evaluation.json: data.batch_size: 64 -> 32\)"):
         evaluate(eval_cfg(tmp_path, *args, *data, "data.batch_size=32"))
-    assert "(data.batch_size: 64 -> 32)" in str(caught[0].message)
     # a split other than the checkpoint's would test on images it trained on: refused
     with pytest.raises(ConfigError, match=r"^data\.test_fraction=0\.2 is invalid: .*0\.15"):
         evaluate(eval_cfg(tmp_path, *args, *data, "data.test_fraction=0.2"))
@@ -425,26 +432,21 @@ def test_a_bad_checkpoint_fails_with_one_line_naming_it(checkpoints, tmp_path, k
 
 
 def test_one_checkpoint_on_two_chips_gives_two_labelled_curves(checkpoints, tmp_path):
-    """chip.bias=separate vs chip.bias=shared: two curves, told apart by their labels."""
+    """bias separate vs shared (robustness.variants): two curves, told apart by their labels."""
     args = [f"ckpt={checkpoints[1]}", "robustness.chips=3"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", StaleRowsWarning)  # two subjects: nothing is stale
-        separate = evaluate(eval_cfg(tmp_path, *args, "chip.bias=separate"))
-        shared = evaluate(eval_cfg(tmp_path, *args, "chip.bias=shared"))
-    assert {s["model"] for s in separate.summary} == {"train sigma=0.1, L=2"}
-    assert {s["model"] for s in shared.summary} == {"train sigma=0.1, L=2 | chip bias=shared"}
-    mean = {
-        (name, s["sigma"]): s["acc_mean"]
-        for name, result in (("separate", separate), ("shared", shared))
-        for s in result.summary
-    }
-    assert mean["separate", 0.0] == mean["shared", 0.0]  # no noise: the same network
-    assert mean["separate", 0.1] != mean["shared", 0.1]  # noise on the biases differs
+    result = evaluate(
+        eval_cfg(tmp_path, *args, "+robustness.variants=[{bias:separate},{bias:shared}]")
+    )
+    separate, shared = "train sigma=0.1, L=2", "train sigma=0.1, L=2 | chip bias=shared"
+    assert {s["model"] for s in result.summary} == {separate, shared}
+    mean = {(s["model"], s["sigma"]): s["acc_mean"] for s in result.summary}
+    assert mean[separate, 0.0] == mean[shared, 0.0]  # no noise: the same network
+    assert mean[separate, 0.1] != mean[shared, 0.1]  # noise on the biases differs
     rows = read_rows(tmp_path / "robustness_rows.csv")
     assert len(rows) == 2 * 3 * 2  # both curves kept side by side in one file
     known = read_fingerprints(tmp_path / "robustness_rows.csv")
     assert {known[r["fingerprint"]]["chip"]["bias"] for r in rows} == {"separate", "shared"}
-    r = next(r for r in shared.rows if r.sigma == 0.1 and r.chip == 1)
+    r = next(r for r in result.rows if r.model == shared and r.sigma == 0.1 and r.chip == 1)
     assert (r.acc, r.n) == by_hand(checkpoints[1], 1, 0.1, bias="shared")
 
 

@@ -6,19 +6,24 @@
   exactly the file an uninterrupted run writes. Each row carries a fingerprint of everything
   that determined it (weights, data, test chip, limits, calibration, seed, stream); the sidecar
   ``robustness_rows.fingerprints.json`` says what each fingerprint stands for. A subject's rows
-  with another fingerprint are moved to ``robustness_rows.stale.csv`` and recomputed, never mixed.
+  with another fingerprint are moved to ``robustness_rows.stale.csv`` and recomputed, never mixed;
+  a row in the file twice is kept once (``DuplicateRowsWarning``), and a value that does not
+  parse is a ``ConfigError`` naming the file, line and column.
 * ``robustness_summary.csv`` and ``robustness.json`` (rows and summary), written atomically.
 * ``robustness.png``: accuracy against the swept variable, one line per ``lines`` group, which
   also groups the W&B curves (``cimsim.tracking``); time on a log axis in human units.
+* ``evaluation.json``: the call whose files the folder holds, and ``.lock``, held while a process
+  writes there (``hold_folder``): one evaluation per folder, one process at a time.
 
 The file is over 350 lines because it holds everything a study writes, and the resumable rows
-file alone (format, torn lines, fingerprints, stale rows) is over half of it.
+file alone (format, torn lines, fingerprints, stale and duplicate rows) is over half of it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -26,7 +31,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
@@ -54,6 +59,24 @@ ROWS_FILE = "robustness_rows.csv"
 SUMMARY_FILE = "robustness_summary.csv"
 JSON_FILE = "robustness.json"
 PLOT_FILE = "robustness.png"
+COMPUTE_TABLE = "robustness_compute.csv"
+COMPUTE_PLOT = "robustness_compute.png"
+LOSS_TABLE = "hessian.csv"
+LOSS_PLOT = "robustness_loss_prediction.png"
+EVALUATION_FILE = "evaluation.json"  # the call whose files the folder holds
+LOCK_FILE = ".lock"
+# Every file an evaluation writes into its folder (the rows file's shares, sidecar and stale rows
+# included), which ``overwrite`` deletes. W&B's and Hydra's folders log calls; they stay.
+EVALUATION_FILES = (
+    "robustness_rows.*",
+    SUMMARY_FILE,
+    JSON_FILE,
+    PLOT_FILE,
+    COMPUTE_TABLE,
+    COMPUTE_PLOT,
+    LOSS_TABLE,
+    LOSS_PLOT,
+)
 COLUMNS = [f.name for f in fields(Row)]
 # A time sweep's rows: the read-out after the chip it was read from.
 TIMED_COLUMNS = [*COLUMNS[:2], "t_inference", "repetition", *COLUMNS[2:]]
@@ -71,6 +94,10 @@ def row_record(row: Row) -> dict:
 
 class StaleRowsWarning(UserWarning):
     """Rows of a model were computed with other settings; they were moved aside, not reused."""
+
+
+class DuplicateRowsWarning(UserWarning):
+    """A row was in the rows file more than once; the first copy was kept, the others removed."""
 
 
 def _atomic_write(path: Path, write: Callable[[str], Any]) -> Path:
@@ -167,16 +194,20 @@ def _show(key: str, value) -> str:
     return repr(value)
 
 
-def _changes(old: dict | None, new: dict) -> str:
-    """``key: old -> new`` for every setting that differs, e.g. ``max_batches: 1 -> None``."""
+def _changes(old: dict | None, new: dict, limit: int | None = None) -> str:
+    """``key: old -> new`` for every setting that differs, e.g. ``max_batches: 1 -> None``; past
+    ``limit`` of them, how many more."""
     if old is None:
         return "settings not recorded in the fingerprint sidecar"
     a, b = _flat(old), _flat(new)
-    return ", ".join(
+    changed = [
         f"{k}: {_show(k, a.get(k, _UNSET))} -> {_show(k, b.get(k, _UNSET))}"
         for k in sorted(set(a) | set(b))
         if a.get(k, _UNSET) != b.get(k, _UNSET)
-    )
+    ]
+    if limit is not None and len(changed) > limit:
+        changed = [*changed[:limit], f"and {len(changed) - limit} more"]
+    return ", ".join(changed)
 
 
 # ----------------------------------------------------------------------------- the rows CSV
@@ -188,12 +219,37 @@ _FROM_TEXT = {
     "str": str,
     "int | None": lambda text: None if text == "" else int(text),
 }
+_TYPE_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "str": "text",
+    "int | None": "an integer or empty",
+}
 
 
 def _parse(raw: dict[str, str], timed: bool = False) -> Row:
     """A row read back from CSV with the types ``Row`` (``TimedRow``) declares."""
     kind = TimedRow if timed else Row
     return kind(**{f.name: _FROM_TEXT[f.type](raw[f.name]) for f in fields(kind)})
+
+
+def _check_record(raw: dict, names: list[str], path: Path, line: int) -> None:
+    """A rows-file record whose every column parses as its ``Row`` field's type; else a
+    ``ConfigError`` naming the file, the line and the column (a bare ValueError names none)."""
+    fix = "correct that line or delete it (its row is then computed again)"
+    if None in raw:  # csv's key for the fields past the header's
+        why = f"line {line} has {len(names) + len(raw[None])} fields, not {len(names)}: {fix}"
+        raise ConfigError("rows file", str(path), why)
+    for f in fields(TimedRow if names == TIMED_COLUMNS else Row):
+        text = raw[f.name]
+        if text is None:
+            why = f"line {line} has no value in column {f.name!r} (too few fields): {fix}"
+            raise ConfigError("rows file", str(path), why)
+        try:
+            _FROM_TEXT[f.type](text)
+        except ValueError:
+            why = f"line {line}, column {f.name!r} holds {text!r}, not {_TYPE_WORDS[f.type]}: {fix}"
+            raise ConfigError("rows file", str(path), why) from None
 
 
 def _repair(path: Path) -> None:
@@ -206,7 +262,7 @@ def _repair(path: Path) -> None:
 
 def _read_raw(path: Path, names: list[str] = COLUMNS) -> list[dict[str, str]]:
     """The rows of ``path`` as text (none if it does not exist), after dropping a torn line;
-    its header must be ``names``."""
+    its header must be ``names`` and every value must parse (``_check_record``)."""
     if not path.exists():
         return []
     _repair(path)
@@ -215,7 +271,11 @@ def _read_raw(path: Path, names: list[str] = COLUMNS) -> list[dict[str, str]]:
         if reader.fieldnames is not None and reader.fieldnames != names:
             why = f"has columns {reader.fieldnames}; rows are written as {names}: use another file"
             raise ConfigError("rows file", str(path), why)
-        return list(reader)
+        raws = []
+        for raw in reader:
+            _check_record(raw, names, path, reader.line_num)
+            raws.append(raw)
+        return raws
 
 
 def _append(path: Path, records: Sequence[Mapping], names: list[str] = COLUMNS) -> None:
@@ -248,6 +308,21 @@ def write_rows(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     merge of several processes' shares of the chips); a time sweep's rows with its columns."""
     names = columns(any(isinstance(r, TimedRow) for r in rows))
     return _write_records(Path(path), [row_record(r) for r in rows], names)
+
+
+def _first_copies(raws: list[dict], timed: bool) -> tuple[dict, list[dict]]:
+    """The rows of ``raws`` by ``(chip, read-out, point)``, each key's first copy, and the later
+    copies. Copies with one fingerprint were computed with the same settings (rows are
+    reproducible), so keeping the first loses nothing; refusing would leave a CSV to edit."""
+    first, copies = {}, []
+    for raw in raws:
+        row = _parse(raw, timed)
+        key = (row.chip, row.read, row.point)
+        if key in first:
+            copies.append(raw)
+        else:
+            first[key] = row
+    return first, copies
 
 
 class RowsFile:
@@ -296,18 +371,22 @@ class RowsFile:
         raws = _read_raw(self.path, columns(timed))
         mine = [r for r in raws if (r["model"], r["ckpt"]) == (self.model, self.ckpt)]
         stale = [r for r in mine if r["fingerprint"] != self.fp]
+        done, copies = _first_copies([r for r in mine if r["fingerprint"] == self.fp], timed)
         if stale:
             message = self._stale_message(stale, settings)
-            self._retire(raws, stale)
+            self._retire(stale)
             warnings.warn(message, StaleRowsWarning, stacklevel=3)
+        if stale or copies:
+            gone = {id(r) for r in stale + copies}
+            _write_records(self.path, [r for r in raws if id(r) not in gone], columns(timed))
+        if copies:
+            warnings.warn(self._copies_message(copies), DuplicateRowsWarning, stacklevel=3)
         record_fingerprints(self.path, self.fingerprints)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
-        done = {}
-        for row in (_parse(r, timed) for r in mine if r["fingerprint"] == self.fp):
-            key = (row.chip, row.read, row.point)
-            if expected.get(key) == row.chip_seed and key not in done:
-                done[key] = row
+        done = {k: row for k, row in done.items() if expected.get(k) == row.chip_seed}
+        if done:
+            print(self._resume_message(done, expected), flush=True)
         return done
 
     def append(self, rows: Sequence[Row]) -> list[Row]:
@@ -316,27 +395,134 @@ class RowsFile:
         _append(self.path, [row_record(r) for r in stamped], columns(self.timed))
         return stamped
 
-    def _retire(self, raws: list[dict], stale: list[dict]) -> None:
-        """Append ``stale`` to ``<rows>.stale.csv`` (durable first, so a crash can duplicate
-        them but never lose them), then rewrite the rows file without them."""
+    def _retire(self, stale: list[dict]) -> None:
+        """Append ``stale`` to ``<rows>.stale.csv``, durable before the rows file is rewritten
+        without them, so a crash can duplicate them but never lose them."""
         names = columns(self.timed)
         stale_path = self.path.with_suffix(".stale.csv")
         _read_raw(stale_path, names)  # drops a torn line; refuses a file of another format
         stale_path.touch()
         _append(stale_path, stale, names)  # as read: the text of the rows, unchanged
-        gone = {id(r) for r in stale}
-        _write_records(self.path, [r for r in raws if id(r) not in gone], names)
+
+    def _who(self) -> str:
+        who = [f"{k}={v!r}" for k, v in (("model", self.model), ("ckpt", self.ckpt)) if v]
+        return ", ".join(who) or "this model"
+
+    def _copies_message(self, copies: list[dict]) -> str:
+        return (
+            f"{self.path}: {len(copies)} rows of {self._who()} were in the file more than once"
+            " (the same chip, read-out and grid point with the same settings, e.g. written by two"
+            " evaluations at once); kept the first copy of each and removed the others"
+        )
+
+    def _resume_message(self, done: dict, expected: Mapping) -> str:
+        """How many of this subject's chips were read back and how many are left to compute."""
+        chips = {key[0] for key in expected}
+        left = {key[0] for key in expected if key not in done}
+        return (
+            f"{self.path}: resuming {self._who()}: {len(chips) - len(left)} of {len(chips)}"
+            f" chips read back ({len(done)} of {len(expected)} rows), {len(left)} to compute"
+        )
 
     def _stale_message(self, stale: list[dict], settings: dict) -> str:
         known = read_fingerprints(self.path)
         old = dict.fromkeys(r["fingerprint"] for r in stale)
         changes = "; ".join(_changes(known.get(fp), settings) for fp in old)
-        who = [f"{k}={v!r}" for k, v in (("model", self.model), ("ckpt", self.ckpt)) if v]
         return (
-            f"{self.path}: {len(stale)} rows of {', '.join(who) or 'this model'} were computed"
+            f"{self.path}: {len(stale)} rows of {self._who()} were computed"
             f" with other settings ({changes}); moved them to"
             f" {self.path.with_suffix('.stale.csv').name} and recomputing"
         )
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+@contextlib.contextmanager
+def hold_folder(out: str | os.PathLike, call: Mapping, overwrite: bool = False) -> Iterator[Path]:
+    """Hold the output folder ``out`` for the evaluation ``call`` while the block runs: no other
+    process may write there (``lock_folder``), and the folder holds this call's files only
+    (``claim_folder``). Yields the folder."""
+    with lock_folder(out) as folder:
+        claim_folder(folder, call, overwrite)
+        yield folder
+
+
+@contextlib.contextmanager
+def lock_folder(out: str | os.PathLike) -> Iterator[Path]:
+    """An exclusive ``flock`` on ``<out>/.lock`` while the block runs; a second process is
+    refused at once. The OS drops the lock when its process ends, even by ``kill -9``, so a lock
+    is never stale; the file stays (deleting a lock file lets two processes hold two locks)."""
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 100, 0).decode(errors="replace").strip()
+            why = f"another evaluation{f' ({holder})' if holder else ''} is writing to it: wait"
+            why += " for it to end, or pass run_name=NAME to write to another folder"
+            raise ConfigError("output folder", str(folder), why) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}\n".encode(), 0)  # for the message above
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def evaluation_files(out: str | os.PathLike) -> list[Path]:
+    """The files of an evaluation in ``out`` (``EVALUATION_FILES``, and the temporary files of a
+    write that was killed), not ``evaluation.json``."""
+    folder = Path(out)
+    found = {p for pattern in EVALUATION_FILES for p in folder.glob(pattern)}
+    found |= {p for pattern in EVALUATION_FILES for p in folder.glob(f".{pattern}.*")}
+    return sorted(p for p in found if p.is_file())
+
+
+def claim_folder(out: str | os.PathLike, call: Mapping, overwrite: bool = False) -> Path:
+    """Record in ``<out>/evaluation.json`` that ``out`` holds the evaluation ``call`` (what its
+    files depend on, JSON-able). The same call resumes. A folder that holds another evaluation's
+    files is refused with what differs, unless ``overwrite``: its files are then deleted first,
+    so none of them (e.g. an earlier call's ``hessian.csv``) stays beside this call's."""
+    folder = Path(out)
+    call = json.loads(json.dumps(call, default=str))  # as it reads back
+    record = {"fingerprint": fingerprint(call), "call": call}
+    path = folder / EVALUATION_FILE
+    held = _read_json(path)
+    if held.get("fingerprint") == record["fingerprint"]:
+        return path
+    files = evaluation_files(folder)
+    if files and not overwrite:
+        raise ConfigError("output folder", str(folder), _refusal(held, call, files))
+    for file in files:
+        file.unlink()
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(record, f, indent=1, sort_keys=True)
+            f.write("\n")
+
+    return _atomic_write(path, write)
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON file's object; ``{}`` when it is missing or unreadable (nothing recorded)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _refusal(held: dict, call: dict, files: list[Path]) -> str:
+    """Why a folder is not this call's to write to, and the two ways on."""
+    ways = "pass run_name=NAME to write to another folder, or overwrite=true to delete"
+    if "call" not in held:
+        names = ", ".join(p.name for p in files[:4]) + (", ..." if len(files) > 4 else "")
+        what = f"files of an evaluation ({names}) but no {EVALUATION_FILE} saying which"
+        return f"it holds {what}: {ways} them and run this one"
+    what = f"another evaluation ({EVALUATION_FILE}: {_changes(held['call'], call, limit=4)})"
+    return f"it holds {what}: {ways} its files and run this one"
 
 
 # ----------------------------------------------------------------------------- summary files
@@ -491,10 +677,6 @@ def write_table(path: Path, records: Sequence[Mapping]) -> Path:
     return _atomic_write(path, write)
 
 
-COMPUTE_TABLE = "robustness_compute.csv"
-COMPUTE_PLOT = "robustness_compute.png"
-
-
 def plot_compute(
     summary: Sequence[dict], subjects: Sequence, sigma: float, out_dir: str | os.PathLike
 ) -> tuple[Path, Path]:
@@ -541,10 +723,6 @@ def plot_compute(
     ax.legend(fontsize=7)
     plot = _atomic_write(out / COMPUTE_PLOT, lambda tmp: fig.savefig(tmp, format="png", dpi=150))
     return table, plot
-
-
-LOSS_TABLE = "hessian.csv"
-LOSS_PLOT = "robustness_loss_prediction.png"
 
 
 def plot_loss_prediction(

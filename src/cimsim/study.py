@@ -214,13 +214,16 @@ def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
     return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
 
 
+def data_settings(spec: dict | None) -> dict | None:
+    """The settings of a datamodule spec that decide which images are tested, in which order:
+    all but ``LOADER_ONLY`` (what rows and an output folder's ``evaluation.json`` record)."""
+    return None if spec is None else {k: v for k, v in spec.items() if k not in LOADER_ONLY}
+
+
 def _known_settings(subject: Subject, ev: Evaluation) -> dict:
     """What the fingerprint of ``subject``'s rows needs beyond what ``evaluate_robustness``
     knows: the checkpoint file's hash, the data and the calibration split."""
-    spec = None if ev.data_spec is None else dict(ev.data_spec)
-    if spec is not None:
-        spec = {k: v for k, v in spec.items() if k not in LOADER_ONLY}
-    settings = {"data": spec, "calib_split": ev.calib_split}
+    settings = {"data": data_settings(ev.data_spec), "calib_split": ev.calib_split}
     if subject.ckpt_sha256 is not None:
         settings["ckpt_sha256"] = subject.ckpt_sha256
     elif subject.ckpt and Path(subject.ckpt).is_file():
@@ -275,10 +278,12 @@ def run_study(
     """Evaluate every subject with chips from the same seed (common random numbers across
     models), then, on rank 0, write the summary, the JSON and a figure of accuracy against ``x``.
 
-    Rerunning the same study skips the chips already in the rows file(s); rows computed with
-    other settings (another checkpoint file at the same path, other data, test chip, limits or
-    calibration) are moved to ``robustness_rows.stale.csv`` and recomputed. Returns the combined
-    result (on every rank) and the files written (``None`` on other ranks).
+    Rerunning the same study skips the chips already in the rows file(s) (and says how many
+    were read back); rows computed with other settings (another checkpoint file at the same
+    path, other data, test chip, limits or calibration) are moved to ``robustness_rows.stale.csv``
+    and recomputed. One process writes to ``out_dir`` at a time: ``evaluate.py`` holds it
+    (``cimsim.report.hold_folder``). Returns the combined result (on every rank) and the files
+    written (``None`` on other ranks).
     """
     out = Path(out_dir)
     rows = evaluate_subjects(subjects, ev, out)
