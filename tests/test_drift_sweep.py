@@ -150,7 +150,7 @@ def test_each_chip_is_programmed_once_and_read_once_per_time_and_repetition(
 ):
     """The drifted weights are computed once per (chip, t, repetition), never per batch."""
     programs, moves, reads = [], [], []
-    real_program, real_move, real_read = rb.program_chip, rb.set_time, PCMWeights.weights_at
+    real_program, real_move, real_read = rb.program_chip, rb.set_time, PCMWeights.read_out
 
     def program(model, seed):
         programs.append(seed)
@@ -166,7 +166,7 @@ def test_each_chip_is_programmed_once_and_read_once_per_time_and_repetition(
 
     monkeypatch.setattr(rb, "program_chip", program)
     monkeypatch.setattr(rb, "set_time", move)
-    monkeypatch.setattr(PCMWeights, "weights_at", read)
+    monkeypatch.setattr(PCMWeights, "read_out", read)
     test = digits[1]
     grid = RobustnessGrid(sigmas=[0.0, 0.05], chips=2, times=[0, YEAR], repetitions=2)
     result = run(pcm_model, test, grid)

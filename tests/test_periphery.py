@@ -332,9 +332,9 @@ def test_calibrated_dac_tracks_max_abs_and_clips_with_a_straight_through_gradien
 
 
 def test_learned_dac_starts_from_the_first_batch_and_learns_from_clipped_inputs():
-    dac = DAC(8, learned=True)
+    dac = DAC(8, mode="learned")
     assert isinstance(dac.b_in, nn.Parameter) and not dac.calibratable
-    fresh = DAC(8, learned=True).eval()  # the first batch it sees sets the range, then trains
+    fresh = DAC(8, mode="learned").eval()  # the first batch it sees sets the range, then trains
     fresh(torch.tensor([0.5, -2.0, 1.0]))
     assert fresh.b_in.item() == 2.0 and fresh.calibrated
     dac.train()
@@ -365,7 +365,7 @@ def test_tile_adc_quantizes_each_tile_to_its_own_range():
     base = torch.linspace(-1.0, 1.0, 4001).reshape(1, 1, -1)
     y = (base * scales.reshape(1, 3, 1)).expand(2, 3, 4001).contiguous()  # (B, T, C)
     for levels in (5, 16):
-        adc = TileADC(3, levels, out_noise=0.0).train()
+        adc = TileADC(3, levels, out_noise=0.0, ref="calibrated").train()
         q = adc(y)
         torch.testing.assert_close(adc.hi, scales)
         for t in range(3):
@@ -423,7 +423,9 @@ def test_tile_adc_through_a_layer_equals_the_tiles_quantized_by_hand(kind):
         xs = [torch.randn(64, 48, generator=gen(i)) for i in range(3)]
     with torch.no_grad():
         digital.weight[:, :4] *= 5  # tile 0's partial sums on a wider range
-    model = one(digital, AnalogConfig(tile_rows=tile_rows, tile_adc_levels=levels))
+    model = one(
+        digital, AnalogConfig(tile_rows=tile_rows, tile_adc_levels=levels, out_ref="calibrated")
+    )
     layer = model[0]
     assert layer.tile_adc.tiles == len(layer._tiles) == 3
     calibrate_adc(model, xs[:2], momentum=0.01)
@@ -444,7 +446,7 @@ def test_tile_adc_through_a_layer_equals_the_tiles_quantized_by_hand(kind):
 def test_output_noise_has_std_out_noise_times_each_tiles_bound():
     scales = torch.tensor([1.0, 8.0, 0.25])
     y = torch.randn(50, 3, 400, generator=gen(0)) * scales.reshape(1, 3, 1)
-    adc = TileADC(3, None, out_noise=0.1).train()
+    adc = TileADC(3, None, out_noise=0.1, ref="calibrated").train()
     assert adc.enabled
     adc(y)  # first training batch: the bounds
     hi = adc.hi.clone()
@@ -463,7 +465,7 @@ def test_output_noise_through_a_programmed_layer_sums_the_tiles_variances():
     digital = nn.Linear(48, 5)
     with torch.no_grad():
         digital.weight[:, :16] *= 6
-    model = one(digital, AnalogConfig(tile_rows=16, out_noise=0.1))
+    model = one(digital, AnalogConfig(tile_rows=16, out_noise=0.1, out_ref="calibrated"))
     x = torch.randn(40, 48, generator=gen(3))
     program_chip(model, 4)  # sigma = 0: the chip is exact but every read is noisy
     calibrate_adc(model, [x])
@@ -556,13 +558,16 @@ def test_robustness_rows_are_reproducible_with_per_read_noise():
     assert first[1].loss == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
     assert first[1].acc == (logits.argmax(1) == y).float().mean().item()
     assert not torch.equal(logits, again)  # the reads are noisy: the seeding makes them equal
+    evaluate_robustness(model, test, grid, EvalSettings(progress=False))  # aihwkit's: no ranges
+    calibrated = tiny_model(AnalogConfig(**CHIP, out_ref="calibrated"))
     with pytest.raises(ConfigError) as err:
-        evaluate_robustness(model, test, grid, EvalSettings(progress=False))
+        evaluate_robustness(calibrated, test, grid, EvalSettings(progress=False))
     assert err.value.key == "calib_loader"
 
 
 def test_tile_grid_sets_the_tile_adcs_and_set_adc_keeps_to_its_kind():
-    model = tiny_model(AnalogConfig(adc_levels=8, **CHIP))
+    calibrated = dict(dac_range="calibrated", out_ref="calibrated")
+    model = tiny_model(AnalogConfig(adc_levels=8, **CHIP, **calibrated))
     test, calib = tiny_data()
     tile = [a for a in adcs(model) if a.placement == "tile"]
     block = [a for a in adcs(model) if a.placement == "block"]
@@ -619,17 +624,17 @@ def test_train_with_tiles_checkpoints_the_periphery(tiled_checkpoint):
     state = ckpt["state_dict"]
     tiled = [(n, m) for n, m in model.net.named_modules() if getattr(m, "_tiles", None)]
     assert tiled  # 64-row tiles split the 3x3 convs with more than 7 input channels
+    assert (chip.dac_range, chip.out_ref, chip.out_bound) == ("per_vector", "normalized", 12.0)
     for name, layer in tiled:
         adc = layer.tile_adc
-        assert adc.tiles == len(layer._tiles) and adc.calibrated
+        assert adc.tiles == len(layer._tiles) and not adc.calibratable  # aihwkit's fixed range
         assert torch.equal(adc.hi, state[f"net.{name}.tile_adc.hi"])
-        assert (adc.hi > 0).all()  # tracked while training
-        dac = layer.dac
-        assert dac.calibrated and dac.hi > 0
-        assert torch.equal(dac.hi, state[f"net.{name}.dac.hi"])
+        assert layer.dac.mode == "per_vector" and not layer.dac.calibratable
     fresh = AnalogClassifier(net=ckpt["hyper_parameters"]["net"], chip=chip)
-    name, _ = tiled[0]
-    assert not dict(fresh.net.named_modules())[name].tile_adc.calibrated
+    fresh.load_state_dict(state)
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():  # the same network: clean reads of both agree
+        torch.testing.assert_close(fresh.net.eval()(x), model.net.eval()(x))
 
 
 @pytest.mark.parametrize(
@@ -695,8 +700,7 @@ def test_pcm_composes_with_the_periphery():
     x = test[0][0]
     program_chip(model, 3)
     set_time(model, 3600.0)
-    calibrate_adc(model, calib)
-    assert all(a.calibrated for a in adcs(model) if a.placement == "tile")
+    assert not any(a.calibratable for a in adcs(model) if a.placement == "tile")
     with torch.no_grad():
         y, ref = model(x), digital(x)
     assert torch.isfinite(y).all() and not torch.allclose(y, ref, atol=1e-3)
@@ -733,7 +737,8 @@ def test_grouped_convs_run_through_the_tile_outputs(groups):
     ADC: the partial sums are the grouped conv's, quantized by hand to the same levels."""
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
-    layer = convert_to_analog(nn.Sequential(conv), AnalogConfig(tile_adc_levels=15))[0].eval()
+    chip = AnalogConfig(tile_adc_levels=15, out_ref="calibrated")
+    layer = convert_to_analog(nn.Sequential(conv), chip)[0].eval()
     x = torch.randn(2, 8, 5, 5)
     calibrate_adc(layer, [x])
     partial = F.conv2d(x, conv.weight, None, padding=1, groups=groups)

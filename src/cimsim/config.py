@@ -13,7 +13,8 @@ BIAS_MODES = ("separate", "unscaled", "per_tensor", "shared", "digital")
 IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
 DEVICES = ("relative", "pcm")
-DAC_RANGES = ("calibrated", "learned")
+DAC_RANGES = ("per_vector", "calibrated", "learned")
+OUT_REFS = ("normalized", "calibrated")
 # A relative std or mean shift beyond 100 % of a tensor's range leaves the stored weights with no
 # signal (the paper's largest test sigma is 0.2): such a value is a typo (5 for 0.05), not a study.
 MAX_RELATIVE = 1.0
@@ -83,13 +84,26 @@ class AnalogConfig:
             own weight range (the relative noise is relative to it) and its own output periphery.
         dac_levels: ``None`` = exact inputs; else inputs are clipped to ``[-b_in, b_in]`` and
             rounded to this many uniform levels (>= 2) before the crossbar.
-        dac_range: how ``b_in`` is set: ``calibrated`` on data (per layer, like the ADC) or
-            ``learned`` in training with a straight-through gradient (aihwkit's input range
-            learning), initialized from the max ``|x|`` of the first batch it sees.
+        dac_range: how ``b_in`` is set. ``per_vector`` (default, aihwkit's ``noise_management =
+            abs_max``): each input vector's own max ``|x|`` over the tile's inputs (a Linear's
+            sample; a conv's sample over the tile's channels, see docs/model.md), so nothing
+            is calibrated. ``calibrated`` on data per layer (like the ADC), or ``learned`` in
+            training with a straight-through gradient (aihwkit-lightning's input ranges),
+            initialized from the max ``|x|`` of the first batch it sees.
+        out_ref: the unit of ``out_noise`` and of the tile ADC's range. ``normalized`` (default,
+            aihwkit's): ``w_max * s_x``, the tile's largest ``|w|`` (of the clean weights it was
+            mapped from) times the input vector's scale (``b_in``; per vector, a conv's per
+            output position), so the ADC's range ``out_bound`` is fixed at programming.
+            ``calibrated``: ``b_out``, each tile's calibrated max ``|partial sum|`` (moving max
+            on data after programming, tracked in training), cimsim's earlier unit.
         tile_adc_levels: ``None`` = no tile ADC; else each tile digitizes its partial sums to this
-            many levels over ``[-b_out, b_out]`` (``b_out`` calibrated per tile).
-        out_noise: Gaussian output noise of each tile, ``out_noise * b_out * xi``, added before
-            the tile ADC, fresh at every matrix-vector product (>= 0).
+            many levels over ``[-out_bound, out_bound]`` (normalized) or ``[-b_out, b_out]``
+            (calibrated); aihwkit's ``out_res = 1 / (levels - 1)``.
+        out_bound: the tile ADC's bound in normalized units (> 0; aihwkit's ``out_bound``, 12 by
+            default); outputs beyond it clip, with or without ``tile_adc_levels``.
+        out_noise: Gaussian output noise of each tile, ``out_noise * unit * xi`` (``out_ref``),
+            added before the tile ADC, fresh at every matrix-vector product (>= 0; aihwkit's
+            ``out_noise``, 0.06 by default, in the same units).
         w_read_noise: short-term weight read noise, fresh at every matrix-vector product:
             ``y_i += w_read_noise * sqrt(sum_j |w_ij| x_j^2 / w_max) * w_max * xi_i`` per tile,
             weights in units of the tile's ``w_max = max |w|`` (aihwkit's PCM_READ) (>= 0).
@@ -112,8 +126,10 @@ class AnalogConfig:
     t_train: float = 0.0
     tile_rows: int | None = None
     dac_levels: int | None = None
-    dac_range: str = "calibrated"
+    dac_range: str = "per_vector"
+    out_ref: str = "normalized"
     tile_adc_levels: int | None = None
+    out_bound: float = 12.0
     out_noise: float = 0.0
     w_read_noise: float = 0.0
 
@@ -139,6 +155,10 @@ class AnalogConfig:
             if getattr(self, key) is not None:
                 check_int(key, getattr(self, key), minimum=2)
         check_choice("dac_range", self.dac_range, DAC_RANGES)
+        check_choice("out_ref", self.out_ref, OUT_REFS)
+        check_number("out_bound", self.out_bound)
+        if self.out_bound <= 0:
+            raise ConfigError("out_bound", self.out_bound, "must be > 0 (normalized units)")
         check_number("out_noise", self.out_noise, minimum=0.0)
         check_number("w_read_noise", self.w_read_noise, minimum=0.0)
         if isinstance(self.pcm, dict):  # from a config file or a checkpoint's hparams
@@ -171,8 +191,16 @@ class AnalogConfig:
     def needs_calibration(self) -> bool:
         """Whether a programmed chip has ranges to calibrate on data (ADC, DAC, tile ADC)."""
         dac = self.dac_levels is not None and self.dac_range == "calibrated"
-        tile = self.tile_adc_levels is not None or self.out_noise > 0
+        tile = self.out_ref == "calibrated" and (
+            self.tile_adc_levels is not None or self.out_noise > 0
+        )
         return self.adc_levels is not None or dac or tile
+
+    @property
+    def normalized_outputs(self) -> bool:
+        """Whether tile outputs get noise or an ADC in aihwkit's normalized units."""
+        has_outputs = self.tile_adc_levels is not None or self.out_noise > 0
+        return has_outputs and self.out_ref == "normalized"
 
     @property
     def pcm_device(self) -> bool:

@@ -66,10 +66,16 @@ class AnalogLayer:
         if self.uses_device and config.periphery:
             self._tiles = layer_tiles(self, config.tile_rows)
             if config.dac_levels is not None:
-                self.dac = DAC(config.dac_levels, learned=config.dac_range == "learned")
+                self.dac = DAC(config.dac_levels, mode=config.dac_range)
             if config.tile_adc_levels is not None or config.out_noise > 0:
                 tiles = 1 if self._tiles is None else len(self._tiles)
-                self.tile_adc = TileADC(tiles, config.tile_adc_levels, config.out_noise)
+                self.tile_adc = TileADC(
+                    tiles,
+                    config.tile_adc_levels,
+                    config.out_noise,
+                    ref=config.out_ref,
+                    out_bound=config.out_bound,
+                )
         for name in self.analog_tensors():
             # Frozen draws of a programmed chip: moved by .to(), never saved in a state_dict.
             self.register_buffer(f"chip_{name}", None, persistent=False)
@@ -77,6 +83,8 @@ class AnalogLayer:
         self._pcm: PCMWeights | None = None
         self.chip_time: tuple[float, int] | None = None
         self.register_buffer("chip_pcm_weight", None, persistent=False)
+        # Its drift compensation per tile (T, C_out or 1), when the tiles' outputs apply it.
+        self.register_buffer("chip_pcm_alpha", None, persistent=False)
 
     def analog_tensors(self) -> dict[str, torch.Size]:
         raise NotImplementedError
@@ -114,8 +122,12 @@ class AnalogLayer:
     def set_time(self, t_inference: float, repetition: int = 0) -> None:
         """Read the programmed PCM chip ``t_inference`` seconds after programming (read noise of
         read-out ``repetition``); computed once here, used by every forward until the next."""
-        w = self._pcm.weights_at(t_inference, repetition)
-        self.chip_pcm_weight = w.to(device=self.weight.device, dtype=self.weight.dtype)
+        w_t, alpha = self._pcm.read_out(t_inference, repetition)
+        like = {"device": self.weight.device, "dtype": self.weight.dtype}
+        if self.config.tile_outputs:  # digital, after each tile's ADC (aihwkit's order)
+            self.chip_pcm_weight, self.chip_pcm_alpha = w_t.to(**like), self._per_tile(alpha)
+        else:  # the same as scaling every tile's output: on the weights, once
+            self.chip_pcm_weight, self.chip_pcm_alpha = (w_t * alpha).to(**like), None
         self.chip_time, self._chip_cache = (float(t_inference), int(repetition)), None
 
     def clear(self) -> None:
@@ -123,6 +135,7 @@ class AnalogLayer:
         for name in self.analog_tensors():
             setattr(self, f"chip_{name}", None)
         self._pcm, self.chip_time, self.chip_pcm_weight = None, None, None
+        self.chip_pcm_alpha = None
 
     @property
     def _pcm_weights(self) -> bool:
@@ -217,11 +230,57 @@ class AnalogLayer:
         """The crossbar's matrix-vector products: the layer's op on ``x`` with these tensors."""
         raise NotImplementedError
 
+    def _vector_bounds(self, x: torch.Tensor) -> torch.Tensor:
+        """Each input vector's max ``|x|`` over each tile's inputs (aihwkit's abs_max noise
+        management), expanded over the tile's inputs: ``(B, C_in, 1, ...)``. A vector of zeros
+        gets 1, as in aihwkit."""
+        tiles = self._tiles or [slice(0, x.shape[1])]
+        flat = x.detach().abs().flatten(2) if x.dim() > 2 else x.detach().abs().unsqueeze(-1)
+        peaks = torch.stack([flat[:, sl].amax(dim=(1, 2)) for sl in tiles], dim=1)  # (B, T)
+        peaks = torch.where(peaks > 0, peaks, torch.ones_like(peaks))
+        sizes = torch.tensor([sl.stop - sl.start for sl in tiles], device=x.device)
+        expanded = peaks.repeat_interleave(sizes, dim=1)  # (B, C_in)
+        return expanded.reshape(expanded.shape + (1,) * (x.dim() - 2))
+
+    def _input_scales(self, x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+        """``s_x`` of every partial sum, broadcastable against them ``(B, T, 1, ...)``: the DAC's
+        static ``b_in``, else each input vector's max ``|x|`` over its tile (a conv's vector is
+        the patch of one output position)."""
+        peaks = self._patch_peaks(xg)
+        if self.dac is not None and self.dac.enabled and self.dac.mode != "per_vector":
+            b = self.dac.b_in if self.dac.learned else self.dac.hi
+            return b.detach().to(peaks.dtype).reshape((1,) * peaks.dim())
+        return peaks
+
+    def _patch_peaks(self, xg: torch.Tensor) -> torch.Tensor:
+        """Each input vector's max ``|x|`` per tile ``(B, T, 1, ...)`` (zeros read as 1)."""
+        raise NotImplementedError
+
+    def _per_tile(self, alpha: torch.Tensor) -> torch.Tensor:
+        """A compensation gain broadcastable against the weights (0-d, per output channel, per
+        tile's input columns) as ``(T, C_out or 1)``: the gain of each tile's outputs."""
+        a = alpha.reshape(alpha.shape + (1,) * (self.weight.dim() - alpha.dim()))
+        a = a.expand(-1 if a.shape[0] > 1 else 1, self.weight.shape[1], *a.shape[2:])
+        columns = [sl.start for sl in self._tiles or [slice(0, 1)]]
+        per_tile = a[:, columns].reshape(a.shape[0], len(columns), -1)[..., 0]  # (C_out|1, T)
+        return per_tile.t().to(device=self.weight.device, dtype=self.weight.dtype).contiguous()
+
+    @torch.no_grad()
+    def _output_units(self, x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
+        """aihwkit's normalized unit ``w_max * s_x`` of every partial sum: the tile's largest
+        ``|w|`` of the clean (mapped) weights times the input vector's scale."""
+        w_abs = self.weight.detach().abs()
+        w_max = torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
+        scales = self._input_scales(x, xg)
+        return scales * w_max.reshape((1, -1) + (1,) * (scales.dim() - 2)).to(scales.dtype)
+
     def _crossbar(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The layer through the periphery: DAC, per-tile partial sums with read noise, output
-        noise and tile ADC, their sum and the bias (added by the digital periphery)."""
+        noise and tile ADC, the PCM drift compensation (digital, after the ADC), their sum and
+        the bias (added by the digital periphery)."""
         if self.dac is not None:
-            x = self.dac(x)
+            per_vector = self.dac.mode == "per_vector"
+            x = self.dac(x, self._vector_bounds(x) if per_vector and self.dac.enabled else None)
         cfg = self.config
         if not cfg.tile_outputs:  # tiles then change only the weights' ranges: one product
             return self._mvm(x, weight, bias)
@@ -230,23 +289,33 @@ class AnalogLayer:
         adc = self.tile_adc if self.tile_adc is not None and self.tile_adc.enabled else None
         if adc is not None:
             adc.noisy = reads
+        units = self._output_units(x, xg) if adc is not None and adc.ref == "normalized" else None
         read = cfg.w_read_noise > 0 and reads
         if read:
             with torch.no_grad():
                 w_abs = weight.detach().abs()
                 w_max = torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
+        alpha = self._tile_compensation()
 
         def post_(y: torch.Tensor) -> torch.Tensor | None:
             if read:  # aihwkit's PCM_READ noise of each tile, a constant for autograd
                 squares = self._products(xg.detach().square(), wg.detach().abs())
                 shape = (1, -1) + (1,) * (y.dim() - 2)
                 y.add_(read_noise(y, squares, w_max.reshape(shape), cfg.w_read_noise))
-            return None if adc is None else adc.digitize_(y)
+            inside = None if adc is None else adc.digitize_(y, units)
+            if alpha is not None:  # digital, after the tile's ADC (aihwkit's order)
+                y.mul_(alpha.reshape((1,) + alpha.shape + (1,) * (y.dim() - 3)))
+            return inside
 
         y = tiled_sum(xg, wg, self._products, self._products_backward, post_)
         if bias is None:
             return y
         return y + bias.reshape((1, -1) + (1,) * (y.dim() - 2))
+
+    def _tile_compensation(self) -> torch.Tensor | None:
+        """The programmed PCM chip's drift compensation per tile, ``(T, C_out or 1)``, applied
+        to the tiles' digitized outputs; None when the weights carry it (no chip, no PCM)."""
+        return None if self.training else self.chip_pcm_alpha
 
     def _analog_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Conv/Linear: the perturbed parameters, through the periphery when it is on."""
@@ -348,6 +417,13 @@ class AnalogConv2d(AnalogLayer, nn.Conv2d):
         )
         return gx, gw
 
+    def _patch_peaks(self, xg):
+        tiles = 1 if self._tiles is None else len(self._tiles)
+        m = xg.detach().abs().unflatten(1, (tiles, -1)).amax(dim=2)  # (B, T, H, W)
+        stride, padding, dilation, _ = self._conv_args(tiles)
+        peaks = F.max_pool2d(m, self.kernel_size, stride, padding, dilation)  # (B, T, H', W')
+        return torch.where(peaks > 0, peaks, torch.ones_like(peaks)).unsqueeze(2)
+
     def _mvm(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
 
@@ -375,6 +451,14 @@ class AnalogLinear(AnalogLayer, nn.Linear):
         gx = torch.einsum("nto,otc->ntc", g, wg) if needs[0] else None
         gw = torch.einsum("nto,ntc->otc", g, xg) if needs[1] else None
         return gx, gw
+
+    def _vector_bounds(self, x):  # the features are the last dim: one vector per row
+        flat = x.reshape(-1, x.shape[-1])
+        return super()._vector_bounds(flat).reshape(x.shape)
+
+    def _patch_peaks(self, xg):  # (N, T, c) -> (N, T, 1)
+        peaks = xg.detach().abs().amax(dim=2, keepdim=True)
+        return torch.where(peaks > 0, peaks, torch.ones_like(peaks))
 
     def _mvm(self, x, weight, bias):
         return F.linear(x, weight, bias)

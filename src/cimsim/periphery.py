@@ -158,9 +158,12 @@ def _track_bound(adc: ADC, peak: torch.Tensor, momentum: float) -> None:
 class DAC(ADC):
     """A layer's input DAC: ``x`` clipped to ``[-b_in, b_in]`` and rounded to ``levels`` values.
 
-    ``learned=False``: ``b_in`` is calibrated on data like an ADC range (the moving max of
+    ``mode="per_vector"`` (aihwkit's ``noise_management=abs_max``): ``b_in`` is each input
+    vector's own max ``|x|``, given by the layer per call (``forward(x, bound)``); nothing to
+    calibrate, and the end levels are exactly ``+-max|x|``.
+    ``mode="calibrated"``: ``b_in`` is calibrated on data like an ADC range (the moving max of
     ``|x|``; ``calibrate_adc`` after programming, tracked while training in the loop).
-    ``learned=True``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees
+    ``mode="learned"``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees
     (the max over processes under DDP), then trained through the straight-through gradient
     (``symmetric_quantize``: the clipped inputs pass ``sign(x) * grad`` to it, two-sided and
     unscaled; aihwkit-lightning's input-range learning is one-sided, scaled and decayed, and
@@ -168,15 +171,19 @@ class DAC(ADC):
     does not reset it.
     """
 
-    def __init__(self, levels: int, learned: bool = False, momentum: float = 0.01):
+    def __init__(self, levels: int | None, mode: str = "calibrated", momentum: float = 0.01):
         super().__init__(levels, momentum=momentum, placement="dac")
-        self.learned = learned
-        if learned:
+        self.mode = mode
+        if mode == "learned":
             self.b_in = nn.Parameter(torch.ones(()))
 
     @property
+    def learned(self) -> bool:
+        return self.mode == "learned"
+
+    @property
     def calibratable(self) -> bool:
-        return not self.learned
+        return self.mode == "calibrated"
 
     def reset_calibration(self) -> None:
         if not self.learned:
@@ -186,9 +193,9 @@ class DAC(ADC):
     def _observe(self, x: torch.Tensor, momentum: float) -> None:
         _track_bound(self, x.detach().abs().amax().float(), momentum)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
+    def bound(self, x: torch.Tensor) -> torch.Tensor:
+        """``b_in`` of a static range (calibrated or learned) for ``x``, setting it first where
+        this forward does (calibration, training, a learned range's first batch)."""
         if self.learned:
             if not self.calibrated:  # the first batch it sees (training, or a sanity check)
                 with torch.no_grad():
@@ -196,12 +203,21 @@ class DAC(ADC):
                     if dist.is_available() and dist.is_initialized():  # one range on all ranks
                         dist.all_reduce(self.b_in.data, op=dist.ReduceOp.MAX)
                 self.calibrated = True
-            return symmetric_quantize(x, self.b_in, self.levels)
+            return self.b_in
         self._update_range(x)
-        return symmetric_quantize(x, self.hi, self.levels)
+        return self.hi
+
+    def forward(self, x: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` through the DAC; ``bound`` is the per-vector ``b_in`` (``per_vector`` only,
+        broadcastable against ``x``)."""
+        if not self.enabled:
+            return x
+        if self.mode == "per_vector":
+            return symmetric_quantize(x, bound, self.levels)
+        return symmetric_quantize(x, self.bound(x), self.levels)
 
     def extra_repr(self) -> str:
-        return f"levels={self.levels}, learned={self.learned}"
+        return f"levels={self.levels}, mode={self.mode!r}"
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -222,20 +238,32 @@ class _StraightThrough(torch.autograd.Function):
 
 
 class TileADC(ADC):
-    """The ADCs of a layer's tiles: output noise, then quantization, per tile.
+    """The output periphery of a layer's tiles: output noise, then the ADC, per tile.
 
-    Its input is the tiles' partial sums stacked along dim 1, ``(B, T, ...)``. Tile ``t`` has its
-    own bound ``b_out[t]`` (the moving max of its ``|y|``, calibrated after programming and
-    tracked while training, as the layer ADC), adds ``out_noise * b_out * xi`` (fresh standard
-    normal draws at every forward where ``noisy``), then with ``levels`` quantizes to
-    ``[-b_out, b_out]`` (``symmetric_quantize``'s grid); the gradient is straight through where
-    the noisy partial sum is inside the range. With ``levels=None`` only the output noise is
-    added. ``digitize_`` does it in place (the layers' fused path, ``tiled_sum``).
+    Its input is the tiles' partial sums stacked along dim 1, ``(B, T, ...)``. With
+    ``ref="normalized"`` (aihwkit's units) each partial sum has its own unit ``u = w_max * s_x``
+    (the tile's largest ``|w|`` times the input vector's scale; the layer passes ``u``): it gets
+    ``out_noise * u * xi`` (fresh standard normal draws at every forward where ``noisy``), is
+    clipped to ``[-out_bound u, out_bound u]`` and, with ``levels``, quantized there
+    (``symmetric_quantize``'s grid). Nothing is calibrated: the range is fixed at programming.
+    With ``ref="calibrated"`` tile ``t`` has its own bound ``b_out[t]`` (the moving max of its
+    ``|y|``, calibrated after programming and tracked while training, as the layer ADC), the
+    noise is ``out_noise * b_out * xi`` and the range ``[-b_out, b_out]``. The gradient is
+    straight through where the noisy partial sum is inside the range; ``digitize_`` does it in
+    place (the layers' fused path, ``tiled_sum``).
     """
 
-    def __init__(self, tiles: int, levels: int | None, out_noise: float, momentum: float = 0.01):
+    def __init__(
+        self,
+        tiles: int,
+        levels: int | None,
+        out_noise: float,
+        ref: str = "normalized",
+        out_bound: float = 12.0,
+        momentum: float = 0.01,
+    ):
         super().__init__(levels, momentum=momentum, placement="tile")
-        self.tiles, self.out_noise = tiles, out_noise
+        self.tiles, self.out_noise, self.ref, self.out_bound = tiles, out_noise, ref, out_bound
         self.noisy = True  # the layer clears it where no chip reads (a clean validation pass)
         self.register_buffer("lo", torch.zeros(tiles))
         self.register_buffer("hi", torch.zeros(tiles))
@@ -243,6 +271,10 @@ class TileADC(ADC):
     @property
     def enabled(self) -> bool:
         return self.active and (self.levels is not None or self.out_noise > 0)
+
+    @property
+    def calibratable(self) -> bool:
+        return self.ref == "calibrated"
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Ranges of another tiling (a test chip with other tile_rows than trained) do not apply:
@@ -265,11 +297,19 @@ class TileADC(ADC):
         _track_bound(self, peak, momentum)
 
     @torch.no_grad()
-    def digitize_(self, y: torch.Tensor) -> torch.Tensor | None:
-        """Observe the range (calibrating or training), add the output noise and quantize, all in
-        place on ``y``; return where the noisy ``y`` was inside ``[-b, b]`` (None: no levels).
-        Each step is one in-place pass over the ``T``-times larger tensor of partial sums."""
+    def digitize_(self, y: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Add the output noise and clip/quantize, in place on ``y``; return where the noisy
+        ``y`` was inside the range (None: nothing clips). ``unit``: the normalized unit of every
+        partial sum, broadcastable against ``y`` (``ref="normalized"`` only). Each step is one
+        in-place pass over the ``T``-times larger tensor of partial sums."""
         noisy = self.out_noise > 0 and self.noisy
+        if self.ref == "normalized":
+            if noisy:
+                y.addcmul_(dense_randn_like(y), unit.to(y.dtype), value=self.out_noise)
+            bound = unit * self.out_bound
+            if self.levels is None:
+                return clip_(y, bound)
+            return quantize_(y, bound, self.levels)
         if self.levels is None and not noisy and not (self.training or self.observing):
             return None  # nothing to do: a clean read-out needs no range
         self._update_range(y)
@@ -278,13 +318,26 @@ class TileADC(ADC):
             y.addcmul_(dense_randn_like(y), bound, value=self.out_noise)
         return None if self.levels is None else quantize_(y, bound, self.levels)
 
-    def forward(self, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, y: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
             return y
-        return _StraightThrough.apply(y, self.digitize_)
+        return _StraightThrough.apply(y, lambda t: self.digitize_(t, unit))
 
     def extra_repr(self) -> str:
-        return f"tiles={self.tiles}, levels={self.levels}, out_noise={self.out_noise}"
+        return (
+            f"tiles={self.tiles}, levels={self.levels}, out_noise={self.out_noise}, "
+            f"ref={self.ref!r}, out_bound={self.out_bound}"
+        )
+
+
+@torch.no_grad()
+def clip_(y: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``y`` clipped in place to ``[-b, b]``; returns where it was inside (``|y| = b`` too)."""
+    b = bound.to(y.dtype)
+    inside = (y >= -b) & (y <= b)
+    torch.maximum(y, -b, out=y)
+    torch.minimum(y, b, out=y)
+    return inside
 
 
 class _TiledSum(torch.autograd.Function):
@@ -338,29 +391,36 @@ def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
 # Gaussian draws on the CPU: torch's normal_ runs on one thread (one Mersenne-Twister stream),
 # and the tiles' output noise needs one draw per partial sum (T times the layer's outputs). Large
 # draws are split into a fixed number of chunks, each with its own generator seeded from the
-# global one, filled in parallel: the values depend on the global seed only, not on the threads.
+# global one, filled in parallel where threads allow and one after another where they do not:
+# the values depend on the global seed and the size only, never on the thread count.
 _CHUNKS = 8
 _PARALLEL_MIN = 1 << 20
 _pool: ThreadPoolExecutor | None = None
 _pool_size = 0
 
 
+def _fill(part: tuple[torch.Tensor, int]) -> None:
+    with torch.no_grad():
+        part[0].normal_(generator=torch.Generator().manual_seed(part[1]))
+
+
 def _normal_(flat: torch.Tensor) -> torch.Tensor:
-    """``flat.normal_()`` (a contiguous 1-D tensor), in parallel chunks when large on the CPU."""
-    threads = min(torch.get_num_threads(), _CHUNKS)
-    if flat.device.type != "cpu" or threads < 2 or flat.numel() < _PARALLEL_MIN:
+    """``flat.normal_()`` (a contiguous 1-D tensor); on the CPU, when large, in ``_CHUNKS``
+    chunks seeded from the global generator (in parallel on up to ``_CHUNKS`` threads)."""
+    if flat.device.type != "cpu" or flat.numel() < _PARALLEL_MIN:
         return flat.normal_()
     global _pool, _pool_size
+    seeds = torch.randint(0, 2**62, (_CHUNKS,)).tolist()  # from the global generator
+    parts = list(zip(flat.chunk(_CHUNKS), seeds, strict=True))
+    threads = min(torch.get_num_threads(), _CHUNKS)
+    if threads < 2:
+        for part in parts:
+            _fill(part)
+        return flat
     if _pool is None or _pool_size < threads:
         _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cimsim-randn")
         _pool_size = threads
-    seeds = torch.randint(0, 2**62, (_CHUNKS,)).tolist()  # from the global generator
-
-    def fill(part: tuple[torch.Tensor, int]) -> None:
-        with torch.no_grad():
-            part[0].normal_(generator=torch.Generator().manual_seed(part[1]))
-
-    list(_pool.map(fill, zip(flat.chunk(_CHUNKS), seeds, strict=True)))
+    list(_pool.map(_fill, parts))
     return flat
 
 
