@@ -19,6 +19,7 @@ from test_periphery import assert_zero_mean_with_std
 from torch import nn
 
 from cimsim import AnalogConfig, convert_to_analog, program_chip, set_time
+from cimsim.pcm import PCMConfig, PCMWeights, to_conductances
 from cimsim.periphery import dense_randn_like
 
 
@@ -182,3 +183,29 @@ def test_pcm_compensation_is_applied_after_the_tile_adc():
         before = quantize(F.linear(x / s, w_t * alpha) / w_max, torch.tensor(3.0), 7)
         assert not torch.allclose(layer(x), before * w_max * s + digital.bias, atol=1e-3)
     assert math.isfinite(alpha.item())
+
+
+def test_pcm_maps_and_compensates_each_tile_on_its_own():
+    """``pcm.mapping='tile'`` (aihwkit's): each tile's max |W| maps to g_max, so a tile of small
+    weights gets programming noise on its own, small scale; ``tensor`` maps both on one scale."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 40)
+    w[:, 20:] *= 0.1
+    tiles = [slice(0, 20), slice(20, 40)]
+    g_plus, g_minus, scale = to_conductances(w, 25.0, tiles)
+    for sl in tiles:
+        assert (g_plus - g_minus)[:, sl].abs().max().item() == pytest.approx(25.0)
+    ratios = {}
+    for mapping in ("tile", "tensor"):
+        chip = PCMWeights(w, PCMConfig(mapping=mapping), 1, "w", tiles)
+        err = chip.programmed_weights - w
+        ratios[mapping] = (err[:, 20:].std() / err[:, :20].std()).item()
+        _, alpha = chip.read_out(3.15e7)
+        if mapping == "tile":  # one gain per tile, from that tile's own read-outs
+            assert alpha.shape == (1, 40) and alpha[0, 0] != alpha[0, 39]
+            assert torch.equal(alpha[0, :20], alpha[0, :1].expand(20))
+        else:
+            assert alpha.dim() == 0
+    # the programming-noise std ~ sigma_p(g) / s: with its own scale the small tile's error
+    # shrinks with its weights (ratio ~ 0.1); on the shared scale it stays near sigma_p(0)
+    assert ratios["tile"] < 0.2 < 0.5 < ratios["tensor"]

@@ -116,7 +116,9 @@ class AnalogLayer:
             )
             setattr(self, f"chip_{name}", eps)
         if self._pcm_weights:
-            self._pcm = PCMWeights(self.weight, self.config.pcm, seed, f"{prefix}.weight")
+            self._pcm = PCMWeights(
+                self.weight, self.config.pcm, seed, f"{prefix}.weight", self._tiles
+            )
             self.set_time(0.0)
 
     def set_time(self, t_inference: float, repetition: int = 0) -> None:
@@ -329,7 +331,8 @@ class AnalogLayer:
         """``W_chip - W``: a fresh PCM chip at ``t_train`` in training, else the programmed chip
         at its current time (``set_time``)."""
         if self.training:
-            return pcm_training_perturbation(weight, self.config.pcm, self.config.t_train)
+            cfg = self.config
+            return pcm_training_perturbation(weight, cfg.pcm, cfg.t_train, tiles=self._tiles)
         return self.chip_pcm_weight - weight
 
     def _noisy_weight_bias(self, weight: torch.Tensor, bias: torch.Tensor | None):

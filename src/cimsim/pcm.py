@@ -28,6 +28,7 @@ from cimsim.noise import _Tape, tensor_seed
 from cimsim.validation import ConfigError, check_choice, check_number
 
 DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
+MAPPINGS = ("tile", "tensor")
 
 # aihwkit's floor on max|W| (mapping) and on g / g_max (drift fit): keeps log() and 1/x finite.
 _ZERO_CLIP = 1e-7
@@ -63,6 +64,10 @@ class PCMConfig:
     drift_compensation: str = "global"
     """``none``, ``global`` (one factor per tensor, aihwkit's ``GlobalDriftCompensation``) or
     ``per_channel`` (one per output channel, aihwkit's ``PerColumnDriftCompensation``)."""
+    mapping: str = "tile"
+    """``tile`` (default, aihwkit's: each crossbar tile maps its own max |W| to ``g_max`` and
+    compensates its own drift) or ``tensor`` (one scale and one compensation for the whole
+    weight tensor, cimsim's earlier mapping). The same for a layer that is one tile."""
     remap_programmed: bool = False
     """Drift and read the programmed weights re-mapped onto a fresh pair, as aihwkit's
     ``BaseNoiseModel.apply_drift_noise`` does (``s' = g_max / max|W_prog|``, one device of each
@@ -80,6 +85,7 @@ class PCMConfig:
             check_number(key, getattr(self, key), minimum=0.0)
         check_choice("drift_compensation", self.drift_compensation, DRIFT_COMPENSATIONS)
         check_choice("remap_programmed", self.remap_programmed, (True, False))
+        check_choice("mapping", self.mapping, MAPPINGS)
 
 
 def _standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -90,9 +96,22 @@ def _standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> t
     return xi.to(like.device)
 
 
+def per_tile(w: torch.Tensor, tiles: list[slice], reduce: str, per_channel: bool = False):
+    """``max`` or ``mean`` of ``|w|`` over each tile's input columns (dim 1), per output channel
+    too when ``per_channel``, expanded back over the tile's columns: ``(1 or C_out, C_in, 1, ...)``,
+    broadcastable against ``w``."""
+    a, parts = w.abs(), []
+    for sl in tiles:
+        part = a[:, sl]
+        dims = tuple(range(1 if per_channel else 0, part.dim()))
+        v = part.amax(dim=dims, keepdim=True) if reduce == "amax" else part.mean(dims, True)
+        parts.append(v.expand(v.shape[0], part.shape[1], *v.shape[2:]))
+    return torch.cat(parts, dim=1)
+
+
 @torch.no_grad()
 def to_conductances(
-    w: torch.Tensor, g_max: float
+    w: torch.Tensor, g_max: float, tiles: list[slice] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Map weights onto a differential pair, one scale per tensor (aihwkit's
     ``SinglePairConductanceConverter.convert_to_conductances`` with ``g_min = 0``).
@@ -100,13 +119,17 @@ def to_conductances(
     Args:
         w: weights, any shape.
         g_max: conductance (uS) that ``max|w|`` maps to.
+        tiles: the crossbar tiles' input columns (dim 1): each tile maps its own ``max|w|``
+            (aihwkit's per-tile mapping); None = one scale for the tensor.
 
     Returns:
         ``(g_plus, g_minus, scale)``: target conductances (uS), shaped like ``w``, in
-        ``[0, g_max]``, one of each pair 0; and the 0-d scale ``s = g_max / max|w|`` (uS per weight
-        unit; ``max|w|`` floored at 1e-7 as aihwkit, so an all-zero tensor maps to zeros).
+        ``[0, g_max]``, one of each pair 0; and the scale ``s = g_max / max|w|`` (uS per weight
+        unit; ``max|w|`` floored at 1e-7 as aihwkit, so an all-zero tensor maps to zeros): 0-d,
+        or with tiles ``(1, C_in, 1, ...)``, each tile's columns holding its scale.
     """
-    scale = g_max / w.abs().max().clamp_min(_ZERO_CLIP)
+    peak = w.abs().max() if tiles is None else per_tile(w, tiles, "amax")
+    scale = g_max / peak.clamp_min(_ZERO_CLIP)
     scaled = w * scale
     return scaled.clamp(0.0, g_max), (-scaled).clamp(0.0, g_max), scale
 
@@ -202,10 +225,15 @@ def read(
 
 
 @torch.no_grad()
-def compensation_readout(w: torch.Tensor, per_channel: bool = False) -> torch.Tensor:
+def compensation_readout(
+    w: torch.Tensor, per_channel: bool = False, tiles: list[slice] | None = None
+) -> torch.Tensor:
     """What drift compensation measures: ``max(mean|W|, 1e-4)`` per tensor (0-d) or per output
-    channel ((C_out, 1, ..., 1)). aihwkit reads it out with one-hot inputs, whose outputs are the
-    columns of W, and takes the mean absolute output (``GlobalDriftCompensation.readout``)."""
+    channel ((C_out, 1, ..., 1)); with ``tiles``, per tile (``per_tile``'s shape). aihwkit reads
+    it out with one-hot inputs, whose outputs are the columns of W, and takes the mean absolute
+    output (``GlobalDriftCompensation.readout``), each tile of a tiled layer its own."""
+    if tiles is not None:
+        return per_tile(w, tiles, "mean", per_channel).clamp_min(_READOUT_FLOOR)
     if not per_channel:
         return w.abs().mean().clamp_min(_READOUT_FLOOR)
     per_row = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp_min(_READOUT_FLOOR)
@@ -213,7 +241,9 @@ def compensation_readout(w: torch.Tensor, per_channel: bool = False) -> torch.Te
 
 
 @torch.no_grad()
-def compensation_factor(reference: torch.Tensor, w_t: torch.Tensor, mode: str) -> torch.Tensor:
+def compensation_factor(
+    reference: torch.Tensor, w_t: torch.Tensor, mode: str, tiles: list[slice] | None = None
+) -> torch.Tensor:
     """The drift-compensation gain ``alpha = ref / max(mean|W_t|, 1e-4)`` (aihwkit's
     ``BaseDriftCompensation.apply``), broadcastable against ``w_t``; 1 for ``mode = none``.
 
@@ -224,7 +254,7 @@ def compensation_factor(reference: torch.Tensor, w_t: torch.Tensor, mode: str) -
     check_choice("drift_compensation", mode, DRIFT_COMPENSATIONS)
     if mode == "none":
         return torch.ones((), dtype=w_t.dtype, device=w_t.device)
-    return reference / compensation_readout(w_t, per_channel=mode == "per_channel")
+    return reference / compensation_readout(w_t, mode == "per_channel", tiles)
 
 
 class ProgrammedPair(NamedTuple):
@@ -246,30 +276,37 @@ def _work(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _program_pair(w: torch.Tensor, cfg: PCMConfig, generator) -> ProgrammedPair:
+def _program_pair(w: torch.Tensor, cfg: PCMConfig, generator, tiles=None) -> ProgrammedPair:
     """Map, program and draw drift exponents; draws in a fixed order: xi_p+, xi_p-, xi_nu+,
     xi_nu-. The reference is read on the programmed chip before any drift or read noise, as
-    aihwkit's ``InferenceTileWithPeriphery.program_weights`` does."""
-    g_plus, g_minus, scale = to_conductances(w, cfg.g_max)
+    aihwkit's ``InferenceTileWithPeriphery.program_weights`` does. ``tiles``: per-tile mapping
+    and compensation (``_tiles_of``)."""
+    g_plus, g_minus, scale = to_conductances(w, cfg.g_max, tiles)
     prog_plus, prog_minus = program(g_plus, cfg, generator), program(g_minus, cfg, generator)
     nu_plus = drift_exponents(g_plus, cfg, generator)
     nu_minus = drift_exponents(g_minus, cfg, generator)
     w_prog = from_conductances(prog_plus, prog_minus, scale)
     if cfg.remap_programmed:
-        prog_plus, prog_minus, scale = to_conductances(w_prog, cfg.g_max)
-    reference = compensation_readout(w_prog, per_channel=cfg.drift_compensation == "per_channel")
+        prog_plus, prog_minus, scale = to_conductances(w_prog, cfg.g_max, tiles)
+    per_channel = cfg.drift_compensation == "per_channel"
+    reference = compensation_readout(w_prog, per_channel, tiles)
     return ProgrammedPair(prog_plus, prog_minus, nu_plus, nu_minus, scale, reference)
 
 
 @torch.no_grad()
 def _read_pair(
-    chip: ProgrammedPair, t_inference: float, cfg: PCMConfig, generator
+    chip: ProgrammedPair, t_inference: float, cfg: PCMConfig, generator, tiles=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W_t, alpha)``: the drifted, read weights (uncompensated) and the compensation gain."""
     g_plus = read(chip.g_plus, chip.nu_plus, t_inference, cfg, generator)
     g_minus = read(chip.g_minus, chip.nu_minus, t_inference, cfg, generator)
     w_t = from_conductances(g_plus, g_minus, chip.scale)
-    return w_t, compensation_factor(chip.reference, w_t, cfg.drift_compensation)
+    return w_t, compensation_factor(chip.reference, w_t, cfg.drift_compensation, tiles)
+
+
+def _tiles_of(cfg: PCMConfig, tiles: list[slice] | None) -> list[slice] | None:
+    """The tiles that map and compensate on their own: the layer's, under ``mapping='tile'``."""
+    return tiles if cfg.mapping == "tile" else None
 
 
 class PCMWeights:
@@ -291,11 +328,18 @@ class PCMWeights:
         pair: the programmed state (``ProgrammedPair``), fixed for the life of the chip.
     """
 
-    def __init__(self, weight: torch.Tensor, cfg: PCMConfig, seed: int, name: str):
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        cfg: PCMConfig,
+        seed: int,
+        name: str,
+        tiles: list[slice] | None = None,
+    ):
         self.cfg, self.seed, self.name = cfg, int(seed), name
-        self.dtype = weight.dtype
+        self.dtype, self.tiles = weight.dtype, _tiles_of(cfg, tiles)
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, name))
-        self.pair = _program_pair(_work(weight), cfg, g)
+        self.pair = _program_pair(_work(weight), cfg, g, self.tiles)
 
     @property
     def programmed_weights(self) -> torch.Tensor:
@@ -321,7 +365,7 @@ class PCMWeights:
             raise ConfigError("repetition", repetition, "must be an integer >= 0")
         key = f"{self.name}/read@t={float(t_inference)!r}/rep={repetition}"
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, key))
-        w_t, alpha = _read_pair(self.pair, t_inference, self.cfg, g)
+        w_t, alpha = _read_pair(self.pair, t_inference, self.cfg, g, self.tiles)
         return w_t.to(self.dtype), alpha.to(self.dtype)
 
     def weights_at(self, t_inference: float, repetition: int = 0) -> torch.Tensor:
@@ -336,6 +380,7 @@ def pcm_training_perturbation(
     cfg: PCMConfig,
     t_train: float,
     generator: torch.Generator | None = None,
+    tiles: list[slice] | None = None,
 ) -> torch.Tensor:
     """A fresh HA-SGD perturbation from the PCM model: ``nu = W_chip - W`` with ``W_chip`` a new
     chip (both devices programmed, drift exponents drawn) read at ``t_train`` s and compensated
@@ -350,15 +395,16 @@ def pcm_training_perturbation(
         cfg: the device.
         t_train: seconds after programming that training targets, >= 0.
         generator: source of the draws (the global RNG of ``weight``'s device if None).
+        tiles: the layer's crossbar tiles (per-tile mapping under ``cfg.mapping='tile'``).
 
     Returns:
         The perturbation, detached, shaped and typed like ``weight``.
     """
     if _antithetic_active():
         raise RuntimeError("antithetic pairs need the relative device: PCM draws are not symmetric")
-    w = _work(weight)
-    chip = _program_pair(w, cfg, generator)
-    w_t, alpha = _read_pair(chip, t_train, cfg, generator)
+    w, tiles = _work(weight), _tiles_of(cfg, tiles)
+    chip = _program_pair(w, cfg, generator, tiles)
+    w_t, alpha = _read_pair(chip, t_train, cfg, generator, tiles)
     return (w_t * alpha - w).to(weight.dtype)
 
 
