@@ -590,3 +590,15 @@ def test_lines_are_one_per_model_and_other_varying_sweep():
     assert list(by_sigma)[:3] == ["a, adc_levels=none", "a, adc_levels=4", "a, adc_levels=8"]
     alone = [{k: v for k, v in e.items() if k != "model"} for e in summary[:3]]  # a, sigma 0
     assert list(lines(alone, "adc_levels")) == ["accuracy"]  # nothing to tell apart
+
+
+def test_a_sweep_says_what_it_will_cost_after_its_first_chip(capsys):
+    model = convert_to_analog(nn.Sequential(nn.Linear(4, 3)), AnalogConfig())
+    data = [(torch.randn(8, 4), torch.randint(0, 3, (8,)))]
+    grid = RobustnessGrid(sigmas=[0.0, 0.1], chips=3)
+    evaluate_robustness(model, data, grid, EvalSettings(progress=True))
+    out = capsys.readouterr()
+    assert "sweep: 3 chips x 2 points; the first chip took" in out.out + out.err
+    evaluate_robustness(model, data, grid, EvalSettings(progress=False))
+    out = capsys.readouterr()
+    assert "sweep:" not in out.out + out.err

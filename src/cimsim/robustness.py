@@ -24,6 +24,7 @@ import contextlib
 import itertools
 import math
 import operator
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
@@ -510,6 +511,16 @@ def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
     return sorted(rows, key=lambda r: (r.chip, order[(r.read, r.point)]))
 
 
+def _announce_cost(chips: int, points: int, first: float) -> None:
+    """What the sweep will cost, from its first chip: said once, before the long part."""
+    total = first * chips
+    when = f"{total / 60:.1f} min" if total >= 90 else f"{total:.0f} s"
+    tqdm.write(
+        f"sweep: {chips} chips x {points} points; the first chip took {first:.1f} s, "
+        f"so about {when} in all"
+    )
+
+
 def evaluate_robustness(
     model: nn.Module,
     test_loader: Iterable,
@@ -556,10 +567,13 @@ def evaluate_robustness(
         total=n, initial=n - len(todo), desc="chips", unit="chip", disable=not settings.progress
     )
     with bar, _preserved(model):
-        for c, missing in todo:
+        for i, (c, missing) in enumerate(todo):
+            start = time.perf_counter()
             new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid.adc_kind)
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
+            if i == 0 and len(todo) > 1 and settings.progress:
+                _announce_cost(len(todo), len(missing), time.perf_counter() - start)
     rows = sort_rows(rows, grid)
     fingerprints = {} if rows_file is None else rows_file.fingerprints
     return RobustnessResult(rows=rows, summary=summarize(rows), fingerprints=fingerprints)
