@@ -10,10 +10,10 @@ checks their sha256), runs them through cimsim's layers with the matching ``Anal
 
 Cases: the periphery alone (8-bit DAC and tile ADC, output noise 0 / 0.04 / 0.06, tiles of 256 /
 512 rows) on the unprogrammed weights, and PCM chips (aihwkit's ``PCMLikeNoiseModel``, global
-drift compensation) at 0 s, 1 h and 1 year. ``*_exactreadout`` cases are aihwkit with its
-drift-compensation read-out made exact (a diagnostic, see the reference script): cimsim reads the
-compensation exactly, aihwkit through the tile's periphery, and the pair of cases shows what that
-difference does (docs/model.md, "The crossbar periphery").
+drift compensation) at 0 s, 1 h and 1 year, both reading the compensation through the tile's
+periphery (aihwkit's ``_forward_drift_readout_tensor``, cimsim's ``pcm.compensation_read``
+default). ``*_exactreadout`` cases are aihwkit with that read-out made exact (a diagnostic, see
+the reference script), compared with cimsim's ``compensation_read="exact"``.
 
     python -m pytest tests/test_aihwkit_crosscheck.py -q
     python tests/test_aihwkit_crosscheck.py        # the table of both sides
@@ -39,7 +39,10 @@ from cimsim.periphery import layer_tiles
 
 REF_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "aihwkit_reference.json"
 REF = json.loads(REF_PATH.read_text())
-CASES = REF["cases"]
+CASES = {
+    name: {**case, "exact_readout": name.endswith("_exactreadout")}
+    for name, case in REF["cases"].items()
+}
 TOLERANCE = 0.05
 
 # Cases cimsim does not match yet, each for a modelling difference named in docs/model.md
@@ -101,7 +104,10 @@ def cimsim_config(case: dict) -> cimsim.AnalogConfig:
         out_ref="normalized",
         out_noise=case["out_noise"],
         device="pcm" if pcm else "relative",
-        pcm=PCMConfig(drift_compensation="global"),
+        pcm=PCMConfig(
+            drift_compensation="global",
+            compensation_read="exact" if case["exact_readout"] else "periphery",
+        ),
     )
 
 
@@ -170,12 +176,13 @@ def periphery_stats(name: str) -> dict:
 
 @functools.cache
 @one_thread()
-def pcm_stats(layer: str, out_noise: float) -> dict[float, dict]:
+def pcm_stats(layer: str, out_noise: float, exact: bool) -> dict[float, dict]:
     """Every t_inference of one PCM setting, on the same chips (as the reference)."""
     case = next(
         c
         for c in CASES.values()
-        if c["kind"] == "pcm" and c["layer"] == layer and c["out_noise"] == out_noise
+        if c["kind"] == "pcm"
+        and (c["layer"], c["out_noise"], c["exact_readout"]) == (layer, out_noise, exact)
     )
     weight, bias, x = data(layer)
     y0 = ideal(layer, weight, bias, x)
@@ -198,7 +205,9 @@ def pcm_stats(layer: str, out_noise: float) -> dict[float, dict]:
 def cimsim_stats(name: str) -> dict:
     case = CASES[name]
     if case["kind"] == "pcm":
-        return pcm_stats(case["layer"], case["out_noise"])[case["t_inference"]]
+        return pcm_stats(case["layer"], case["out_noise"], case["exact_readout"])[
+            case["t_inference"]
+        ]
     return periphery_stats(name)
 
 

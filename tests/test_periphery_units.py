@@ -168,7 +168,8 @@ def test_pcm_compensation_is_applied_after_the_tile_adc():
     torch.manual_seed(5)
     digital = nn.Linear(30, 4)
     x = torch.relu(torch.randn(32, 30, generator=torch.Generator().manual_seed(6)))
-    chip = AnalogConfig(device="pcm", tile_adc_levels=7, out_bound=3.0)
+    exact = PCMConfig(compensation_read="exact")
+    chip = AnalogConfig(device="pcm", pcm=exact, tile_adc_levels=7, out_bound=3.0)
     layer = convert_to_analog(nn.Sequential(digital), chip)[0].eval()
     program_chip(layer, 2)
     set_time(layer, 3.15e7)  # a year: alpha is well above 1
@@ -209,3 +210,29 @@ def test_pcm_maps_and_compensates_each_tile_on_its_own():
     # the programming-noise std ~ sigma_p(g) / s: with its own scale the small tile's error
     # shrinks with its weights (ratio ~ 0.1); on the shared scale it stays near sigma_p(0)
     assert ratios["tile"] < 0.2 < 0.5 < ratios["tensor"]
+
+
+def test_pcm_compensation_reads_through_the_tiles_periphery():
+    """aihwkit's drift compensation reads the tile with one-hot inputs through its ADC: the
+    reference and every later read-out are ``max(mean |Q(W / w_max)|, 1e-4)`` (no output noise
+    here, so by hand exactly), and the gain is their ratio."""
+    torch.manual_seed(7)
+    digital = nn.Linear(30, 4)
+    x = torch.relu(torch.randn(8, 30, generator=torch.Generator().manual_seed(8)))
+    chip = AnalogConfig(device="pcm", tile_adc_levels=7, out_bound=1.0)
+    layer = convert_to_analog(nn.Sequential(digital), chip)[0].eval()
+    program_chip(layer, 3)
+    set_time(layer, 3.15e7)
+    w_max = digital.weight.abs().max()
+    w_t, exact_alpha = layer._pcm.read_out(3.15e7)
+
+    def read(w):
+        return quantize(w / w_max, torch.tensor(1.0), 7).abs().mean().clamp_min(1e-4)
+
+    alpha = read(layer._pcm.programmed_weights) / read(w_t)
+    torch.testing.assert_close(layer.chip_pcm_alpha, alpha.reshape(1, 1), rtol=1e-5, atol=0)
+    assert abs(alpha.item() / exact_alpha.item() - 1) > 0.01  # the ADC's coarse read counts
+    s = x.abs().amax(dim=1, keepdim=True)
+    expected = alpha * quantize(F.linear(x / s, w_t) / w_max, torch.tensor(1.0), 7) * w_max * s
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected + digital.bias, rtol=1e-5, atol=1e-5)

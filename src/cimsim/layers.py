@@ -24,12 +24,20 @@ from torch import nn
 
 from cimsim.adc import ADC
 from cimsim.config import AnalogConfig
-from cimsim.noise import chip_noise, noise_scales, perturbation, standard_noise, tensor_range
-from cimsim.pcm import PCMWeights, pcm_training_perturbation
+from cimsim.noise import (
+    chip_noise,
+    noise_scales,
+    perturbation,
+    standard_noise,
+    tensor_range,
+    tensor_seed,
+)
+from cimsim.pcm import PCMWeights, compensation_readout, pcm_training_perturbation
 from cimsim.periphery import (
     DAC,
     TileADC,
     layer_tiles,
+    periphery_readout,
     read_noise,
     tiled_sum,
     to_groups,
@@ -125,12 +133,43 @@ class AnalogLayer:
         """Read the programmed PCM chip ``t_inference`` seconds after programming (read noise of
         read-out ``repetition``); computed once here, used by every forward until the next."""
         w_t, alpha = self._pcm.read_out(t_inference, repetition)
+        if self._reads_compensation_through_periphery:
+            alpha = self._periphery_alpha(w_t, f"t={float(t_inference)!r}/rep={repetition}")
         like = {"device": self.weight.device, "dtype": self.weight.dtype}
         if self.config.tile_outputs:  # digital, after each tile's ADC (aihwkit's order)
             self.chip_pcm_weight, self.chip_pcm_alpha = w_t.to(**like), self._per_tile(alpha)
         else:  # the same as scaling every tile's output: on the weights, once
             self.chip_pcm_weight, self.chip_pcm_alpha = (w_t * alpha).to(**like), None
         self.chip_time, self._chip_cache = (float(t_inference), int(repetition)), None
+
+    @property
+    def _reads_compensation_through_periphery(self) -> bool:
+        pcm, adc = self.config.pcm, self.tile_adc
+        has_outputs = adc is not None and adc.enabled and adc.ref == "normalized"
+        on = pcm.compensation_read == "periphery" and pcm.drift_compensation != "none"
+        return has_outputs and on
+
+    @torch.no_grad()
+    def _periphery_alpha(self, w_t: torch.Tensor, read: str) -> torch.Tensor:
+        """aihwkit's compensation gain with both read-outs through the tile's noisy periphery:
+        the reference (the programmed weights, read once per chip) over this read-out."""
+        chip, cfg = self._pcm, self.config.pcm
+        w_abs = self.weight.detach().abs()
+        units = torch.cat(  # each column's tile w_max (the clean mapping's)
+            [
+                w_abs[:, sl].amax().expand(sl.stop - sl.start)
+                for sl in self._tiles or [slice(0, w_abs.shape[1])]
+            ]
+        ).reshape((1, -1) + (1,) * (w_abs.dim() - 2))
+
+        def readout(w: torch.Tensor, key: str) -> torch.Tensor:
+            g = torch.Generator().manual_seed(tensor_seed(chip.seed, f"{chip.name}/comp/{key}"))
+            y = periphery_readout(w.to(units.dtype), units, self.tile_adc, g)
+            return compensation_readout(y, cfg.drift_compensation == "per_channel", chip.tiles)
+
+        if chip.periphery_reference is None:
+            chip.periphery_reference = readout(chip.programmed_weights, "reference")
+        return chip.periphery_reference / readout(w_t, read)
 
     def clear(self) -> None:
         self.chip_seed, self._chip_cache = None, None

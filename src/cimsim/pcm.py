@@ -64,6 +64,12 @@ class PCMConfig:
     drift_compensation: str = "global"
     """``none``, ``global`` (one factor per tensor, aihwkit's ``GlobalDriftCompensation``) or
     ``per_channel`` (one per output channel, aihwkit's ``PerColumnDriftCompensation``)."""
+    compensation_read: str = "periphery"
+    """How drift compensation reads the weights (the reference at programming and each later
+    read-out) when the tiles' outputs have noise or an ADC: ``periphery`` (default, aihwkit's
+    ``_forward_drift_readout_tensor``: one-hot inputs through the tile's output noise and ADC,
+    in normalized units) or ``exact`` (the weights themselves). Without per-tile outputs both
+    are the exact read."""
     mapping: str = "tile"
     """``tile`` (default, aihwkit's: each crossbar tile maps its own max |W| to ``g_max`` and
     compensates its own drift) or ``tensor`` (one scale and one compensation for the whole
@@ -86,6 +92,7 @@ class PCMConfig:
         check_choice("drift_compensation", self.drift_compensation, DRIFT_COMPENSATIONS)
         check_choice("remap_programmed", self.remap_programmed, (True, False))
         check_choice("mapping", self.mapping, MAPPINGS)
+        check_choice("compensation_read", self.compensation_read, ("periphery", "exact"))
 
 
 def _standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -340,6 +347,8 @@ class PCMWeights:
         self.dtype, self.tiles = weight.dtype, _tiles_of(cfg, tiles)
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, name))
         self.pair = _program_pair(_work(weight), cfg, g, self.tiles)
+        # The reference read through the tiles' periphery (set by the layer that reads it so).
+        self.periphery_reference: torch.Tensor | None = None
 
     @property
     def programmed_weights(self) -> torch.Tensor:

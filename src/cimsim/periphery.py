@@ -340,6 +340,33 @@ def clip_(y: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
     return inside
 
 
+@torch.no_grad()
+def periphery_readout(
+    w: torch.Tensor, units: torch.Tensor, adc: TileADC, generator: torch.Generator
+) -> torch.Tensor:
+    """What a tile's forward gives for one-hot inputs, the read-out aihwkit's drift compensation
+    measures (``InferenceTileWithPeriphery._forward_drift_readout_tensor``): input ``e_j`` (its
+    own max, so ``s_x = 1``) reads column ``j`` of the tile, ``w_ij / w_max,t``, plus output
+    noise, through the ADC; in normalized units, shaped like ``w``.
+
+    Args:
+        w: the weights read (C_out, C_in, ...).
+        units: each weight's tile ``w_max,t``, broadcastable against ``w``.
+        adc: the layer's tile ADC (its ``out_noise``, ``out_bound`` and ``levels``).
+        generator: the CPU generator of this read-out's output noise.
+    """
+    y = (w / units).float()
+    if adc.out_noise > 0:
+        xi = torch.randn(y.shape, generator=generator, dtype=y.dtype).to(y.device)
+        y.add_(xi, alpha=adc.out_noise)
+    bound = torch.full((), adc.out_bound, dtype=y.dtype, device=y.device)
+    if adc.levels is None:
+        clip_(y, bound)
+    else:
+        quantize_(y, bound, adc.levels)
+    return y
+
+
 class _TiledSum(torch.autograd.Function):
     """``sum_t post_(products(xg, wg))[:, t]``: the tiles' partial sums, processed in place by
     ``post_`` (noise, ADC; it returns where the gradient passes, or None), added up. One node:
