@@ -1,7 +1,7 @@
 """A callback that reports, from inside a DDP run, what the scale-out tests check: whether all
-ranks hold the same weights and buffers (BN running statistics, ADC ranges), whether their random
-streams differ, how many gradient all-reduces ran, and which BatchNorm classes trained. Loaded by
-the train.py subprocess with PYTHONPATH=tests."""
+ranks hold the same weights and buffers (BN running statistics, ADC ranges), whether their
+training-noise streams differ, how many gradient all-reduces ran, and which BatchNorm classes
+trained. Loaded by the train.py subprocess with PYTHONPATH=tests."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import json
 import pytorch_lightning as pl
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+from cimsim.noise import standard_noise
 
 
 class DDPProbe(pl.Callback):
@@ -28,7 +30,9 @@ class DDPProbe(pl.Callback):
         params = trainer.strategy.all_gather(flat)  # (world, n)
         bufs = torch.cat([b.detach().double().flatten() for b in pl_module.buffers()])
         buffers = trainer.strategy.all_gather(bufs)  # (world, m)
-        draws = trainer.strategy.all_gather(torch.randn(8))  # each rank's global RNG
+        with pl_module._step_streams():  # each rank's training noise at the same step
+            noise = standard_noise((8,), "gaussian")
+        draws = trainer.strategy.all_gather(noise)
         if trainer.is_global_zero:
             report = {
                 "world_size": trainer.world_size,
