@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -50,23 +51,16 @@ TOLERANCE = 0.05
 KNOWN_DIFFERENCES: dict[str, str] = {}
 
 
-def make_data(layer: str, spec: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(weight, bias, x)`` as ``benchmarks/aihwkit_reference.py`` draws them: weight and
-    bias ~ randn * std, x = relu(randn), in this order from one CPU generator."""
-    g = torch.Generator().manual_seed(spec["seed"])
-    if layer == "linear":
-        w_shape = (spec["out_features"], spec["in_features"])
-        x_shape = (spec["batch"], spec["in_features"])
-        out = spec["out_features"]
-    else:
-        k = spec["kernel_size"]
-        w_shape = (spec["out_channels"], spec["in_channels"], k, k)
-        x_shape = (spec["batch"], spec["in_channels"], spec["image"], spec["image"])
-        out = spec["out_channels"]
-    weight = torch.randn(w_shape, generator=g) * spec["weight_std"]
-    bias = torch.randn(out, generator=g) * spec["bias_std"]
-    x = torch.relu(torch.randn(x_shape, generator=g))
-    return weight, bias, x
+def _reference_script():
+    """``benchmarks/aihwkit_reference.py`` as a module (it imports aihwkit only inside the
+    functions that run it): its ``make_data`` draws the data both sides use."""
+    spec = importlib.util.spec_from_file_location("aihwkit_reference", REF_PATH.with_suffix(".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_data = _reference_script().make_data
 
 
 def sha256(*tensors: torch.Tensor) -> str:
