@@ -318,6 +318,7 @@ def study_overrides(
 def check_training(cfg: DictConfig) -> None:
     """train.py's checks of a run that need neither data nor a model: the chip, L and the
     training methods with the chip (a distillation teacher is only planned: not checked)."""
+    train_cli.check_settings(cfg)  # unset values, seed, val_chips, trainer.max_epochs
     chip = train_cli.chip_config(cfg)
     check_int("hasgd.L", cfg.hasgd.L, minimum=1)
     methods = cfg.copy()

@@ -102,8 +102,16 @@ def build_callbacks(cfg: DictConfig, run: dict | None = None) -> list:
     """The configured callbacks, plus ``ResumeState`` (RNG streams, data spec and the ``run``
     record in every checkpoint: resuming and ``evaluate.py`` depend on it, so it is not
     optional)."""
-    with config_scope("callbacks"):
-        configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    configured = []
+    for name, c in (cfg.get("callbacks") or {}).items():
+        if not c:
+            continue
+        final = c.get("final") if isinstance(c, DictConfig) else None
+        if final is not None:  # the end-of-fit grid first, so its errors name it
+            with config_scope(f"callbacks.{name}.final"):
+                instantiate(final)
+        with config_scope(f"callbacks.{name}"):
+            configured.append(instantiate(c))
     return [*configured, ResumeState(run)]
 
 
@@ -130,6 +138,7 @@ def check_max_epochs(value) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """The settings no object of the run checks itself."""
     check_required(cfg)
+    check_int("seed", cfg.seed, minimum=0)
     check_int("val_chips", cfg.val_chips, minimum=0)
     check_max_epochs(cfg.trainer.get("max_epochs"))
 
@@ -180,7 +189,8 @@ def hydra_task() -> tuple[list[str], dict]:
         return [], {}
     hydra_cfg = HydraConfig.get()
     choices = {k: v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra")}
-    return list(hydra_cfg.overrides.task), choices
+    # unresolved: an override such as noise.sigma=${nosuch} is a string here, refused later
+    return list(OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)), choices
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -240,7 +250,7 @@ def train(cfg: DictConfig) -> float | None:
     group_sweep_runs(cfg)
     cfg, run = run_config(cfg)
     check_settings(cfg)  # before the seed's log line: a bad value is the only line printed
-    pl.seed_everything(cfg.seed, workers=True)
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)  # errors stay one line
     datamodule, model, trainer = build(cfg, run)
     try:
         return fit_and_test(cfg, datamodule, model, trainer)

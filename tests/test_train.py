@@ -282,17 +282,21 @@ def test_unknown_dataset_is_rejected_with_the_choices(train_cfg):
         train_cfg(["data=imagenet"])
 
 
-def test_cli_reports_a_bad_value_and_exits_2(tmp_path):
+@pytest.mark.parametrize(
+    ("bad", "key"), [("hasgd.L=0", "hasgd.L=0"), ("noise.sigma=${nosuch}", "noise.sigma=")]
+)
+def test_cli_reports_a_bad_value_and_exits_2(tmp_path, bad, key):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, "train.py", "hasgd.L=0", f"hydra.run.dir={run_dir}", "logger=none"],
+        [sys.executable, "train.py", bad, f"hydra.run.dir={run_dir}", "logger=none"],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("config error: hasgd.L=0 is invalid")
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"config error: {key}"), lines  # one line
     assert not run_dir.exists()  # the run never started: no folder of Hydra's files left
 
 

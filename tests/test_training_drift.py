@@ -101,3 +101,37 @@ def test_train_py_tests_and_sweeps_a_drift_trained_model_on_its_chip(train_cfg, 
     summary = json.loads(next(tmp_path.rglob("robustness.json")).read_text())
     rows = summary if isinstance(summary, list) else summary.get("summary", summary)
     assert {float(s["mean_shift"]) for s in rows} == {MU}
+
+
+def test_reports_compare_each_model_at_its_own_mean_shift(tmp_path):
+    """A drift-trained model's rows are at its mean shift (``mean_shifts=[train]``): the compute
+    plot and the loss prediction use them, next to a model's rows at 0."""
+    from types import SimpleNamespace
+
+    from cimsim.report import measured_losses, own_mean_shift, plot_compute, plot_loss_prediction
+
+    def point(model, sigma, mu, acc):
+        return {
+            "model": model,
+            "sigma": sigma,
+            "mean_shift": mu,
+            "adc_levels": None,
+            "acc_mean": acc,
+            "acc_ci95": 0.01,
+            "loss_mean": 1 - acc,
+            "chips": 2,
+        }
+
+    summary = [point("drift", s, MU, 0.9 - s) for s in (0.0, 0.1)]
+    summary += [point("plain", s, 0.0, 0.8 - s) for s in (0.0, 0.1)]
+    summary += [point("swept", 0.1, m, 0.5) for m in (-MU, 0.0, MU)]
+    assert own_mean_shift(summary, "drift") == MU and own_mean_shift(summary, "swept") == 0.0
+    subjects = [SimpleNamespace(label=m, passes=10) for m in ("drift", "plain", "swept")]
+    table, _ = plot_compute(summary, subjects, 0.1, tmp_path)
+    assert table.read_text().count("\n") == 4  # a header and one row per model
+    traces = {m: {"weighted": 1.0, "weighted_se": 0.1, "probes": 2} for m in ("drift", "plain")}
+    losses = measured_losses(summary, "drift")  # its own mean shift, not 0
+    assert [s for s, _ in losses] == [0.0, 0.1]
+    assert [loss for _, loss in losses] == pytest.approx([0.1, 0.2])
+    _, figure = plot_loss_prediction(summary, traces, tmp_path)
+    assert figure.exists()

@@ -677,6 +677,16 @@ def write_table(path: Path, records: Sequence[Mapping]) -> Path:
     return _atomic_write(path, write)
 
 
+def own_mean_shift(summary: Sequence[dict], model: str) -> float | None:
+    """The mean shift ``model`` was measured at: its only one (a grid at ``mean_shifts=[train]``
+    tests a drift-trained model at its own), else 0 when it is among several (a mean-shift
+    sweep), else None."""
+    shifts = {s["mean_shift"] for s in summary if s.get("model") == model}
+    if len(shifts) == 1:
+        return shifts.pop()
+    return 0.0 if 0.0 in shifts else None
+
+
 def plot_compute(
     summary: Sequence[dict], subjects: Sequence, sigma: float, out_dir: str | os.PathLike
 ) -> tuple[Path, Path]:
@@ -689,7 +699,11 @@ def plot_compute(
         sigma: the test sigma the comparison is made at (a point of the grid).
         out_dir: where ``robustness_compute.csv`` and ``robustness_compute.png`` go.
     """
-    at = {s["model"]: s for s in summary if s["sigma"] == sigma and s["mean_shift"] == 0}
+    at = {
+        s["model"]: s
+        for s in summary
+        if s["sigma"] == sigma and s["mean_shift"] == own_mean_shift(summary, s["model"])
+    }
     missing = [s.label for s in subjects if s.label not in at]
     if missing:
         raise ConfigError("target_sigma", sigma, f"is not a grid point of {missing}")
@@ -725,12 +739,23 @@ def plot_compute(
     return table, plot
 
 
+def measured_losses(summary: Sequence[dict], model: str) -> list[tuple[float, float]]:
+    """``(sigma, mean test loss)`` of ``model`` at its own mean shift without ADC, by sigma."""
+    mu = own_mean_shift(summary, model)
+    return sorted(
+        (s["sigma"], s["loss_mean"])
+        for s in summary
+        if s.get("model") == model and s["mean_shift"] == mu and s["adc_levels"] is None
+    )
+
+
 def plot_loss_prediction(
     summary: Sequence[dict], traces: Mapping[str, dict], out_dir: str | os.PathLike
 ) -> tuple[Path, Path]:
     """The second-order prediction ``J(w) + sigma^2 / 2 * sum_t r_t^2 tr(H_t)`` next to the
-    Monte Carlo mean test loss at each sigma (zero mean shift, no ADC): where the quadratic
-    picture of HA-SGD holds. ``traces[model]`` holds ``weighted``, ``weighted_se`` and
+    Monte Carlo mean test loss at each sigma (at the model's own mean shift, ``own_mean_shift``;
+    no ADC): where the quadratic picture of HA-SGD holds (the traces are those of the clean
+    weights). ``traces[model]`` holds ``weighted``, ``weighted_se`` and
     ``probes`` (``cimsim.hessian.hessian_traces``); ``J(w)`` is the sigma = 0 loss.
     """
     out = Path(out_dir)
@@ -739,12 +764,9 @@ def plot_loss_prediction(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for model, t in traces.items():
-        pts = sorted(
-            (s["sigma"], s["loss_mean"])
-            for s in summary
-            if s.get("model") == model and s["mean_shift"] == 0 and s["adc_levels"] is None
-        )
+        pts = measured_losses(summary, model)
         if not pts or pts[0][0] != 0:
+            warnings.warn(f"{model}: no sigma = 0 point to predict from; not drawn", stacklevel=2)
             continue
         sig = [p[0] for p in pts]
         (line,) = ax.plot(sig, [p[1] for p in pts], marker="o", label=f"{model}: measured")

@@ -104,6 +104,11 @@ class RobustnessGrid:
         sigmas = _non_empty_tuple("sigmas", self.sigmas)
         shifts = _non_empty_tuple("mean_shifts", self.mean_shifts)
         levels = _non_empty_tuple("adc_levels", self.adc_levels)
+        for key, values in (("sigmas", sigmas), ("mean_shifts", shifts), ("adc_levels", levels)):
+            for v in values:
+                if isinstance(v, str) and v != TRAIN:
+                    why = f"must be a number or '{TRAIN}' (each model's own training value)"
+                    raise ConfigError(key, v, why)
         for s in sigmas:
             if s != TRAIN:
                 check_relative("sigmas", s)
