@@ -26,9 +26,10 @@ Variants (each one call, timed whole):
 * ``aihwkit-lightning step``: the HA-SGD step with L = 1 on ``aihwkit_lightning``'s layers with
   additive weight noise (``WeightNoiseInjectionType.ADD_NORMAL``, std 0.05), when it imports.
 * ``tiled step`` / ``tiled chip eval``: the L = 1 step and the chip evaluation with the crossbar
-  periphery on (``TILES``: 256-row tiles, 256-level DACs and tile ADCs, output noise 0.04, sigma
-  0.05); the chip's DAC and tile ADC ranges are calibrated on one batch outside the timed
-  region. ``aihwkit-lightning tiled step``: its step with the matching periphery
+  periphery on (``TILES``: 256-row tiles, 255-level per-vector DACs and tile ADCs, output noise
+  0.04 in aihwkit's normalized units, sigma 0.05); nothing is calibrated (calibrated ranges,
+  when configured, are calibrated on one batch outside the timed region).
+  ``aihwkit-lightning tiled step``: its step with the matching periphery
   (``max_input_size`` 256, 8-bit input and output resolution, ``out_noise`` 0.04, input range
   learning, additive weight noise 0.05): the peer the tiled step is measured against.
 
@@ -93,8 +94,9 @@ TARGETS = {
     "method": 1.05,  # antithetic pairs / a noise schedule vs HA-SGD with the same L
 }
 TARGETS["tiled"] = 1.5  # the crossbar periphery (issue 12): tiled step / digital step
-# The crossbar periphery of the tiled rows: aihwkit-like tiles and converters.
-TILES = dict(tile_rows=256, dac_levels=256, tile_adc_levels=256, out_noise=0.04)
+# The crossbar periphery of the tiled rows: crossbar=tiles, aihwkit's definitions (per-vector DAC,
+# output noise and ADC range in normalized units: nothing calibrated).
+TILES = dict(tile_rows=256, dac_levels=255, tile_adc_levels=255, out_noise=0.04)
 METHOD_L = 4  # L of the method rows (even: antithetic pairs)
 HESSIAN_PROBES = 4
 DAY = 86400.0  # s: the PCM chip's t_inference
