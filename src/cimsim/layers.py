@@ -337,13 +337,14 @@ class AnalogLayer:
                 w_abs = weight.detach().abs()
                 w_max = torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
         alpha = self._tile_compensation()
+        grads = torch.is_grad_enabled() and (xg.requires_grad or wg.requires_grad)  # else no mask
 
         def post_(y: torch.Tensor) -> torch.Tensor | None:
             if read:  # aihwkit's PCM_READ noise of each tile, a constant for autograd
                 squares = self._products(xg.detach().square(), wg.detach().abs())
                 shape = (1, -1) + (1,) * (y.dim() - 2)
                 y.add_(read_noise(y, squares, w_max.reshape(shape), cfg.w_read_noise))
-            inside = None if adc is None else adc.digitize_(y, units)
+            inside = None if adc is None else adc.digitize_(y, units, mask=grads)
             if alpha is not None:  # digital, after the tile's ADC (aihwkit's order)
                 y.mul_(alpha.reshape((1,) + alpha.shape + (1,) * (y.dim() - 3)))
             return inside

@@ -24,7 +24,9 @@ _TINY = torch.finfo(torch.float32).tiny
 
 
 @torch.no_grad()
-def quantize_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
+def quantize_(
+    y: torch.Tensor, bound: torch.Tensor, levels: int, mask: bool = True
+) -> torch.Tensor | None:
     """``y`` replaced in place by its level of ``symmetric_quantize``; returns where ``y`` was
     inside ``[-b, b]`` (``|y| = b`` included, aihwkit's convention). With
     ``c = (levels - 1) / 2`` the level index is ``k = clip(round(y c / b + c), 0, levels - 1)``
@@ -33,19 +35,20 @@ def quantize_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor
     even ``levels`` the grid is offset by ``d / 2`` (exactly ``levels`` values, but no zero: an
     exact 0 reads as ``+-d / 2``, a coherent offset over many zero inputs; aihwkit's "8-bit"
     converters have 255 levels). Half-precision inputs are quantized on a float32 copy (a bf16
-    grid of 256 levels would not be uniform)."""
+    grid of 256 levels would not be uniform). ``mask=False`` (no gradient to pass) skips the
+    mask and returns None."""
     if y.dtype in (torch.float16, torch.bfloat16):
         y32 = y.float()
-        inside = _quantize32_(y32, bound, levels)
+        inside = _quantize32_(y32, bound, levels, mask)
         y.copy_(y32)
         return inside
-    return _quantize32_(y, bound, levels)
+    return _quantize32_(y, bound, levels, mask)
 
 
-def _quantize32_(y: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
+def _quantize32_(y: torch.Tensor, bound: torch.Tensor, levels: int, mask: bool = True):
     b = bound.to(y.dtype).clamp_min(_TINY)
     c = (levels - 1) / 2
-    inside = (y >= -b) & (y <= b)  # before scaling, so |y| = b is exactly inside
+    inside = (y >= -b) & (y <= b) if mask else None  # before scaling: |y| = b is inside
     y.mul_(c / b).add_(c)  # index space [0, levels - 1]
     y.round_().clamp_(0, levels - 1).sub_(c).div_(c).mul_(b)
     return inside
@@ -94,6 +97,10 @@ def symmetric_quantize(x: torch.Tensor, bound: torch.Tensor, levels: int) -> tor
         bound: ``b > 0``, broadcastable against ``x``.
         levels: the number of output values, >= 2.
     """
+    if not (torch.is_grad_enabled() and (x.requires_grad or bound.requires_grad)):
+        q = x.detach().clone()  # no gradient to pass: no mask to keep
+        quantize_(q, bound.detach(), levels, mask=False)
+        return q
     return _SymmetricQuantize.apply(x, bound, levels)
 
 
@@ -297,26 +304,29 @@ class TileADC(ADC):
         _track_bound(self, peak, momentum)
 
     @torch.no_grad()
-    def digitize_(self, y: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor | None:
+    def digitize_(
+        self, y: torch.Tensor, unit: torch.Tensor | None = None, mask: bool = True
+    ) -> torch.Tensor | None:
         """Add the output noise and clip/quantize, in place on ``y``; return where the noisy
-        ``y`` was inside the range (None: nothing clips). ``unit``: the normalized unit of every
-        partial sum, broadcastable against ``y`` (``ref="normalized"`` only). Each step is one
-        in-place pass over the ``T``-times larger tensor of partial sums."""
+        ``y`` was inside the range (None: nothing clips, or ``mask=False``: no gradient to
+        pass). ``unit``: the normalized unit of every partial sum, broadcastable against ``y``
+        (``ref="normalized"`` only). Each step is one in-place pass over the ``T``-times larger
+        tensor of partial sums."""
         noisy = self.out_noise > 0 and self.noisy
         if self.ref == "normalized":
             if noisy:
                 y.addcmul_(dense_randn_like(y), unit.to(y.dtype), value=self.out_noise)
             bound = unit * self.out_bound
             if self.levels is None:
-                return clip_(y, bound)
-            return quantize_(y, bound, self.levels)
+                return clip_(y, bound, mask)
+            return quantize_(y, bound, self.levels, mask)
         if self.levels is None and not noisy and not (self.training or self.observing):
             return None  # nothing to do: a clean read-out needs no range
         self._update_range(y)
         bound = self.hi.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)  # (1, T, 1, ...)
         if noisy:
             y.addcmul_(dense_randn_like(y), bound, value=self.out_noise)
-        return None if self.levels is None else quantize_(y, bound, self.levels)
+        return None if self.levels is None else quantize_(y, bound, self.levels, mask)
 
     def forward(self, y: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
@@ -331,10 +341,11 @@ class TileADC(ADC):
 
 
 @torch.no_grad()
-def clip_(y: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
-    """``y`` clipped in place to ``[-b, b]``; returns where it was inside (``|y| = b`` too)."""
+def clip_(y: torch.Tensor, bound: torch.Tensor, mask: bool = True) -> torch.Tensor | None:
+    """``y`` clipped in place to ``[-b, b]``; returns where it was inside (``|y| = b`` too), or
+    None with ``mask=False``."""
     b = bound.to(y.dtype)
-    inside = (y >= -b) & (y <= b)
+    inside = (y >= -b) & (y <= b) if mask else None
     torch.maximum(y, -b, out=y)
     torch.minimum(y, b, out=y)
     return inside
