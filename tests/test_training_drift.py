@@ -135,3 +135,15 @@ def test_reports_compare_each_model_at_its_own_mean_shift(tmp_path):
     assert [loss for _, loss in losses] == pytest.approx([0.1, 0.2])
     _, figure = plot_loss_prediction(summary, traces, tmp_path)
     assert figure.exists()
+
+
+def test_systematic_chip_drifts_an_identity_shortcut_only_when_asked():
+    """``identity_mean_shift=true``: the shortcut reads ``x * (1 + mu)``; by default it is exact."""
+    x = torch.randn(2, 3, 4, 4)
+    for drifts, gain in ((True, 1 + MU), (False, 1.0)):
+        chip = AnalogConfig(sigma=0.1, mean_shift=MU, identity_mean_shift=drifts)
+        model = convert_to_analog(nn.Sequential(nn.Identity()), chip).eval()
+        with torch.no_grad(), systematic_chip(model):
+            torch.testing.assert_close(model(x), x * gain)
+        with torch.no_grad():
+            assert torch.equal(model(x), x)  # outside: the clean network again

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from cimsim.adc import CHIP_PLACEMENTS, adcs
@@ -177,12 +178,27 @@ def systematic_chip(model: nn.Module) -> Iterator[nn.Module]:
     try:
         for name, layer, config in layers:
             layer.config = dataclasses.replace(config, sigma=0.0)
-            layer.program(0, name)  # any seed: the draws are multiplied by sigma = 0
+            _program_zeros(layer, name)
         yield model
     finally:
         for _, layer, config in layers:
             layer.clear()
             layer.config = config
+
+
+def _program_zeros(layer: AnalogLayer, name: str) -> None:
+    """A programmed chip whose standard draws are all 0 (at sigma 0 any draws would do): no
+    random numbers on the validation and test batches' path."""
+    tensors = layer.analog_tensors()
+    if not tensors:  # nothing stored (an identity shortcut): its draws come at its forward
+        layer.program(0, name)
+        return
+    like = next(iter(layer.parameters(recurse=False)), None)
+    if like is None:
+        like = next(iter(layer.buffers(recurse=False)))
+    layer.chip_seed, layer._chip_cache = 0, None
+    for tensor, shape in tensors.items():
+        setattr(layer, f"chip_{tensor}", torch.zeros(shape, device=like.device, dtype=like.dtype))
 
 
 def clear_chip(model: nn.Module) -> nn.Module:
