@@ -32,8 +32,9 @@ from cimsim import (
 )
 from cimsim.adc import adcs
 from cimsim.classifier import AnalogClassifier
+from cimsim.dac import DAC
 from cimsim.noise import chip_noise, derive_seed, noise_scales
-from cimsim.periphery import DAC, TileADC, symmetric_quantize
+from cimsim.periphery import TileADC, symmetric_quantize
 from cimsim.robustness import EvalSettings, RobustnessGrid, chip_seed, evaluate_robustness
 from conftest import FAST, compose_cfg
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from cimsim import AnalogConfig, convert_to_analog, program_chip, set_time
 from cimsim.pcm import PCMConfig, PCMWeights, to_conductances
-from cimsim.periphery import dense_randn_like
+from cimsim.readout_noise import dense_randn_like
 
 
 def quantize(x: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimsim.adc import ADC
+from cimsim.compensation import compensation_readout, per_tile
 from cimsim.config import AnalogConfig
+from cimsim.dac import DAC
 from cimsim.noise import (
     chip_noise,
     noise_scales,
@@ -32,16 +34,9 @@ from cimsim.noise import (
     tensor_range,
     tensor_seed,
 )
-from cimsim.pcm import PCMWeights, compensation_readout, pcm_training_perturbation
-from cimsim.periphery import (
-    DAC,
-    TileADC,
-    layer_tiles,
-    periphery_readout,
-    read_noise,
-    tiled_sum,
-    to_groups,
-)
+from cimsim.pcm import PCMWeights, pcm_training_perturbation
+from cimsim.periphery import TileADC, layer_tiles, periphery_readout, tiled_sum, to_groups
+from cimsim.readout_noise import read_noise
 
 
 def _fingerprint(t: torch.Tensor) -> tuple:
@@ -154,13 +149,8 @@ class AnalogLayer:
         """aihwkit's compensation gain with both read-outs through the tile's noisy periphery:
         the reference (the programmed weights, read once per chip) over this read-out."""
         chip, cfg = self._pcm, self.config.pcm
-        w_abs = self.weight.detach().abs()
-        units = torch.cat(  # each column's tile w_max (the clean mapping's)
-            [
-                w_abs[:, sl].amax().expand(sl.stop - sl.start)
-                for sl in self._tiles or [slice(0, w_abs.shape[1])]
-            ]
-        ).reshape((1, -1) + (1,) * (w_abs.dim() - 2))
+        tiles = self._tiles or [slice(0, self.weight.shape[1])]
+        units = per_tile(self.weight.detach(), tiles, "amax")  # each column's tile w_max
 
         def readout(w: torch.Tensor, key: str) -> torch.Tensor:
             g = torch.Generator().manual_seed(tensor_seed(chip.seed, f"{chip.name}/comp/{key}"))
@@ -307,11 +297,16 @@ class AnalogLayer:
         return per_tile.t().to(device=self.weight.device, dtype=self.weight.dtype).contiguous()
 
     @torch.no_grad()
+    def _tile_peaks(self, weight: torch.Tensor) -> torch.Tensor:
+        """Each tile's ``w_max = max |w|``, ``(T,)``."""
+        w_abs = weight.detach().abs()
+        return torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
+
+    @torch.no_grad()
     def _output_units(self, x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
         """aihwkit's normalized unit ``w_max * s_x`` of every partial sum: the tile's largest
         ``|w|`` of the clean (mapped) weights times the input vector's scale."""
-        w_abs = self.weight.detach().abs()
-        w_max = torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
+        w_max = self._tile_peaks(self.weight)
         scales = self._input_scales(x, xg)
         return scales * w_max.reshape((1, -1) + (1,) * (scales.dim() - 2)).to(scales.dtype)
 
@@ -333,9 +328,7 @@ class AnalogLayer:
         units = self._output_units(x, xg) if adc is not None and adc.ref == "normalized" else None
         read = cfg.w_read_noise > 0 and reads
         if read:
-            with torch.no_grad():
-                w_abs = weight.detach().abs()
-                w_max = torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
+            w_max = self._tile_peaks(weight)
         alpha = self._tile_compensation()
         grads = torch.is_grad_enabled() and (xg.requires_grad or wg.requires_grad)  # else no mask
 

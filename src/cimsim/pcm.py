@@ -6,14 +6,13 @@ deep learning training and inference", ICECS 2019) and is the one of aihwkit's
 ``PCMLikeNoiseModel`` (``aihwkit/inference/noise/pcm.py``) with the differential-pair mapping of
 its ``SinglePairConductanceConverter`` (``aihwkit/inference/converter/conductance.py``) and the
 drift compensation of ``GlobalDriftCompensation`` / ``PerColumnDriftCompensation``
-(``aihwkit/inference/compensation/drift.py``). Conductances are in microsiemens (uS), times in
-seconds. A weight tensor of one chip lives on a pair of devices per weight, ``W = (G+ - G-) / s``;
+(``aihwkit/inference/compensation/drift.py``; its read-outs and gain are in
+``cimsim.compensation``). Conductances are in microsiemens (uS), times in seconds. A weight tensor
+of one chip lives on a pair of devices per weight, ``W = (G+ - G-) / s``;
 each device is programmed with noise, drifts as ``(t / t0)^(-nu)`` and is read with 1/f noise.
 
 Everything here is detached (``torch.no_grad``): a perturbation is a constant for autograd, so
 the gradient reaches the clean weights (the aihwkit trick, as in ``cimsim.noise``).
-
-The file is just over 350 lines: every formula carries its source and units.
 """
 
 from __future__ import annotations
@@ -24,10 +23,15 @@ from typing import NamedTuple
 
 import torch
 
+from cimsim.compensation import (
+    DRIFT_COMPENSATIONS,
+    compensation_factor,
+    compensation_readout,
+    per_tile,
+)
 from cimsim.noise import _Tape, tensor_seed
 from cimsim.validation import ConfigError, check_choice, check_number
 
-DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
 MAPPINGS = ("tile", "tensor")
 
 # aihwkit's floor on max|W| (mapping) and on g / g_max (drift fit): keeps log() and 1/x finite.
@@ -36,8 +40,6 @@ _ZERO_CLIP = 1e-7
 # ``prog_coeff`` and ``prog_coeff_g_max_reference``).
 _PROG_COEFFS = (0.26348, 1.9650, -1.1731)
 _PROG_G_MAX_REF = 25.0
-# aihwkit clamps every compensation read-out (reference and current) at this value.
-_READOUT_FLOOR = 1e-4
 
 
 @dataclass(frozen=True)
@@ -101,19 +103,6 @@ def _standard_normal(like: torch.Tensor, generator: torch.Generator | None) -> t
     device = generator.device if generator is not None else like.device
     xi = torch.randn(like.shape, generator=generator, device=device, dtype=like.dtype)
     return xi.to(like.device)
-
-
-def per_tile(w: torch.Tensor, tiles: list[slice], reduce: str, per_channel: bool = False):
-    """``max`` or ``mean`` of ``|w|`` over each tile's input columns (dim 1), per output channel
-    too when ``per_channel``, expanded back over the tile's columns: ``(1 or C_out, C_in, 1, ...)``,
-    broadcastable against ``w``."""
-    a, parts = w.abs(), []
-    for sl in tiles:
-        part = a[:, sl]
-        dims = tuple(range(1 if per_channel else 0, part.dim()))
-        v = part.amax(dim=dims, keepdim=True) if reduce == "amax" else part.mean(dims, True)
-        parts.append(v.expand(v.shape[0], part.shape[1], *v.shape[2:]))
-    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -229,39 +218,6 @@ def read(
     spread = q * (math.sqrt(math.log((t + cfg.t_read) / (2 * cfg.t_read))) * cfg.read_noise_scale)
     noise = g_drift.abs() * spread * _standard_normal(g_prog, generator)
     return (g_drift + noise).clamp_min(0.0)
-
-
-@torch.no_grad()
-def compensation_readout(
-    w: torch.Tensor, per_channel: bool = False, tiles: list[slice] | None = None
-) -> torch.Tensor:
-    """What drift compensation measures: ``max(mean|W|, 1e-4)`` per tensor (0-d) or per output
-    channel ((C_out, 1, ..., 1)); with ``tiles``, per tile (``per_tile``'s shape). aihwkit reads
-    it out with one-hot inputs, whose outputs are the columns of W, and takes the mean absolute
-    output (``GlobalDriftCompensation.readout``), each tile of a tiled layer its own."""
-    if tiles is not None:
-        return per_tile(w, tiles, "mean", per_channel).clamp_min(_READOUT_FLOOR)
-    if not per_channel:
-        return w.abs().mean().clamp_min(_READOUT_FLOOR)
-    per_row = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp_min(_READOUT_FLOOR)
-    return per_row.reshape((-1,) + (1,) * (w.dim() - 1))
-
-
-@torch.no_grad()
-def compensation_factor(
-    reference: torch.Tensor, w_t: torch.Tensor, mode: str, tiles: list[slice] | None = None
-) -> torch.Tensor:
-    """The drift-compensation gain ``alpha = ref / max(mean|W_t|, 1e-4)`` (aihwkit's
-    ``BaseDriftCompensation.apply``), broadcastable against ``w_t``; 1 for ``mode = none``.
-
-    ``reference`` is ``compensation_readout`` of the programmed weights (already floored, as
-    aihwkit floors both read-outs). ``alpha`` multiplies the analog output ``W_t x`` before any
-    digital bias is added, which equals multiplying the weights by it.
-    """
-    check_choice("drift_compensation", mode, DRIFT_COMPENSATIONS)
-    if mode == "none":
-        return torch.ones((), dtype=w_t.dtype, device=w_t.device)
-    return reference / compensation_readout(w_t, mode == "per_channel", tiles)
 
 
 class ProgrammedPair(NamedTuple):

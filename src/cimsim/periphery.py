@@ -1,23 +1,22 @@
 """The crossbar periphery of Conv/Linear layers (docs/model.md, "The crossbar periphery").
 
 A layer's unrolled weight is split along its inputs into tiles of at most ``tile_rows`` rows
-(``tile_slices``); inputs pass a DAC (``DAC``: clip to ``[-b_in, b_in]``, round to N levels);
-each tile's partial sums get short-term weight read noise (``read_noise``) and output noise, and
-are digitized by the tile's own ADC (``TileADC``); the digital periphery adds the tiles and the
-bias. Every quantizer has a straight-through gradient inside its range and zero outside.
-``AnalogConfig``'s ``tile_rows``, ``dac_levels``, ``dac_range``, ``tile_adc_levels``,
-``out_noise`` and ``w_read_noise`` switch the pieces on; all are off by default.
+(``tile_slices``); inputs pass a DAC (``cimsim.dac.DAC``: clip to ``[-b_in, b_in]``, round to N
+levels); each tile's partial sums get short-term weight read noise and output noise
+(``cimsim.readout_noise``) and are digitized by the tile's own ADC (``TileADC``); the digital
+periphery adds the tiles and the bias. Every quantizer has a straight-through gradient inside its
+range and zero outside. ``AnalogConfig``'s ``tile_rows``, ``dac_levels``, ``dac_range``,
+``tile_adc_levels``, ``out_noise`` and ``w_read_noise`` switch the pieces on; all are off by
+default.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from cimsim.adc import ADC
+from cimsim.readout_noise import dense_randn_like
 from cimsim.validation import ConfigError
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -151,7 +150,7 @@ def layer_tiles(layer: nn.Module, tile_rows: int | None) -> list[slice] | None:
     return None if inputs <= per_tile else tile_slices(inputs, per_tile)
 
 
-def _track_bound(adc: ADC, peak: torch.Tensor, momentum: float) -> None:
+def track_bound(adc: ADC, peak: torch.Tensor, momentum: float) -> None:
     """A symmetric range ``[-b, b]``: the first observation sets ``b`` to ``peak``, later ones
     move it by ``momentum`` (the moving max of ``|x|``)."""
     if not adc.calibrated:
@@ -160,71 +159,6 @@ def _track_bound(adc: ADC, peak: torch.Tensor, momentum: float) -> None:
     else:
         adc.hi.lerp_(peak, momentum)
     adc.lo.copy_(-adc.hi)
-
-
-class DAC(ADC):
-    """A layer's input DAC: ``x`` clipped to ``[-b_in, b_in]`` and rounded to ``levels`` values.
-
-    ``mode="per_vector"`` (aihwkit's ``noise_management=abs_max``): ``b_in`` is each input
-    vector's own max ``|x|``, given by the layer per call (``forward(x, bound)``); nothing to
-    calibrate, and the end levels are exactly ``+-max|x|``.
-    ``mode="calibrated"``: ``b_in`` is calibrated on data like an ADC range (the moving max of
-    ``|x|``; ``calibrate_adc`` after programming, tracked while training in the loop).
-    ``mode="learned"``: ``b_in`` is a parameter set from the first batch's max ``|x|`` it sees
-    (the max over processes under DDP), then trained through the straight-through gradient
-    (``symmetric_quantize``: the clipped inputs pass ``sign(x) * grad`` to it, two-sided and
-    unscaled; aihwkit-lightning's input-range learning is one-sided, scaled and decayed, and
-    starts from a multiple of the std); it is part of the trained network, so programming a chip
-    does not reset it.
-    """
-
-    def __init__(self, levels: int | None, mode: str = "calibrated", momentum: float = 0.01):
-        super().__init__(levels, momentum=momentum, placement="dac")
-        self.mode = mode
-        if mode == "learned":
-            self.b_in = nn.Parameter(torch.ones(()))
-
-    @property
-    def learned(self) -> bool:
-        return self.mode == "learned"
-
-    @property
-    def calibratable(self) -> bool:
-        return self.mode == "calibrated"
-
-    def reset_calibration(self) -> None:
-        if not self.learned:
-            super().reset_calibration()
-
-    @torch.no_grad()
-    def _observe(self, x: torch.Tensor, momentum: float) -> None:
-        _track_bound(self, x.detach().abs().amax().float(), momentum)
-
-    def bound(self, x: torch.Tensor) -> torch.Tensor:
-        """``b_in`` of a static range (calibrated or learned) for ``x``, setting it first where
-        this forward does (calibration, training, a learned range's first batch)."""
-        if self.learned:
-            if not self.calibrated:  # the first batch it sees (training, or a sanity check)
-                with torch.no_grad():
-                    self.b_in.copy_(x.detach().abs().amax().float())
-                    if dist.is_available() and dist.is_initialized():  # one range on all ranks
-                        dist.all_reduce(self.b_in.data, op=dist.ReduceOp.MAX)
-                self.calibrated = True
-            return self.b_in
-        self._update_range(x)
-        return self.hi
-
-    def forward(self, x: torch.Tensor, bound: torch.Tensor | None = None) -> torch.Tensor:
-        """``x`` through the DAC; ``bound`` is the per-vector ``b_in`` (``per_vector`` only,
-        broadcastable against ``x``)."""
-        if not self.enabled:
-            return x
-        if self.mode == "per_vector":
-            return symmetric_quantize(x, bound, self.levels)
-        return symmetric_quantize(x, self.bound(x), self.levels)
-
-    def extra_repr(self) -> str:
-        return f"levels={self.levels}, mode={self.mode!r}"
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -301,7 +235,7 @@ class TileADC(ADC):
     def _observe(self, y: torch.Tensor, momentum: float) -> None:
         dims = [d for d in range(y.dim()) if d != 1]
         peak = torch.maximum(y.amax(dim=dims), -y.amin(dim=dims)).float()  # (T,)
-        _track_bound(self, peak, momentum)
+        track_bound(self, peak, momentum)
 
     @torch.no_grad()
     def digitize_(
@@ -424,57 +358,3 @@ def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
         y = products(xg, wg)
         post_(y)
         return y.sum(dim=1)
-
-
-# Gaussian draws on the CPU: torch's normal_ runs on one thread (one Mersenne-Twister stream),
-# and the tiles' output noise needs one draw per partial sum (T times the layer's outputs). Large
-# draws are split into a fixed number of chunks, each with its own generator seeded from the
-# global one, filled in parallel where threads allow and one after another where they do not:
-# the values depend on the global seed and the size only, never on the thread count.
-_CHUNKS = 8
-_PARALLEL_MIN = 1 << 20
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
-
-
-def _fill(part: tuple[torch.Tensor, int]) -> None:
-    with torch.no_grad():
-        part[0].normal_(generator=torch.Generator().manual_seed(part[1]))
-
-
-def _normal_(flat: torch.Tensor) -> torch.Tensor:
-    """``flat.normal_()`` (a contiguous 1-D tensor); on the CPU, when large, in ``_CHUNKS``
-    chunks seeded from the global generator (in parallel on up to ``_CHUNKS`` threads)."""
-    if flat.device.type != "cpu" or flat.numel() < _PARALLEL_MIN:
-        return flat.normal_()
-    global _pool, _pool_size
-    seeds = torch.randint(0, 2**62, (_CHUNKS,)).tolist()  # from the global generator
-    parts = list(zip(flat.chunk(_CHUNKS), seeds, strict=True))
-    threads = min(torch.get_num_threads(), _CHUNKS)
-    if threads < 2:
-        for part in parts:
-            _fill(part)
-        return flat
-    if _pool is None or _pool_size < threads:
-        _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="cimsim-randn")
-        _pool_size = threads
-    list(_pool.map(_fill, parts))
-    return flat
-
-
-def dense_randn_like(y: torch.Tensor) -> torch.Tensor:
-    """Standard normal draws shaped and laid out like ``y`` (e.g. channels-last), drawn over its
-    storage in memory order: ``normal_`` on a permuted layout takes a slow strided path."""
-    out = torch.empty_like(y)  # same strides as a dense y
-    _normal_(out.as_strided((out.numel(),), (1,)))
-    return out
-
-
-@torch.no_grad()
-def read_noise(y_part: torch.Tensor, squares: torch.Tensor, w_max: torch.Tensor, scale: float):
-    """aihwkit's PCM_READ short-term weight noise of one tile's partial sums: standard normal
-    draws times ``scale * sqrt(w_max * sum_j |w_ij| x_j^2)`` (``squares`` is that sum, the tile's
-    product of ``|W|`` with ``x^2``), i.e. ``scale * sqrt(sum_j |w_ij / w_max| x_j^2)`` in units of
-    the tile's ``w_max``, fresh at every call. A constant for autograd."""
-    std = squares.clamp_min(0.0).mul_(w_max.to(squares.dtype)).sqrt_().mul_(scale)
-    return dense_randn_like(y_part).mul_(std)

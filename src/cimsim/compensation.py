@@ -1,0 +1,58 @@
+"""PCM drift compensation (aihwkit's ``inference/compensation/drift.py``): what it reads out and
+the gain ``alpha`` it applies, per tensor, per output channel or per crossbar tile."""
+
+from __future__ import annotations
+
+import torch
+
+from cimsim.validation import check_choice
+
+DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
+# aihwkit clamps every compensation read-out (reference and current) at this value.
+_READOUT_FLOOR = 1e-4
+
+
+def per_tile(w: torch.Tensor, tiles: list[slice], reduce: str, per_channel: bool = False):
+    """``max`` or ``mean`` of ``|w|`` over each tile's input columns (dim 1), per output channel
+    too when ``per_channel``, expanded back over the tile's columns: ``(1 or C_out, C_in, 1, ...)``,
+    broadcastable against ``w``."""
+    a, parts = w.abs(), []
+    for sl in tiles:
+        part = a[:, sl]
+        dims = tuple(range(1 if per_channel else 0, part.dim()))
+        v = part.amax(dim=dims, keepdim=True) if reduce == "amax" else part.mean(dims, True)
+        parts.append(v.expand(v.shape[0], part.shape[1], *v.shape[2:]))
+    return torch.cat(parts, dim=1)
+
+
+@torch.no_grad()
+def compensation_readout(
+    w: torch.Tensor, per_channel: bool = False, tiles: list[slice] | None = None
+) -> torch.Tensor:
+    """What drift compensation measures: ``max(mean|W|, 1e-4)`` per tensor (0-d) or per output
+    channel ((C_out, 1, ..., 1)); with ``tiles``, per tile (``per_tile``'s shape). aihwkit reads
+    it out with one-hot inputs, whose outputs are the columns of W, and takes the mean absolute
+    output (``GlobalDriftCompensation.readout``), each tile of a tiled layer its own."""
+    if tiles is not None:
+        return per_tile(w, tiles, "mean", per_channel).clamp_min(_READOUT_FLOOR)
+    if not per_channel:
+        return w.abs().mean().clamp_min(_READOUT_FLOOR)
+    per_row = w.abs().reshape(w.shape[0], -1).mean(dim=1).clamp_min(_READOUT_FLOOR)
+    return per_row.reshape((-1,) + (1,) * (w.dim() - 1))
+
+
+@torch.no_grad()
+def compensation_factor(
+    reference: torch.Tensor, w_t: torch.Tensor, mode: str, tiles: list[slice] | None = None
+) -> torch.Tensor:
+    """The drift-compensation gain ``alpha = ref / max(mean|W_t|, 1e-4)`` (aihwkit's
+    ``BaseDriftCompensation.apply``), broadcastable against ``w_t``; 1 for ``mode = none``.
+
+    ``reference`` is ``compensation_readout`` of the programmed weights (already floored, as
+    aihwkit floors both read-outs). ``alpha`` multiplies the analog output ``W_t x`` before any
+    digital bias is added, which equals multiplying the weights by it.
+    """
+    check_choice("drift_compensation", mode, DRIFT_COMPENSATIONS)
+    if mode == "none":
+        return torch.ones((), dtype=w_t.dtype, device=w_t.device)
+    return reference / compensation_readout(w_t, mode == "per_channel", tiles)
