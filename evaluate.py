@@ -41,11 +41,8 @@ from lightning_fabric import Fabric
 from omegaconf import DictConfig, OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
-from cimsim.classifier import AnalogClassifier
-from cimsim.hessian import hessian_traces
-from cimsim.pcm import DRIFT_COMPENSATIONS
-from cimsim.report import hold_folder, plot_compute, plot_loss_prediction
-from cimsim.robustness import (
+from cimsim.chip.devices.pcm import DRIFT_COMPENSATIONS
+from cimsim.robustness.measure import (
     SWEEPS,
     TRAIN,
     EvalSettings,
@@ -55,7 +52,8 @@ from cimsim.robustness import (
     format_summary,
     is_pcm,
 )
-from cimsim.study import (
+from cimsim.robustness.rows import hold_folder, plot_compute, plot_loss_prediction
+from cimsim.robustness.study import (
     Evaluation,
     Subject,
     calibration_loader,
@@ -67,6 +65,8 @@ from cimsim.study import (
     training_passes,
 )
 from cimsim.tracking import default_wandb_mode, log_robustness
+from cimsim.training.classifier import AnalogClassifier
+from cimsim.training.hessian import hessian_traces
 from cimsim.validation import check_choice, check_int, config_scope
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
@@ -402,8 +402,8 @@ def evaluation_call(cfg: DictConfig, subjects: list[Subject], spec: dict) -> dic
 @contextlib.contextmanager
 def held(cfg: DictConfig, fabric: Fabric, call: dict):
     """Rank 0 holds the output folder for ``call`` while the block runs
-    (``cimsim.report.hold_folder``); when it is busy or holds another evaluation, every rank
-    fails with the same ``ConfigError``, before any chip is measured."""
+    (``cimsim.robustness.rows.hold_folder``); when it is busy or holds another evaluation, every
+    rank     fails with the same ``ConfigError``, before any chip is measured."""
     with contextlib.ExitStack() as stack:
         refusal = None
         if fabric.global_rank == 0:

@@ -1,5 +1,5 @@
 """Regenerate the results report, docs/results.md and docs/results/: every training and Monte
-Carlo study it needs, then the report from their rows (``cimsim.results``).
+Carlo study it needs, then the report from their rows (``paper.results``).
 
     python reproduce.py                              # digits, WRN-10-2 (~15-20 min on 2 CPUs)
     python reproduce.py --tiny                       # the smoke version (seconds per stage)
@@ -52,7 +52,9 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 import evaluate as evaluate_cli
 import train as train_cli
 from cimsim import ConfigError
-from cimsim.results import (
+from cimsim.robustness.study import training_passes
+from cimsim.validation import check_int
+from paper.results import (
     RUNS,
     STUDIES,
     STUDY_MARKER,
@@ -65,8 +67,6 @@ from cimsim.results import (
     read_json,
     write_report,
 )
-from cimsim.study import training_passes
-from cimsim.validation import check_int
 
 ROOT = Path(__file__).resolve().parent
 DOCS = ROOT / "docs"  # the committed report: only the full plan writes here by default

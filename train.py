@@ -39,10 +39,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from cimsim import AnalogConfig, ConfigError
-from cimsim.checkpoint import ResumeState, read_checkpoint, resumed_run, run_record, stored_run
-from cimsim.classifier import AnalogClassifier
-from cimsim.hasgd import TrainingMethods
 from cimsim.tracking import default_wandb_mode, finish_wandb
+from cimsim.training.checkpoint import (
+    ResumeState,
+    read_checkpoint,
+    resumed_run,
+    run_record,
+    stored_run,
+)
+from cimsim.training.classifier import AnalogClassifier
+from cimsim.training.hasgd import TrainingMethods
 from cimsim.validation import check_choice, check_int, config_scope, discard_failed_run
 
 RESUME_OVERRIDES = ("refuse", "allow")

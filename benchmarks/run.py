@@ -75,9 +75,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import cimsim
-from cimsim.hasgd import hasgd_backward
-from cimsim.hessian import hessian_traces
-from cimsim.schedule import NoiseSchedule
+from cimsim.training.hasgd import hasgd_backward
+from cimsim.training.hessian import hessian_traces
+from cimsim.training.schedule import NoiseSchedule
 from cimsim.wide_resnet import WideResNet
 
 ROOT = Path(__file__).resolve().parent

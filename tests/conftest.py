@@ -15,6 +15,7 @@ import evaluate  # noqa: F401  (registers the eval_dir resolver that evaluate.ya
 from reproduce import compose_cfg  # noqa: F401  (the tests compose configs as reproduce.py does)
 
 ROOT = Path(__file__).resolve().parents[1]
+E2E = Path(__file__).resolve().parent / "e2e"
 CONF = ROOT / "conf"
 
 # Small, fast and offline: runs never touch the network or the GPU.
@@ -68,3 +69,10 @@ def authors_scales(w: torch.Tensor, b: torch.Tensor, scale: str = "half_range"):
     f = rb / rw
     R = r(np.concatenate([W, B / f]))
     return R, R * f
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test under tests/e2e/ is end-to-end: it carries the ``slow`` marker."""
+    for item in items:
+        if E2E in Path(item.path).resolve().parents:
+            item.add_marker(pytest.mark.slow)

@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from cimsim.noise import standard_noise
+from cimsim.chip.noise import standard_noise
 
 
 class DDPProbe(pl.Callback):

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
-from cimsim.convert import build_network
+from cimsim.chip.convert import build_network
 from cimsim.validation import config_scope
 from conftest import CONF, compose_cfg
 from train import chip_config, training_methods
@@ -78,7 +78,7 @@ def check(cfg, group, tmp_path):
         for node in (cfg.get(group) or {}).values():
             assert instantiate(node) is not None
     elif group == "robustness":
-        from cimsim.robustness import SWEEPS
+        from cimsim.robustness.measure import SWEEPS
         from evaluate import grid_for
 
         assert (

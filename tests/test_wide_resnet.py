@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from cimsim.adc import ADC
+from cimsim.chip.adc import ADC
 from cimsim.validation import ConfigError
 from cimsim.wide_resnet import BasicBlock, WideResNet
 

@@ -1,9 +1,9 @@
 """cimsim: simulate analog compute-in-memory chips, train networks that survive them (HA-SGD),
 and measure their robustness by Monte Carlo over programmed chip instances."""
 
-from cimsim.adc import ADC, adc_quantize, calibrate_adc, set_adc
-from cimsim.config import AnalogConfig
-from cimsim.convert import (
+from cimsim.chip.adc import ADC, adc_quantize, calibrate_adc, set_adc
+from cimsim.chip.config import AnalogConfig
+from cimsim.chip.convert import (
     analog_layers,
     clear_chip,
     convert_to_analog,
@@ -12,7 +12,7 @@ from cimsim.convert import (
     set_time,
     systematic_chip,
 )
-from cimsim.layers import (
+from cimsim.chip.layers import (
     AnalogBatchNorm2d,
     AnalogConv2d,
     AnalogIdentity,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cimsim.adc import ADC
+from cimsim.chip.adc import ADC
 from cimsim.validation import ConfigError, check_int, check_number
 
 

@@ -1,0 +1,210 @@
+"""``AnalogConfig``: what the chip does to a network (see docs/model.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cimsim.chip.devices.pcm import PCMConfig
+from cimsim.validation import ConfigError, check_choice, check_int, check_number
+
+DISTRIBUTIONS = ("gaussian", "uniform")
+SCALES = ("half_range", "abs_max")
+BIAS_MODES = ("separate", "unscaled", "per_tensor", "shared", "digital")
+IDENTITY_DRAWS = ("element", "channel")
+ADC_PLACEMENTS = ("block", "layer")
+DEVICES = ("relative", "pcm")
+DAC_RANGES = ("per_vector", "calibrated", "learned")
+OUT_REFS = ("normalized", "calibrated")
+# A relative std or mean shift beyond 100 % of a tensor's range leaves the stored weights with no
+# signal (the paper's largest test sigma is 0.2): such a value is a typo (5 for 0.05), not a study.
+MAX_RELATIVE = 1.0
+
+
+def check_relative(key: str, value, *, signed: bool = False) -> None:
+    """A relative noise level: ``0 <= sigma <= 1`` or ``-1 <= mean_shift <= 1`` (the range)."""
+    check_number(key, value, minimum=None if signed else 0.0)
+    if abs(value) > MAX_RELATIVE:
+        bound = f"-{MAX_RELATIVE:g} <= {key} <= {MAX_RELATIVE:g}" if signed else f"0 <= {key} <= 1"
+        why = "a fraction of the weight range (0.05 = 5 %); beyond 1 no signal is left"
+        raise ConfigError(key, value, f"must be {bound}: {why}")
+
+
+@dataclass(frozen=True)
+class AnalogConfig:
+    """A typed, validated description of an analog compute-in-memory chip.
+
+    Attributes:
+        sigma: relative std of the programming/drift perturbation, as a fraction of each tensor's
+            range (``0.05`` = 5 % of the range), in ``[0, 1]``.
+        mean_shift: relative mean of the perturbation (systematic drift), same units, any sign,
+            in ``[-1, 1]``.
+        distribution: ``gaussian`` (default) or ``uniform`` with the same std.
+        scale: the range ``r`` noise is relative to: ``half_range`` = (max - min) / 2 (default,
+            the authors'), or ``abs_max`` = max |p| (aihwkit, Joshi et al. 2020).
+        per_channel: one range per output channel (row of the crossbar) instead of per tensor
+            (Conv/Linear; BatchNorm's affine, one value per channel, stays per tensor).
+        bias: how the bias is stored. ``separate`` (default, the authors' bi-scale mapping,
+            Wan et al. 2022): the augmented row ``[W, b/f]`` with ``f = r(b) / r(W)`` lives on one
+            conductance scale, so the noise scale is the range of the union
+            ``R = r(concat(W, b/f))``: W is perturbed relative to ``R`` and b relative to ``R f``
+            (their ``match_range``). ``per_tensor``: W relative to ``r(W)``, b relative to
+            ``r(b)`` (each tensor on its own scale; equals ``separate`` only when both tensors
+            are centred). ``unscaled``: the naive physical mapping ``[W, b]`` (``s = 1``): the
+            bias on the weights' scale, so both are relative to ``R = r(concat(W, b))``.
+            ``shared``: b relative to ``r(W)`` and W to ``r(W)`` (the bias noise at the weights'
+            scale as if the bias fitted in it: optimistic when ``|b|`` exceeds the weights'
+            range). ``digital``: the bias is not perturbed.
+        analog_bn: BatchNorm runs on the chip as a per-channel affine layer (default true).
+        identity_noise: identity shortcuts get multiplicative noise ``x * (1 + sigma*eps)``.
+        identity_draws: ``element`` (default): one draw per activation element (C, H, W), as
+            the authors' ``NoisyIdentity`` (which also drew per sample); ``channel``: one gain
+            per channel, the diagonal of an identity crossbar, shared by all spatial positions.
+        identity_mean_shift: identity shortcuts also get the mean shift,
+            ``x * (1 + mu + sigma*eps)`` (off by default: the authors' identity ignores mu; on
+            models a drifting identity crossbar).
+        adc_levels: ``None`` = no ADC; else the number of uniform ADC output levels (>= 2).
+        adc_placement: ``block`` = at the points a model marks with ``ADCPoint`` (the authors'
+            WRN: first conv, each residual block, before the classifier); ``layer`` = after every
+            analog Conv/Linear/BatchNorm.
+        device: the device model of Conv/Linear weights. ``relative`` (default, the paper's):
+            the relative perturbation above. ``pcm``: IBM aihwkit's statistical phase-change
+            memory model (``pcm``; programming noise, drift, read noise, drift compensation;
+            docs/model.md), moved in time with ``set_time``; biases, BatchNorm and identity
+            shortcuts then get the relative perturbation, digital at the default sigma = 0.
+        pcm: the PCM device (``cimsim.chip.devices.pcm.PCMConfig``, or its fields as a dict).
+        t_train: with ``device='pcm'``, the time after programming (s) whose weight distribution
+            HA-SGD trains against (programming noise plus the drift spread at that time).
+
+    The crossbar periphery of Conv/Linear layers (``cimsim.chip.periphery``; all off by default):
+
+    Attributes:
+        tile_rows: ``None`` = the layer is one tile; else the most input rows per crossbar tile.
+            The unrolled weight (``C_in*k*k`` rows of a conv) is split along its inputs; a conv
+            tile holds whole input channels (``tile_rows // (k*k)`` of them). Each tile has its
+            own weight range (the relative noise is relative to it) and its own output periphery.
+        dac_levels: ``None`` = exact inputs; else inputs are clipped to ``[-b_in, b_in]`` and
+            rounded to this many uniform levels (>= 2) before the crossbar.
+        dac_range: how ``b_in`` is set. ``per_vector`` (default, aihwkit's ``noise_management =
+            abs_max``): each input vector's own max ``|x|`` over the tile's inputs (a Linear's
+            sample; a conv's sample over the tile's channels, see docs/model.md), so nothing
+            is calibrated. ``calibrated`` on data per layer (like the ADC), or ``learned`` in
+            training with a straight-through gradient (aihwkit-lightning's input ranges),
+            initialized from the max ``|x|`` of the first batch it sees.
+        out_ref: the unit of ``out_noise`` and of the tile ADC's range. ``normalized`` (default,
+            aihwkit's): ``w_max * s_x``, the tile's largest ``|w|`` (of the clean weights it was
+            mapped from) times the input vector's scale (``b_in``; per vector, a conv's per
+            output position), so the ADC's range ``out_bound`` is fixed at programming.
+            ``calibrated``: ``b_out``, each tile's calibrated max ``|partial sum|`` (moving max
+            on data after programming, tracked in training), cimsim's earlier unit.
+        tile_adc_levels: ``None`` = no tile ADC; else each tile digitizes its partial sums to this
+            many levels over ``[-out_bound, out_bound]`` (normalized) or ``[-b_out, b_out]``
+            (calibrated); aihwkit's ``out_res = 1 / (levels - 1)``.
+        out_bound: the tile ADC's bound in normalized units (> 0; aihwkit's ``out_bound``, 12 by
+            default); outputs beyond it clip, with or without ``tile_adc_levels``.
+        out_noise: Gaussian output noise of each tile, ``out_noise * unit * xi`` (``out_ref``),
+            added before the tile ADC, fresh at every matrix-vector product (>= 0; aihwkit's
+            ``out_noise``, 0.06 by default, in the same units).
+        w_read_noise: short-term weight read noise, fresh at every matrix-vector product:
+            ``y_i += w_read_noise * sqrt(sum_j |w_ij| x_j^2 / w_max) * w_max * xi_i`` per tile,
+            weights in units of the tile's ``w_max = max |w|`` (aihwkit's PCM_READ) (>= 0).
+    """
+
+    sigma: float = 0.0
+    mean_shift: float = 0.0
+    distribution: str = "gaussian"
+    scale: str = "half_range"
+    per_channel: bool = False
+    bias: str = "separate"
+    analog_bn: bool = True
+    identity_noise: bool = True
+    identity_draws: str = "element"
+    identity_mean_shift: bool = False
+    adc_levels: int | None = None
+    adc_placement: str = "block"
+    device: str = "relative"
+    pcm: PCMConfig = field(default_factory=PCMConfig)
+    t_train: float = 0.0
+    tile_rows: int | None = None
+    dac_levels: int | None = None
+    dac_range: str = "per_vector"
+    out_ref: str = "normalized"
+    tile_adc_levels: int | None = None
+    out_bound: float = 12.0
+    out_noise: float = 0.0
+    w_read_noise: float = 0.0
+
+    def __post_init__(self):
+        check_relative("sigma", self.sigma)
+        check_relative("mean_shift", self.mean_shift, signed=True)
+        check_choice("distribution", self.distribution, DISTRIBUTIONS)
+        check_choice("scale", self.scale, SCALES)
+        check_choice("per_channel", self.per_channel, (True, False))
+        check_choice("bias", self.bias, BIAS_MODES)
+        check_choice("analog_bn", self.analog_bn, (True, False))
+        check_choice("identity_noise", self.identity_noise, (True, False))
+        check_choice("identity_draws", self.identity_draws, IDENTITY_DRAWS)
+        check_choice("identity_mean_shift", self.identity_mean_shift, (True, False))
+        if self.adc_levels is not None:
+            check_int("adc_levels", self.adc_levels, minimum=2)
+        check_choice("adc_placement", self.adc_placement, ADC_PLACEMENTS)
+        check_choice("device", self.device, DEVICES)
+        check_number("t_train", self.t_train, minimum=0.0)
+        if self.tile_rows is not None:
+            check_int("tile_rows", self.tile_rows, minimum=1)
+        for key in ("dac_levels", "tile_adc_levels"):
+            if getattr(self, key) is not None:
+                check_int(key, getattr(self, key), minimum=2)
+        check_choice("dac_range", self.dac_range, DAC_RANGES)
+        check_choice("out_ref", self.out_ref, OUT_REFS)
+        check_number("out_bound", self.out_bound)
+        if self.out_bound <= 0:
+            raise ConfigError("out_bound", self.out_bound, "must be > 0 (normalized units)")
+        check_number("out_noise", self.out_noise, minimum=0.0)
+        check_number("w_read_noise", self.w_read_noise, minimum=0.0)
+        if isinstance(self.pcm, dict):  # from a config file or a checkpoint's hparams
+            try:
+                object.__setattr__(self, "pcm", PCMConfig(**self.pcm))
+            except ConfigError as err:
+                raise err.with_prefix("pcm") from None
+            except TypeError as err:
+                raise ConfigError("pcm", self.pcm, str(err)) from None
+        if not isinstance(self.pcm, PCMConfig):
+            raise ConfigError(
+                "pcm", self.pcm, "must be a cimsim.chip.devices.pcm.PCMConfig or its fields"
+            )
+
+    @property
+    def noisy(self) -> bool:
+        """Whether the relative perturbation is non-zero (else those layers run digitally)."""
+        return self.sigma != 0.0 or self.mean_shift != 0.0
+
+    @property
+    def tile_outputs(self) -> bool:
+        """Whether each tile's partial sums are processed on their own (ADC, output or read
+        noise) before the digital periphery adds them."""
+        return self.tile_adc_levels is not None or self.out_noise > 0 or self.w_read_noise > 0
+
+    @property
+    def periphery(self) -> bool:
+        """Whether any crossbar periphery field is set (else Conv/Linear are today's layers)."""
+        return self.tile_rows is not None or self.dac_levels is not None or self.tile_outputs
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether a programmed chip has ranges to calibrate on data (ADC, DAC, tile ADC)."""
+        dac = self.dac_levels is not None and self.dac_range == "calibrated"
+        tile = self.out_ref == "calibrated" and (
+            self.tile_adc_levels is not None or self.out_noise > 0
+        )
+        return self.adc_levels is not None or dac or tile
+
+    @property
+    def normalized_outputs(self) -> bool:
+        """Whether tile outputs get noise or an ADC in aihwkit's normalized units."""
+        has_outputs = self.tile_adc_levels is not None or self.out_noise > 0
+        return has_outputs and self.out_ref == "normalized"
+
+    @property
+    def pcm_device(self) -> bool:
+        """Whether Conv/Linear weights follow the PCM device model."""
+        return self.device == "pcm"

@@ -1,0 +1,1 @@
+"""Weight devices: the Device protocol, its registry and the built-in devices."""

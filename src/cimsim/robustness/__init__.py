@@ -1,0 +1,1 @@
+"""Robustness by Monte Carlo over programmed chips: grids, rows, measurement, statistics, plots."""

@@ -1,0 +1,302 @@
+"""A robustness study: several models, one Monte Carlo sweep each, one set of files and one figure.
+
+Shared by ``evaluate.py`` and the end-of-training ``RobustnessMonitor`` so both write the same
+files (``cimsim.robustness.rows``): ``robustness_rows.csv`` (per chip, resumable; its fingerprints
+in
+``robustness_rows.fingerprints.json``), ``robustness_summary.csv``, ``robustness.json`` and
+``robustness.png``. Each model's curves are named by its training recipe and its test chip. With
+several processes (DDP), each evaluates its share of the chips (``c = rank, rank + world, ...``)
+into its own resumable rows file, and rank 0 merges them into exactly the files a single process
+would have written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader
+
+from cimsim.chip.config import AnalogConfig
+from cimsim.robustness.measure import (
+    EvalSettings,
+    RobustnessGrid,
+    RobustnessResult,
+    Row,
+    chip_settings,
+    evaluate_robustness,
+    sort_rows,
+    summarize,
+)
+from cimsim.robustness.rows import (
+    PLOT_FILE,
+    ROWS_FILE,
+    RowsFile,
+    plot_robustness,
+    record_fingerprints,
+    write_results,
+    write_rows,
+)
+from cimsim.training.hasgd import TrainingMethods
+from cimsim.validation import ConfigError, check_choice
+
+CALIB_SPLITS = ("train", "val")
+# Datamodule arguments that change how images are fetched, not which or in what order.
+LOADER_ONLY = ("num_workers", "download")
+
+
+@dataclass
+class Subject:
+    """One model under test: its label in tables and figures, the analog network, its grid.
+
+    ``ckpt_sha256`` is the SHA-256 of the checkpoint file's bytes (computed from ``ckpt`` when
+    left ``None``); without a checkpoint file, the fingerprint hashes the network's weights.
+    """
+
+    label: str
+    net: nn.Module
+    grid: RobustnessGrid
+    ckpt: str = ""
+    ckpt_sha256: str | None = None
+    passes: int | None = None  # training compute: forward-backward passes over all steps
+
+
+@dataclass
+class StudyFiles:
+    """The files a study wrote (``cimsim.robustness.rows``)."""
+
+    rows: Path
+    summary: Path
+    json: Path
+    plot: Path
+
+
+@dataclass
+class Evaluation:
+    """How to run the sweeps: the test data, how chips are measured (``settings``; its
+    ``chip_indices`` are replaced by this process's share), and this process's place among
+    several. ``calib_split`` and ``data_spec`` only describe where the loaders come from, for the
+    rows' fingerprints."""
+
+    test_loader: Iterable
+    settings: EvalSettings = field(default_factory=EvalSettings)
+    rank: int = 0
+    world_size: int = 1
+    calib_split: str | None = None
+    data_spec: dict | None = None
+
+
+def check_calib_split(split: str) -> None:
+    """ADC calibration data is ``train`` or ``val``; never ``test``, whose images score the chip."""
+    if split == "test":
+        raise ConfigError(
+            "calib_split",
+            split,
+            "allowed values are 'train', 'val': never the test set, which would fit the ADC "
+            "ranges to the images that score them",
+        )
+    check_choice("calib_split", split, CALIB_SPLITS)
+
+
+def calibration_loader(datamodule, split: str) -> DataLoader:
+    """The batches that calibrate ADC ranges after each chip is programmed, in a fixed order.
+
+    ``val`` (the default of the presets): the validation loader (eval transform). ``train``: the
+    training images (``shuffle=False``) as ``datamodule.train_set`` serves them; where that set
+    is augmented (CIFAR, image folders with ``augment``) its crops and flips are random draws,
+    which ``evaluate_robustness`` seeds from the chip seed, so rows stay reproducible. The
+    authors calibrated on their shuffled, augmented training loader.
+    """
+    check_calib_split(split)
+    if split == "val":
+        return datamodule.val_dataloader()
+    if datamodule.train_set is None:
+        raise RuntimeError(f"{type(datamodule).__name__}.setup('fit') has not been called")
+    return DataLoader(
+        datamodule.train_set,
+        batch_size=datamodule.batch_size,
+        shuffle=False,
+        num_workers=datamodule.num_workers,
+    )
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _text(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "none" if value is None else str(value)
+
+
+def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = None) -> str:
+    """A model's training recipe, from its training ``chip``, HA-SGD's ``L`` samples per step and
+    the training methods: ``train sigma=0.1, L=4`` (then ``mu=..``, ``ADC n``, ``PCM``, the
+    crossbar periphery, ``antithetic``, the schedule, ``SAM rho``, ``distilled`` when set)."""
+    parts = [f"train sigma={chip.sigma:g}", f"L={L}"]
+    if chip.mean_shift:
+        parts.append(f"mu={chip.mean_shift:g}")
+    if chip.adc_levels:
+        parts.append(f"ADC {chip.adc_levels}")
+    if chip.pcm_device:
+        parts.append(f"PCM t_train={chip.t_train:g}s")
+    parts += periphery_parts(chip)
+    m = methods or TrainingMethods()
+    schedule = m.schedule
+    if m.antithetic:
+        parts.append("antithetic")
+    if schedule.kind == "ramp":
+        parts.append(f"ramp {schedule.ramp_epochs:g} ep")
+    elif schedule.kind == "uniform":
+        parts.append(f"uniform [{schedule.low:g}, {schedule.high:g}]")
+    if schedule.kappa != 1:
+        parts.append(f"x{schedule.kappa:g} sigma")
+    if m.sam_rho:
+        parts.append(f"{'ASAM' if m.sam_adaptive else 'SAM'} {m.sam_rho:g}")
+    if m.teacher:
+        parts.append("distilled")
+    return ", ".join(parts)
+
+
+def periphery_parts(chip: AnalogConfig) -> list[str]:
+    """The crossbar periphery a model was trained with, for its recipe label."""
+    parts = []
+    if chip.tile_rows is not None:
+        parts.append(f"tiles {chip.tile_rows} rows")
+    if chip.dac_levels is not None:
+        parts.append(f"DAC {chip.dac_levels}" + (" learned" if chip.dac_range == "learned" else ""))
+    if chip.tile_adc_levels is not None:
+        parts.append(f"tile ADC {chip.tile_adc_levels}")
+    if chip.out_noise:
+        parts.append(f"out noise {chip.out_noise:g}")
+    if chip.w_read_noise:
+        parts.append(f"read noise {chip.w_read_noise:g}")
+    return parts
+
+
+def _differences(settings: dict, default: dict, prefix: str = "") -> list[str]:
+    """``key=value`` for every setting that differs from ``default`` (nested: ``pcm.g_max=20``)."""
+    parts = []
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            parts += _differences(value, default[key], f"{prefix}{key}.")
+        elif value != default[key]:
+            parts.append(f"{prefix}{key}={_text(value)}")
+    return parts
+
+
+def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
+    """A curve's name: the training ``recipe`` (``recipe_label``), then every setting of the test
+    ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
+    ``train sigma=0.1, L=4 | chip bias=shared``. The grid's axes are the rows' own columns and
+    the figure's axes, except one: a single ADC setting other than the training chip's
+    ``adc_levels`` is named too, so a label never claims an ADC that its rows do not have. A PCM
+    chip reads ``train ..., PCM t_train=3600s | chip device=pcm`` (``t_train`` is the recipe's)."""
+    # t_train acts only in training (the recipe names it); a test chip is read at the grid's times.
+    # The tiles' ADC levels are the grid's axis in a tile sweep (the rows' adc_levels column).
+    axis = ("tile_adc_levels",) if grid.adc_kind == "tile" else ()
+    settings = {k: v for k, v in chip_settings(chip).items() if k not in ("t_train", *axis)}
+    parts = _differences(settings, chip_settings(AnalogConfig()))
+    own = chip.tile_adc_levels if grid.adc_kind == "tile" else chip.adc_levels
+    if len(grid.adc_levels) == 1 and grid.adc_levels[0] != own:
+        parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
+    return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
+
+
+def data_settings(spec: dict | None) -> dict | None:
+    """The settings of a datamodule spec that decide which images are tested, in which order:
+    all but ``LOADER_ONLY`` (what rows and an output folder's ``evaluation.json`` record)."""
+    return None if spec is None else {k: v for k, v in spec.items() if k not in LOADER_ONLY}
+
+
+def _known_settings(subject: Subject, ev: Evaluation) -> dict:
+    """What the fingerprint of ``subject``'s rows needs beyond what ``evaluate_robustness``
+    knows: the checkpoint file's hash, the data and the calibration split."""
+    settings = {"data": data_settings(ev.data_spec), "calib_split": ev.calib_split}
+    if subject.ckpt_sha256 is not None:
+        settings["ckpt_sha256"] = subject.ckpt_sha256
+    elif subject.ckpt and Path(subject.ckpt).is_file():
+        settings["ckpt_sha256"] = file_sha256(subject.ckpt)
+    return settings
+
+
+def gather_rows(rows: list[Row], world_size: int) -> list[Row]:
+    """All processes' rows (``torch.distributed`` must be initialized when world_size > 1)."""
+    if world_size == 1:
+        return rows
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, rows)
+    return [r for part in parts for r in part]
+
+
+def _share(ev: Evaluation, grid: RobustnessGrid) -> EvalSettings:
+    """This process's chips of ``grid``, ``rank, rank + world_size, ...``; rank 0 shows progress."""
+    chips = range(ev.rank, grid.chips, ev.world_size)
+    return replace(ev.settings, chip_indices=chips, progress=ev.settings.progress and ev.rank == 0)
+
+
+def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) -> list[Row]:
+    """Every subject's rows, this process's share of the chips first, then everyone's, in the
+    order a single process produces them (subject by subject, then chip and grid order)."""
+    name = (
+        ROWS_FILE if ev.world_size == 1 else f"robustness_rows.rank{ev.rank}of{ev.world_size}.csv"
+    )
+    mine, fingerprints = [], {}
+    for s in subjects:
+        rows_file = RowsFile(out / name, s.label, s.ckpt, known=_known_settings(s, ev))
+        result = evaluate_robustness(s.net, ev.test_loader, s.grid, _share(ev, s.grid), rows_file)
+        mine += result.rows
+        fingerprints.update(result.fingerprints)
+    everyone = gather_rows(mine, ev.world_size)
+    rows = []
+    for s in subjects:
+        rows += sort_rows([r for r in everyone if (r.model, r.ckpt) == (s.label, s.ckpt)], s.grid)
+    if ev.world_size > 1 and ev.rank == 0:
+        write_rows(out / ROWS_FILE, rows)
+        record_fingerprints(out / ROWS_FILE, fingerprints)
+    return rows
+
+
+def run_study(
+    subjects: Sequence[Subject],
+    ev: Evaluation,
+    out_dir: str | os.PathLike,
+    x: str,
+    title: str | None = None,
+) -> tuple[RobustnessResult, StudyFiles | None]:
+    """Evaluate every subject with chips from the same seed (common random numbers across
+    models), then, on rank 0, write the summary, the JSON and a figure of accuracy against ``x``.
+
+    Rerunning the same study skips the chips already in the rows file(s) (and says how many
+    were read back); rows computed with other settings (another checkpoint file at the same
+    path, other data, test chip, limits or calibration) are moved to ``robustness_rows.stale.csv``
+    and recomputed. One process writes to ``out_dir`` at a time: ``evaluate.py`` holds
+    it
+    (``cimsim.robustness.rows.hold_folder``). Returns the combined result (on every rank) and the files
+    written (``None`` on other ranks).
+    """
+    out = Path(out_dir)
+    rows = evaluate_subjects(subjects, ev, out)
+    result = RobustnessResult(rows=rows, summary=summarize(rows))
+    if ev.rank != 0:
+        return result, None
+    summary_path, json_path = write_results(result, out)
+    plot = plot_robustness(result.summary, x, out / PLOT_FILE, title=title)
+    return result, StudyFiles(out / ROWS_FILE, summary_path, json_path, plot)
+
+
+def training_passes(global_step: int, L: int, methods: TrainingMethods) -> int:
+    """Forward-backward passes a training run took: L per step, one more with SAM's ascent."""
+    return int(global_step) * (L + (1 if methods.sam_rho > 0 else 0))

@@ -1,0 +1,1 @@
+"""Training networks that survive the chip: the Lightning module, HA-SGD and its methods."""
