@@ -11,12 +11,13 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig
 
-import evaluate  # noqa: F401  (registers the eval_dir resolver that evaluate.yaml uses)
-from reproduce import compose_cfg  # noqa: F401  (the tests compose configs as reproduce.py does)
+from cimsim.cli import register
+from paper.configs import compose_cfg  # noqa: F401  (the tests compose configs as reproduce.py does)
 
 ROOT = Path(__file__).resolve().parents[1]
 E2E = Path(__file__).resolve().parent / "e2e"
 CONF = ROOT / "conf"
+register()  # the eval_dir resolver and the `chip: checkpoint` node that evaluate.yaml uses
 
 # Small, fast and offline: runs never touch the network or the GPU.
 FAST = [

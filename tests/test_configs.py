@@ -9,9 +9,9 @@ from omegaconf import OmegaConf
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.chip.convert import build_network
+from cimsim.cli.train import chip_config, training_methods
 from cimsim.validation import config_scope
 from conftest import CONF, compose_cfg
-from train import chip_config, training_methods
 
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "hydra")
 CHOICES = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
@@ -78,8 +78,8 @@ def check(cfg, group, tmp_path):
         for node in (cfg.get(group) or {}).values():
             assert instantiate(node) is not None
     elif group == "robustness":
-        from cimsim.robustness.measure import SWEEPS
-        from evaluate import grid_for
+        from cimsim.cli.evaluate import grid_for
+        from cimsim.robustness.grid import SWEEPS
 
         assert (
             grid_for(cfg).for_chip(AnalogConfig(sigma=0.05)).chips >= 1

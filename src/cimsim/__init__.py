@@ -2,7 +2,9 @@
 and measure their robustness by Monte Carlo over programmed chip instances."""
 
 from cimsim.chip.adc import ADC, adc_quantize, calibrate_adc, set_adc
+from cimsim.chip.batchnorm import AnalogBatchNorm2d
 from cimsim.chip.config import AnalogConfig
+from cimsim.chip.conv_linear import AnalogConv2d, AnalogLinear
 from cimsim.chip.convert import (
     analog_layers,
     clear_chip,
@@ -12,13 +14,8 @@ from cimsim.chip.convert import (
     set_time,
     systematic_chip,
 )
-from cimsim.chip.layers import (
-    AnalogBatchNorm2d,
-    AnalogConv2d,
-    AnalogIdentity,
-    AnalogLayer,
-    AnalogLinear,
-)
+from cimsim.chip.devices import Device, ProgrammedWeights, device_names, register_device
+from cimsim.chip.layers import AnalogIdentity, AnalogLayer
 from cimsim.validation import ConfigError
 
 __all__ = [
@@ -30,12 +27,16 @@ __all__ = [
     "AnalogLayer",
     "AnalogLinear",
     "ConfigError",
+    "Device",
+    "ProgrammedWeights",
     "adc_quantize",
     "analog_layers",
     "calibrate_adc",
     "clear_chip",
     "convert_to_analog",
+    "device_names",
     "program_chip",
+    "register_device",
     "set_adc",
     "set_noise",
     "set_time",

@@ -10,8 +10,8 @@ import netrc
 import os
 from pathlib import Path
 
-from cimsim.robustness.measure import Row
-from cimsim.robustness.rows import lines, row_record
+from cimsim.robustness.plots import lines
+from cimsim.robustness.rows import Row, row_record
 
 
 def wandb_logged_in() -> bool:

@@ -16,7 +16,7 @@ from torch import nn
 
 import cimsim
 from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_noise
-from cimsim.chip.layers import AnalogBatchNorm2d, AnalogSyncBatchNorm
+from cimsim.chip.batchnorm import AnalogBatchNorm2d, AnalogSyncBatchNorm
 from cimsim.chip.noise import noise_scales, tensor_range
 from cimsim.training.hasgd import hasgd_backward
 from conftest import authors_scales

@@ -17,8 +17,9 @@ import cimsim.chip.convert
 import cimsim.robustness.measure
 from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_time
 from cimsim.chip.devices.pcm import PCMConfig, PCMWeights, pcm_training_perturbation
-from cimsim.robustness.measure import EvalSettings, RobustnessGrid, evaluate_robustness
-from train import train
+from cimsim.cli.train import train
+from cimsim.robustness.grid import EvalSettings, RobustnessGrid
+from cimsim.robustness.measure import evaluate_robustness
 
 
 def net() -> nn.Sequential:
@@ -78,7 +79,7 @@ def test_ideal_device_is_the_digital_network_and_biases_stay_digital():
     noisy = program_chip(convert_to_analog(digital, AnalogConfig(device="pcm")).eval(), 1)
     weight, bias = noisy[2]._noisy_parameters()
     assert bias is noisy[2].bias  # the bias is not perturbed at sigma = 0 (digital, as aihwkit)
-    torch.testing.assert_close(weight, noisy[2].chip_pcm_weight)
+    torch.testing.assert_close(weight, noisy[2].chip_read_weight)
     assert not torch.allclose(weight, digital[2].weight)
 
 
@@ -127,7 +128,7 @@ def test_set_time_needs_a_programmed_pcm_chip():
 
 
 def test_the_noise_config_composes_to_a_pcm_chip(train_cfg):
-    from train import chip_config
+    from cimsim.cli.train import chip_config
 
     chip = chip_config(train_cfg(["noise=pcm", "noise.t_train=60", "noise.pcm.g_max=20"]))
     assert chip.device == "pcm" and chip.t_train == 60 and chip.pcm.g_max == 20

@@ -34,7 +34,8 @@ from cimsim.chip.adc import adcs
 from cimsim.chip.dac import DAC
 from cimsim.chip.noise import chip_noise, derive_seed, noise_scales
 from cimsim.chip.periphery import TileADC, symmetric_quantize
-from cimsim.robustness.measure import EvalSettings, RobustnessGrid, chip_seed, evaluate_robustness
+from cimsim.robustness.grid import EvalSettings, RobustnessGrid, chip_seed
+from cimsim.robustness.measure import evaluate_robustness
 from cimsim.training.classifier import AnalogClassifier
 from conftest import FAST, compose_cfg
 
@@ -609,7 +610,7 @@ TRAIN = [
 
 @pytest.fixture(scope="module")
 def tiled_checkpoint(tmp_path_factory):
-    from train import train
+    from cimsim.cli.train import train
 
     out = tmp_path_factory.mktemp("tiles")
     train(compose_cfg("train", out, FAST + TRAIN))
@@ -646,7 +647,7 @@ def test_train_with_tiles_checkpoints_the_periphery(tiled_checkpoint):
     ],
 )
 def test_bad_crossbar_settings_fail_with_their_key(tmp_path, override, key):
-    from train import train
+    from cimsim.cli.train import train
 
     with pytest.raises(ConfigError) as err:
         train(compose_cfg("train", tmp_path, FAST + TRAIN + [override]))
@@ -654,7 +655,7 @@ def test_bad_crossbar_settings_fail_with_their_key(tmp_path, override, key):
 
 
 def tile_sweep(ckpt, out, *extra):
-    from evaluate import evaluate
+    from cimsim.cli.evaluate import evaluate
 
     args = [
         f"ckpt={ckpt}",

@@ -173,7 +173,7 @@ def test_pcm_compensation_is_applied_after_the_tile_adc():
     layer = convert_to_analog(nn.Sequential(digital), chip)[0].eval()
     program_chip(layer, 2)
     set_time(layer, 3.15e7)  # a year: alpha is well above 1
-    w_t, alpha = layer._pcm.read_out(3.15e7)
+    w_t, alpha = layer.device_state.read_out(3.15e7)
     assert alpha.item() > 1.3
     s = x.abs().amax(dim=1, keepdim=True)
     w_max = digital.weight.abs().max()
@@ -224,13 +224,13 @@ def test_pcm_compensation_reads_through_the_tiles_periphery():
     program_chip(layer, 3)
     set_time(layer, 3.15e7)
     w_max = digital.weight.abs().max()
-    w_t, exact_alpha = layer._pcm.read_out(3.15e7)
+    w_t, exact_alpha = layer.device_state.read_out(3.15e7)
 
     def read(w):
         return quantize(w / w_max, torch.tensor(1.0), 7).abs().mean().clamp_min(1e-4)
 
-    alpha = read(layer._pcm.programmed_weights) / read(w_t)
-    torch.testing.assert_close(layer.chip_pcm_alpha, alpha.reshape(1, 1), rtol=1e-5, atol=0)
+    alpha = read(layer.device_state.programmed_weights) / read(w_t)
+    torch.testing.assert_close(layer.chip_read_alpha, alpha.reshape(1, 1), rtol=1e-5, atol=0)
     assert abs(alpha.item() / exact_alpha.item() - 1) > 0.01  # the ADC's coarse read counts
     s = x.abs().amax(dim=1, keepdim=True)
     expected = alpha * quantize(F.linear(x / s, w_t) / w_max, torch.tensor(1.0), 7) * w_max * s

@@ -1,20 +1,22 @@
-"""The README's shell commands run as written, on a fresh folder: a command that no longer parses,
-or names a file that a fresh clone never makes (``epoch_008.ckpt``), fails here.
+"""The shell commands of the README and its guides run as written, on a fresh folder: a command
+that no longer parses, or names a file that a fresh clone never makes (``epoch_008.ckpt``), fails
+here.
 
-Every fenced ```bash block of README.md is read in order, line by line (``\\``-continuations
-joined, ``&&`` chains split). ``NAME=...`` lines are kept and rerun before each later command of
-their block; each ``python ...`` command is expanded by bash itself (quotes, ``$A``, ``$(ls ...)``
-exactly as in a terminal, under ``set -eu``: a glob that matches nothing fails). Then
-``train.py`` or ``evaluate.py`` runs as ``__main__`` in this process (``runpy``: torch is
-imported once, not per command), in a temporary working directory, so ``outputs/...`` starts
+Every fenced ```bash block of ``DOCS`` (README.md, then the guides, in that order: a guide's
+commands read what the README's workflow wrote) is read in order, line by line
+(``\\``-continuations joined, ``&&`` chains split). ``NAME=...`` lines are kept and rerun before
+each later command of their block; each ``python ...`` command is expanded by bash itself (quotes,
+``$A``, ``$(ls ...)`` exactly as in a terminal, under ``set -eu``: a glob that matches nothing
+fails). Then ``train.py`` or ``evaluate.py`` runs as ``__main__`` in this process (``runpy``: torch
+is imported once, not per command), in a temporary working directory, so ``outputs/...`` starts
 empty. Small-run overrides are appended (``SMALL``: one epoch of two batches, width 1, two chips
 of one test batch); they win over a command's own values, but a config group that a command
 chooses itself (``trainer=``, ``logger=``) is left alone.
 
 Commands that cannot run here are skipped by a rule of ``SKIP`` (a pattern and why), each one
-listed as a skipped test with its README line (``pytest -ra`` prints them); a rule that matches
+listed as a skipped test with its file and line (``pytest -ra`` prints them); a rule that matches
 no command fails, so the list cannot rot. The full ``python reproduce.py`` is in no block (13
-min); its outputs, which one README command reads, are stood in for by the workflow's two models
+min); its outputs, which a command may read, are stood in for by the workflow's two models
 copied into reproduce's layout (``STAND_INS``: the same recipes).
 """
 
@@ -33,18 +35,31 @@ import torch
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import CONF, ROOT
-from paper.results import RUN
+from paper.plan import RUN
 
+# The files whose ```bash blocks run, in this order; every docs/*.md with such a block is here.
+DOCS = (
+    "README.md",
+    "docs/training.md",
+    "docs/devices.md",
+    "docs/periphery.md",
+    "docs/methods.md",
+    "docs/evaluation.md",
+    "docs/scaling.md",
+    "docs/performance.md",
+    "docs/extending.md",
+)
 # (pattern in the command as written, why it is not run here)
 SKIP = (
     (r"^pip ", "installs packages: needs the network"),
     (r"^python -m pytest", "the test suite itself"),
+    (r"plugins=\[my_devices\]|method=clip\b", "a worked example: test_extending.py runs it"),
     (r"data\.download=true", "downloads a dataset (and trains at paper scale: a GPU)"),
     (r"/path/to/", "a template: needs your own image folder"),
     (r"hydra/launcher=slurm", "submits SLURM jobs"),
-    (r"trainer=ddp", "several processes or GPUs (tests/test_scale_out.py runs trainer=ddp_cpu)"),
-    (r"\bdevices=[2-9]", "several processes (tests/test_scale_out.py runs devices=2)"),
-    (r"^python train\.py -m ", "a sweep of several trainings (tests/test_scale_out.py runs one)"),
+    (r"trainer=ddp", "several processes or GPUs (test_scale_out.py runs trainer=ddp_cpu)"),
+    (r"\bdevices=[2-9]", "several processes (tests/e2e/test_scale_out.py runs devices=2)"),
+    (r"^python train\.py -m ", "a sweep of several trainings (test_scale_out.py runs one)"),
     (r"\bsweep_dir=", "evaluates a train.py -m sweep, and sweeps are skipped"),
 )
 # Appended to every command of the script: small, fast, offline, on the CPU.
@@ -82,17 +97,19 @@ REPRODUCED = re.compile(r"outputs/reproduce/train/([^/]+)/")
 
 @dataclass(frozen=True)
 class Command:
-    line: int  # in README.md
+    file: str  # README.md or docs/NAME.md
+    line: int
     text: str  # as written, one simple command
     prelude: tuple[str, ...]  # the block's NAME=... lines before it
 
     def __str__(self) -> str:
         bare = re.sub(r"\s+#.*$", "", self.text)  # without its comment
-        return f"README.md:{self.line}: {bare}"
+        return f"{self.file}:{self.line}: {bare}"
 
 
 def readme_commands(path: Path = ROOT / "README.md") -> list[Command]:
-    """Every command of every ```bash block, in order."""
+    """Every command of every ```bash block of ``path`` (README.md or a guide), in order."""
+    name = path.relative_to(ROOT).as_posix()
     commands, prelude, block = [], [], False
     lines = path.read_text().splitlines()
     i = 0
@@ -110,7 +127,7 @@ def readme_commands(path: Path = ROOT / "README.md") -> list[Command]:
             prelude.append(text)
         else:
             parts = [p.strip() for p in text.split(" && ")]
-            commands += [Command(start, part, tuple(prelude)) for part in parts]
+            commands += [Command(name, start, part, tuple(prelude)) for part in parts]
     return commands
 
 
@@ -118,7 +135,7 @@ def skip_reason(command: Command) -> str | None:
     return next((why for pattern, why in SKIP if re.search(pattern, command.text)), None)
 
 
-COMMANDS = readme_commands()
+COMMANDS = [c for doc in DOCS for c in readme_commands(ROOT / doc)]
 RUNNABLE = [c for c in COMMANDS if skip_reason(c) is None]
 SKIPPED = [c for c in COMMANDS if skip_reason(c) is not None]
 
@@ -171,12 +188,18 @@ def run(command: Command, cwd: Path, monkeypatch) -> None:
         assert stop.code in (0, None), f"{command}\nexited with {stop.code}"
 
 
+def test_every_guide_with_commands_is_read():
+    guides = [p for p in sorted((ROOT / "docs").glob("*.md")) if "```bash" in p.read_text()]
+    unread = sorted({p.relative_to(ROOT).as_posix() for p in guides} - set(DOCS))
+    assert not unread, f"guides with ```bash blocks missing from DOCS: {unread}"
+
+
 def test_every_readme_command_is_known_and_every_skip_rule_is_used():
     assert RUNNABLE, "no runnable command found: is README.md's ```bash fencing intact?"
     for command in RUNNABLE:
         assert re.match(r"python (train|evaluate)\.py\b", command.text), command
     unused = [p for p, _ in SKIP if not any(re.search(p, c.text) for c in COMMANDS)]
-    assert not unused, f"skip rules that match no README command: {unused}"
+    assert not unused, f"skip rules that match no command of README.md or a guide: {unused}"
 
 
 def test_the_readme_commands_run_as_written(tmp_path, monkeypatch):
@@ -188,6 +211,6 @@ def test_the_readme_commands_run_as_written(tmp_path, monkeypatch):
         run(command, tmp_path, monkeypatch)
 
 
-@pytest.mark.parametrize("command", SKIPPED, ids=lambda c: f"line{c.line}")
+@pytest.mark.parametrize("command", SKIPPED, ids=lambda c: f"{Path(c.file).stem}:{c.line}")
 def test_skipped_command(command):
     pytest.skip(f"{command}: {skip_reason(command)}")

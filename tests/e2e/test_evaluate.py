@@ -31,12 +31,14 @@ from torch.utils.data import DataLoader
 
 import cimsim.robustness.measure
 from cimsim import ConfigError, calibrate_adc, program_chip, set_adc, set_noise
-from cimsim.robustness.measure import chip_seed
-from cimsim.robustness.rows import StaleRowsWarning, lines, read_fingerprints
+from cimsim.cli.evaluate import evaluate
+from cimsim.cli.train import train
+from cimsim.robustness.fingerprints import read_fingerprints
+from cimsim.robustness.grid import chip_seed
+from cimsim.robustness.plots import lines
+from cimsim.robustness.rows import StaleRowsWarning
 from cimsim.training.classifier import AnalogClassifier
 from conftest import FAST, ROOT, compose_cfg
-from evaluate import evaluate
-from train import train
 
 SMALL = ["robustness.chips=3", "robustness.sigmas=[0.0,0.1]", "progress=false"]
 OFFLINE = {**os.environ, "WANDB_MODE": "offline"}

@@ -14,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from cimsim import ConfigError
+from cimsim.cli.train import resume_in_place, train
 from cimsim.training.checkpoint import RUN
 from cimsim.validation import remove_failed_run_dir
 from conftest import FAST, ROOT
-from train import resume_in_place, train
 
 # The run being resumed: not the defaults (sigma 0, L 1), so a resume that forgets them shows.
 RUN_SETTINGS = ["noise.sigma=0.05", "hasgd.L=2"]

@@ -201,7 +201,7 @@ def test_distributed_evaluation_matches_one_process(sweep, tmp_path):
 
 
 def test_sweep_jobs_share_a_wandb_group_named_after_the_sweep(tmp_path):
-    from train import group_sweep_runs
+    from cimsim.cli.train import group_sweep_runs
 
     cfg = compose_cfg(
         "train", tmp_path, ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/sigma_sweep"]

@@ -17,10 +17,10 @@ import cimsim
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.chip.adc import adcs
 from cimsim.chip.convert import build_network
+from cimsim.cli.train import train
 from cimsim.training.classifier import AnalogClassifier
 from cimsim.training.hasgd import hasgd_backward
 from conftest import ROOT, authors_scales
-from train import train
 
 WRN = {
     "_target_": "cimsim.wide_resnet.WideResNet",

@@ -16,10 +16,15 @@ import torch
 from scipy import stats
 
 from cimsim import ConfigError
-from cimsim.robustness.measure import format_time
+from cimsim.robustness.summary import format_time
 from conftest import ROOT
-from paper.results import MEAN_SHIFT, RUN, RUNS, STUDIES, STUDY, study_rows, write_report
-from reproduce import Progress, main, parse, reproduce, split_overrides, train_run
+from paper.evidence import study_rows
+from paper.plan import MEAN_SHIFT, RUN, RUNS, STUDIES, STUDY
+from paper.report import write_report
+from paper.run import Progress, split_overrides, train_run
+from reproduce import main, parse, reproduce
+
+pytestmark = pytest.mark.slow  # end-to-end: reproduce.py trains and evaluates the plan
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +119,18 @@ def test_rerun_reuses_every_training_and_chip(tiny):
     again = (tmp / "docs" / "results.md").read_text()
     body = [li for li in report.splitlines() if not li.startswith(HEADER)]
     assert [li for li in again.splitlines() if not li.startswith(HEADER)] == body
+
+
+def test_report_only_renders_the_report_again_from_the_rows(tiny):
+    """--report-only trains and measures nothing: the same report from the rows on disk, with
+    the provenance of the command that measured them (report.json)."""
+    tmp, _ = tiny
+    report = (tmp / "docs" / "results.md").read_text()
+    meta = reproduce([*tiny_args(tmp), "--report-only"])
+    assert meta == json.loads((tmp / "out" / "report.json").read_text())
+    assert (tmp / "docs" / "results.md").read_text() == report
+    with pytest.raises(ConfigError, match=r"^--report-only=.* takes no Hydra overrides"):
+        reproduce([*tiny_args(tmp), "--report-only", "data=digits"])
 
 
 def fmt(values):

@@ -15,10 +15,10 @@ import pytest
 
 import cimsim.robustness.measure
 from cimsim import ConfigError
+from cimsim.cli.evaluate import evaluate
+from cimsim.cli.train import train
 from cimsim.robustness.rows import DuplicateRowsWarning
 from conftest import FAST, ROOT, compose_cfg
-from evaluate import evaluate
-from train import train
 
 SMALL = ["robustness.chips=2", "robustness.sigmas=[0.0,0.1]", "progress=false"]
 HESSIAN = ["hessian=true", "hessian_probes=2", "hessian_batches=1"]
@@ -98,6 +98,7 @@ def test_files_of_an_unrecorded_call_are_refused(ckpt, tmp_path):
     assert (tmp_path / "robustness_rows.csv").exists()
 
 
+@pytest.mark.slow  # end-to-end: a subprocess of an entry script
 def test_a_second_process_is_refused_while_the_folder_is_held(ckpt, tmp_path):
     """The test process holds the folder's lock as a running evaluate.py does; the CLI on that
     folder stops at once with one line, and writes nothing."""

@@ -13,17 +13,18 @@ import cimsim.chip.layers as layers
 import cimsim.chip.noise as noise
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.chip.noise import antithetic
+from cimsim.cli.evaluate import evaluate
+from cimsim.cli.train import train
 from cimsim.data import DigitsDataModule
-from cimsim.robustness.rows import plot_compute
-from cimsim.robustness.study import Subject, recipe_label, training_passes
+from cimsim.robustness.plots import plot_compute
+from cimsim.robustness.study import Subject
 from cimsim.training.classifier import AnalogClassifier
 from cimsim.training.distill import distillation_loss
-from cimsim.training.hasgd import TrainingMethods, hasgd_backward, sam_ascent
+from cimsim.training.hasgd import hasgd_backward, sam_ascent
 from cimsim.training.hessian import hessian_traces
+from cimsim.training.methods import TrainingMethods, recipe_label, training_passes
 from cimsim.training.schedule import NoiseSchedule
 from conftest import authors_scales, compose_cfg
-from evaluate import evaluate
-from train import train
 
 
 def quadratic_problem():

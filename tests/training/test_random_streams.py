@@ -10,8 +10,8 @@ import torch
 
 from cimsim import AnalogConfig
 from cimsim.chip.noise import standard_noise, training_stream
+from cimsim.cli.train import train
 from cimsim.training.classifier import AnalogClassifier
-from train import train
 
 
 class BatchOrder(pl.Callback):

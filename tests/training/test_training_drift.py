@@ -14,11 +14,11 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_noise
 from cimsim.chip.convert import clear_chip, systematic_chip
-from cimsim.robustness.measure import TRAIN, RobustnessGrid
+from cimsim.cli.train import train
+from cimsim.robustness.grid import TRAIN, RobustnessGrid
 from cimsim.training.callbacks import sweep_title
 from cimsim.training.classifier import AnalogClassifier
 from conftest import authors_scales
-from train import train
 
 MU = 0.05
 
@@ -108,7 +108,7 @@ def test_reports_compare_each_model_at_its_own_mean_shift(tmp_path):
     plot and the loss prediction use them, next to a model's rows at 0."""
     from types import SimpleNamespace
 
-    from cimsim.robustness.rows import (
+    from cimsim.robustness.plots import (
         measured_losses,
         own_mean_shift,
         plot_compute,

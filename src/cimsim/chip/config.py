@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import MISSING, dataclass
+from typing import Any
 
-from cimsim.chip.devices.pcm import PCMConfig
+from cimsim.chip.devices import Device, device_names, get_device, reserve_names
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 DISTRIBUTIONS = ("gaussian", "uniform")
@@ -12,24 +14,23 @@ SCALES = ("half_range", "abs_max")
 BIAS_MODES = ("separate", "unscaled", "per_tensor", "shared", "digital")
 IDENTITY_DRAWS = ("element", "channel")
 ADC_PLACEMENTS = ("block", "layer")
-DEVICES = ("relative", "pcm")
 DAC_RANGES = ("per_vector", "calibrated", "learned")
 OUT_REFS = ("normalized", "calibrated")
 # A relative std or mean shift beyond 100 % of a tensor's range leaves the stored weights with no
 # signal (the paper's largest test sigma is 0.2): such a value is a typo (5 for 0.05), not a study.
-MAX_RELATIVE = 1.0
+MAX_LEVEL = 1.0
 
 
 def check_relative(key: str, value, *, signed: bool = False) -> None:
     """A relative noise level: ``0 <= sigma <= 1`` or ``-1 <= mean_shift <= 1`` (the range)."""
     check_number(key, value, minimum=None if signed else 0.0)
-    if abs(value) > MAX_RELATIVE:
-        bound = f"-{MAX_RELATIVE:g} <= {key} <= {MAX_RELATIVE:g}" if signed else f"0 <= {key} <= 1"
+    if abs(value) > MAX_LEVEL:
+        bound = f"-{MAX_LEVEL:g} <= {key} <= {MAX_LEVEL:g}" if signed else f"0 <= {key} <= 1"
         why = "a fraction of the weight range (0.05 = 5 %); beyond 1 no signal is left"
         raise ConfigError(key, value, f"must be {bound}: {why}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class AnalogConfig:
     """A typed, validated description of an analog compute-in-memory chip.
 
@@ -66,14 +67,18 @@ class AnalogConfig:
         adc_placement: ``block`` = at the points a model marks with ``ADCPoint`` (the authors'
             WRN: first conv, each residual block, before the classifier); ``layer`` = after every
             analog Conv/Linear/BatchNorm.
-        device: the device model of Conv/Linear weights. ``relative`` (default, the paper's):
-            the relative perturbation above. ``pcm``: IBM aihwkit's statistical phase-change
-            memory model (``pcm``; programming noise, drift, read noise, drift compensation;
-            docs/model.md), moved in time with ``set_time``; biases, BatchNorm and identity
-            shortcuts then get the relative perturbation, digital at the default sigma = 0.
-        pcm: the PCM device (``cimsim.chip.devices.pcm.PCMConfig``, or its fields as a dict).
-        t_train: with ``device='pcm'``, the time after programming (s) whose weight distribution
-            HA-SGD trains against (programming noise plus the drift spread at that time).
+        device: the device model of Conv/Linear weights, a registered ``cimsim.Device``
+            (``cimsim.chip.devices``). ``relative`` (default, the paper's): the relative
+            perturbation above. ``pcm``: IBM aihwkit's statistical phase-change memory model
+            (programming noise, drift, read noise, drift compensation; docs/model.md), moved in
+            time with ``set_time``. Biases, BatchNorm and identity shortcuts keep the relative
+            perturbation whatever the device (digital at the default sigma = 0).
+        device_config: the device's validated config (``PCMConfig`` for ``pcm``); None = its
+            defaults. Given by the device's name too: ``AnalogConfig(device="pcm", pcm={...})``
+            (a config or its fields as a dict, as Hydra's ``noise.pcm.<field>`` and a
+            checkpoint's hparams hold it), read back as ``chip.pcm``.
+        t_train: with a timed device (``pcm``), the time after programming (s) whose weight
+            distribution HA-SGD trains against (programming noise plus the drift spread then).
 
     The crossbar periphery of Conv/Linear layers (``cimsim.chip.periphery``; all off by default):
 
@@ -122,7 +127,7 @@ class AnalogConfig:
     adc_levels: int | None = None
     adc_placement: str = "block"
     device: str = "relative"
-    pcm: PCMConfig = field(default_factory=PCMConfig)
+    device_config: Any = None
     t_train: float = 0.0
     tile_rows: int | None = None
     dac_levels: int | None = None
@@ -133,7 +138,23 @@ class AnalogConfig:
     out_noise: float = 0.0
     w_read_noise: float = 0.0
 
-    def __post_init__(self):
+    def __init__(self, **settings: Any):
+        """Keyword arguments only: the fields, and ``<device>=`` a registered device's config
+        (its config class, or its fields as a dict); the selected device's is kept, the others'
+        only validated (a checkpoint records ``pcm`` for every chip)."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        configs = {k: settings.pop(k) for k in list(settings) if k not in fields}
+        for key in configs:
+            if key not in device_names():
+                raise TypeError(
+                    f"AnalogConfig.__init__() got an unexpected keyword argument {key!r}"
+                )
+        for name, f in fields.items():
+            default = f.default_factory() if f.default is MISSING else f.default
+            object.__setattr__(self, name, settings.get(name, default))
+        self._validate(configs)
+
+    def _validate(self, configs: dict[str, Any]) -> None:
         check_relative("sigma", self.sigma)
         check_relative("mean_shift", self.mean_shift, signed=True)
         check_choice("distribution", self.distribution, DISTRIBUTIONS)
@@ -147,7 +168,7 @@ class AnalogConfig:
         if self.adc_levels is not None:
             check_int("adc_levels", self.adc_levels, minimum=2)
         check_choice("adc_placement", self.adc_placement, ADC_PLACEMENTS)
-        check_choice("device", self.device, DEVICES)
+        get_device(self.device)  # a registered device, else ConfigError naming the choices
         check_number("t_train", self.t_train, minimum=0.0)
         if self.tile_rows is not None:
             check_int("tile_rows", self.tile_rows, minimum=1)
@@ -161,17 +182,77 @@ class AnalogConfig:
             raise ConfigError("out_bound", self.out_bound, "must be > 0 (normalized units)")
         check_number("out_noise", self.out_noise, minimum=0.0)
         check_number("w_read_noise", self.w_read_noise, minimum=0.0)
-        if isinstance(self.pcm, dict):  # from a config file or a checkpoint's hparams
-            try:
-                object.__setattr__(self, "pcm", PCMConfig(**self.pcm))
-            except ConfigError as err:
-                raise err.with_prefix("pcm") from None
-            except TypeError as err:
-                raise ConfigError("pcm", self.pcm, str(err)) from None
-        if not isinstance(self.pcm, PCMConfig):
-            raise ConfigError(
-                "pcm", self.pcm, "must be a cimsim.chip.devices.pcm.PCMConfig or its fields"
-            )
+        own = None
+        for name, value in configs.items():  # each validated; errors name the key: pcm.t0
+            config = _device_config(name, value)
+            own = config if name == self.device else own
+        if own is None:
+            own = self._own_config()
+        object.__setattr__(self, "device_config", own)
+        object.__setattr__(self, "_device_model", get_device(self.device).device_cls(own))
+
+    def _own_config(self):
+        """``device_config`` as given: None or another device's (``dataclasses.replace`` of a
+        chip with another ``device``) is the device's defaults; a dict is its fields."""
+        entry, given = get_device(self.device), self.device_config
+        stale = any(
+            isinstance(given, get_device(n).config_cls) and not isinstance(given, entry.config_cls)
+            for n in device_names()
+        )
+        if given is None or stale:
+            return entry.config_cls()
+        return _device_config(self.device, given, key="device_config")
+
+    def __getattr__(self, name: str):
+        """``chip.<device>``: that device's config (its defaults unless it is selected)."""
+        if name.startswith("_") or name not in device_names():
+            raise AttributeError(f"'AnalogConfig' object has no attribute {name!r}")
+        return self.device_config if name == self.device else get_device(name).config_cls()
+
+    @property
+    def device_model(self) -> Device:
+        """The selected ``Device``, bound to ``device_config``: its capabilities and methods."""
+        return self._device_model
+
+    def as_dict(self) -> dict[str, Any]:
+        """The chip as plain values, as checkpoints and row fingerprints record it: the fields in
+        order, with each recorded device config under its name (``pcm: {...}``) in place of
+        ``device_config``; ``AnalogConfig(**chip.as_dict()) == chip``."""
+        plain, out = dataclasses.asdict(self), {}
+        for key in self.setting_keys():
+            if key in plain:
+                out[key] = plain[key]
+                continue
+            entry = get_device(key)
+            if (
+                key == self.device and dataclasses.fields(entry.config_cls)
+            ) or entry.device_cls.recorded:
+                out[key] = dataclasses.asdict(getattr(self, key))
+        return out
+
+    def override(self, overrides: dict[str, Any]) -> AnalogConfig:
+        """This chip with ``overrides`` (field -> value); a device's nested settings
+        (``{"pcm": {"drift_compensation": "none"}}``) replace only the fields they name."""
+        overrides = dict(overrides)
+        for name in device_names():
+            if isinstance(overrides.get(name), dict):
+                try:
+                    overrides[name] = dataclasses.replace(getattr(self, name), **overrides[name])
+                except ConfigError as err:
+                    raise err.with_prefix(name) from None
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def setting_keys(cls) -> list[str]:
+        """What a chip setting may name: the fields, with the names of the devices that have
+        settings in place of ``device_config`` (``chip.<field>``, ``chip.pcm.<field>``)."""
+        keys = []
+        for f in dataclasses.fields(cls):
+            if f.name != "device_config":
+                keys.append(f.name)
+                continue
+            keys += [n for n in device_names() if dataclasses.fields(get_device(n).config_cls)]
+        return keys
 
     @property
     def noisy(self) -> bool:
@@ -204,7 +285,22 @@ class AnalogConfig:
         has_outputs = self.tile_adc_levels is not None or self.out_noise > 0
         return has_outputs and self.out_ref == "normalized"
 
-    @property
-    def pcm_device(self) -> bool:
-        """Whether Conv/Linear weights follow the PCM device model."""
-        return self.device == "pcm"
+
+def _device_config(name: str, value: Any, key: str | None = None):
+    """Device ``name``'s config from ``value`` (its config class, or its fields as a dict);
+    a ``ConfigError`` on ``<key or name>.<field>``."""
+    cls, key = get_device(name).config_cls, key or name
+    if isinstance(value, dict):  # from a config file or a checkpoint's hparams
+        try:
+            return cls(**value)
+        except ConfigError as err:
+            raise err.with_prefix(name) from None
+        except TypeError as err:
+            raise ConfigError(key, value, str(err)) from None
+    if not isinstance(value, cls):
+        why = f"must be a {cls.__module__}.{cls.__qualname__} or its fields"
+        raise ConfigError(key, value, why)
+    return value
+
+
+reserve_names([f.name for f in dataclasses.fields(AnalogConfig)] + dir(AnalogConfig))

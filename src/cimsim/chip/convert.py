@@ -13,15 +13,11 @@ import torch
 from torch import nn
 
 from cimsim.chip.adc import CHIP_PLACEMENTS, adcs
+from cimsim.chip.batchnorm import AnalogBatchNorm2d, AnalogSyncBatchNorm
 from cimsim.chip.config import AnalogConfig, check_relative
-from cimsim.chip.layers import (
-    AnalogBatchNorm2d,
-    AnalogConv2d,
-    AnalogIdentity,
-    AnalogLayer,
-    AnalogLinear,
-    AnalogSyncBatchNorm,
-)
+from cimsim.chip.conv_linear import AnalogConv2d, AnalogLinear
+from cimsim.chip.devices import device_names, get_device
+from cimsim.chip.layers import AnalogIdentity, AnalogLayer
 from cimsim.validation import ConfigError, check_number
 
 # Exact digital type -> analog type. Subclasses are left alone: their forward may differ.
@@ -137,21 +133,42 @@ def program_chip(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
+def device_layers(model: nn.Module) -> list[AnalogLayer]:
+    """The analog layers whose weights follow ``config.device`` (Conv/Linear)."""
+    return [layer for _, layer in analog_layers(model) if layer.uses_device]
+
+
+def timed_chip(model: nn.Module) -> bool:
+    """Whether ``model`` has weights on a device whose reads depend on time (``Device.timed``:
+    ``set_time`` and time sweeps apply)."""
+    return any(layer.config.device_model.timed for layer in device_layers(model))
+
+
 def set_time(model: nn.Module, t_inference: float, repetition: int = 0) -> nn.Module:
-    """Move a programmed PCM chip (``device='pcm'``) to ``t_inference`` seconds after
-    programming: every Conv/Linear reads its drifted, compensated weights once, with the read
-    noise of read-out ``repetition`` (the same ``(chip, t, repetition)`` always reads the same;
-    another repetition redraws only the read noise). ``program_chip`` starts at ``t = 0``. ADC
-    ranges must be recalibrated afterwards.
+    """Move a programmed chip on a timed device (``device='pcm'``) to ``t_inference`` seconds
+    after programming: every Conv/Linear reads its drifted, compensated weights once, with the
+    read noise of read-out ``repetition`` (the same ``(chip, t, repetition)`` always reads the
+    same; another repetition redraws only the read noise). ``program_chip`` starts at ``t = 0``.
+    ADC ranges must be recalibrated afterwards. A device whose reads do not depend on time is a
+    ``ConfigError`` on ``device``.
     """
     check_number("t_inference", t_inference, minimum=0.0)
     if isinstance(repetition, bool) or not isinstance(repetition, int) or repetition < 0:
         raise ConfigError("repetition", repetition, "must be an integer >= 0")
-    layers = [layer for _, layer in _require_analog(model) if layer._pcm is not None]
+    timed = [n for n in device_names() if get_device(n).device_cls.timed]
+    titles = " or ".join(get_device(n).device_cls.display() for n in timed)
+    needs = f"set_time needs a programmed {titles} chip"
+    untimed = [
+        layer.config.device for layer in device_layers(model) if not layer.config.device_model.timed
+    ]
+    if untimed:
+        why = f"{needs}: {untimed[0]!r} weights do not move in time (timed devices: {timed})"
+        raise ConfigError("device", untimed[0], why)
+    layers = [layer for _, layer in _require_analog(model) if layer.device_state is not None]
     if not layers:
         raise ValueError(
-            "set_time needs a programmed PCM chip: convert with AnalogConfig(device='pcm') and "
-            "call cimsim.program_chip(model, seed) first"
+            f"{needs}: convert with AnalogConfig(device={timed[0]!r}) and call "
+            "cimsim.program_chip(model, seed) first"
         )
     for layer in layers:
         layer.set_time(t_inference, repetition)
@@ -167,13 +184,13 @@ def systematic_chip(model: nn.Module) -> Iterator[nn.Module]:
     trained for a drifted chip is scored on that chip, not on its undrifted weights.
 
     For a model with no chip programmed (``clear_chip``); ADC ranges are kept (in training they
-    track the drifted outputs). PCM weights follow their own device, so those layers are left
-    alone.
+    track the drifted outputs). Weights on a device with state of its own (``pcm``) follow it, so
+    those layers are left alone.
     """
     layers = [
         (name, layer, layer.config)
         for name, layer in analog_layers(model)
-        if layer.config.mean_shift != 0.0 and not layer._pcm_weights
+        if layer.config.mean_shift != 0.0 and not layer._device_weights
     ]
     try:
         for name, layer, config in layers:

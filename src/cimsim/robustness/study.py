@@ -1,18 +1,16 @@
 """A robustness study: several models, one Monte Carlo sweep each, one set of files and one figure.
 
 Shared by ``evaluate.py`` and the end-of-training ``RobustnessMonitor`` so both write the same
-files (``cimsim.robustness.rows``): ``robustness_rows.csv`` (per chip, resumable; its fingerprints
-in
-``robustness_rows.fingerprints.json``), ``robustness_summary.csv``, ``robustness.json`` and
-``robustness.png``. Each model's curves are named by its training recipe and its test chip. With
-several processes (DDP), each evaluates its share of the chips (``c = rank, rank + world, ...``)
-into its own resumable rows file, and rank 0 merges them into exactly the files a single process
-would have written.
+files: ``robustness_rows.csv`` (per chip, resumable; ``cimsim.robustness.rows``), its fingerprints
+in ``robustness_rows.fingerprints.json``, ``robustness_summary.csv``, ``robustness.json`` and
+``robustness.png`` (``cimsim.robustness.plots``). Each model's curves are named by its training
+recipe and its test chip. With several processes (DDP), each evaluates its share of the chips
+(``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0 merges them into
+exactly the files a single process would have written.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -21,34 +19,17 @@ from typing import Any
 
 import torch.distributed as dist
 from torch import nn
-from torch.utils.data import DataLoader
 
 from cimsim.chip.config import AnalogConfig
-from cimsim.robustness.measure import (
-    EvalSettings,
-    RobustnessGrid,
-    RobustnessResult,
-    Row,
-    chip_settings,
-    evaluate_robustness,
-    sort_rows,
-    summarize,
-)
-from cimsim.robustness.rows import (
-    PLOT_FILE,
-    ROWS_FILE,
-    RowsFile,
-    plot_robustness,
-    record_fingerprints,
-    write_results,
-    write_rows,
-)
-from cimsim.training.hasgd import TrainingMethods
-from cimsim.validation import ConfigError, check_choice
-
-CALIB_SPLITS = ("train", "val")
-# Datamodule arguments that change how images are fetched, not which or in what order.
-LOADER_ONLY = ("num_workers", "download")
+from cimsim.files import file_sha256
+from cimsim.robustness.calibration import data_settings
+from cimsim.robustness.fingerprints import record_fingerprints
+from cimsim.robustness.folders import PLOT_FILE
+from cimsim.robustness.grid import EvalSettings, RobustnessGrid, chip_settings
+from cimsim.robustness.measure import evaluate_robustness, sort_rows
+from cimsim.robustness.plots import plot_robustness, write_results
+from cimsim.robustness.rows import ROWS_FILE, RobustnessResult, Row, RowsFile, write_rows
+from cimsim.robustness.summary import summarize
 
 
 @dataclass
@@ -69,7 +50,7 @@ class Subject:
 
 @dataclass
 class StudyFiles:
-    """The files a study wrote (``cimsim.robustness.rows``)."""
+    """The files a study wrote (``run_study``)."""
 
     rows: Path
     summary: Path
@@ -92,113 +73,25 @@ class Evaluation:
     data_spec: dict | None = None
 
 
-def check_calib_split(split: str) -> None:
-    """ADC calibration data is ``train`` or ``val``; never ``test``, whose images score the chip."""
-    if split == "test":
-        raise ConfigError(
-            "calib_split",
-            split,
-            "allowed values are 'train', 'val': never the test set, which would fit the ADC "
-            "ranges to the images that score them",
-        )
-    check_choice("calib_split", split, CALIB_SPLITS)
-
-
-def calibration_loader(datamodule, split: str) -> DataLoader:
-    """The batches that calibrate ADC ranges after each chip is programmed, in a fixed order.
-
-    ``val`` (the default of the presets): the validation loader (eval transform). ``train``: the
-    training images (``shuffle=False``) as ``datamodule.train_set`` serves them; where that set
-    is augmented (CIFAR, image folders with ``augment``) its crops and flips are random draws,
-    which ``evaluate_robustness`` seeds from the chip seed, so rows stay reproducible. The
-    authors calibrated on their shuffled, augmented training loader.
-    """
-    check_calib_split(split)
-    if split == "val":
-        return datamodule.val_dataloader()
-    if datamodule.train_set is None:
-        raise RuntimeError(f"{type(datamodule).__name__}.setup('fit') has not been called")
-    return DataLoader(
-        datamodule.train_set,
-        batch_size=datamodule.batch_size,
-        shuffle=False,
-        num_workers=datamodule.num_workers,
-    )
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _text(value: Any) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return "none" if value is None else str(value)
 
 
-def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = None) -> str:
-    """A model's training recipe, from its training ``chip``, HA-SGD's ``L`` samples per step and
-    the training methods: ``train sigma=0.1, L=4`` (then ``mu=..``, ``ADC n``, ``PCM``, the
-    crossbar periphery, ``antithetic``, the schedule, ``SAM rho``, ``distilled`` when set)."""
-    parts = [f"train sigma={chip.sigma:g}", f"L={L}"]
-    if chip.mean_shift:
-        parts.append(f"mu={chip.mean_shift:g}")
-    if chip.adc_levels:
-        parts.append(f"ADC {chip.adc_levels}")
-    if chip.pcm_device:
-        parts.append(f"PCM t_train={chip.t_train:g}s")
-    parts += periphery_parts(chip)
-    m = methods or TrainingMethods()
-    schedule = m.schedule
-    if m.antithetic:
-        parts.append("antithetic")
-    if schedule.kind == "ramp":
-        parts.append(f"ramp {schedule.ramp_epochs:g} ep")
-    elif schedule.kind == "uniform":
-        parts.append(f"uniform [{schedule.low:g}, {schedule.high:g}]")
-    if schedule.kappa != 1:
-        parts.append(f"x{schedule.kappa:g} sigma")
-    if m.sam_rho:
-        parts.append(f"{'ASAM' if m.sam_adaptive else 'SAM'} {m.sam_rho:g}")
-    if m.teacher:
-        parts.append("distilled")
-    return ", ".join(parts)
-
-
-def periphery_parts(chip: AnalogConfig) -> list[str]:
-    """The crossbar periphery a model was trained with, for its recipe label."""
-    parts = []
-    if chip.tile_rows is not None:
-        parts.append(f"tiles {chip.tile_rows} rows")
-    if chip.dac_levels is not None:
-        parts.append(f"DAC {chip.dac_levels}" + (" learned" if chip.dac_range == "learned" else ""))
-    if chip.tile_adc_levels is not None:
-        parts.append(f"tile ADC {chip.tile_adc_levels}")
-    if chip.out_noise:
-        parts.append(f"out noise {chip.out_noise:g}")
-    if chip.w_read_noise:
-        parts.append(f"read noise {chip.w_read_noise:g}")
-    return parts
-
-
 def _differences(settings: dict, default: dict, prefix: str = "") -> list[str]:
     """``key=value`` for every setting that differs from ``default`` (nested: ``pcm.g_max=20``)."""
     parts = []
     for key, value in settings.items():
-        if isinstance(value, dict):
-            parts += _differences(value, default[key], f"{prefix}{key}.")
-        elif value != default[key]:
+        if isinstance(value, dict):  # a plug-in device's settings: every one named
+            parts += _differences(value, default.get(key) or {}, f"{prefix}{key}.")
+        elif key not in default or value != default[key]:
             parts.append(f"{prefix}{key}={_text(value)}")
     return parts
 
 
 def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
-    """A curve's name: the training ``recipe`` (``recipe_label``), then every setting of the test
+    """A curve's name: the training ``recipe`` (a recipe label), then every setting of the test
     ``chip`` that differs from ``AnalogConfig``'s defaults, e.g.
     ``train sigma=0.1, L=4 | chip bias=shared``. The grid's axes are the rows' own columns and
     the figure's axes, except one: a single ADC setting other than the training chip's
@@ -213,12 +106,6 @@ def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
     if len(grid.adc_levels) == 1 and grid.adc_levels[0] != own:
         parts.append(f"adc_levels={_text(grid.adc_levels[0])}")
     return f"{recipe} | chip {', '.join(parts)}" if parts else recipe
-
-
-def data_settings(spec: dict | None) -> dict | None:
-    """The settings of a datamodule spec that decide which images are tested, in which order:
-    all but ``LOADER_ONLY`` (what rows and an output folder's ``evaluation.json`` record)."""
-    return None if spec is None else {k: v for k, v in spec.items() if k not in LOADER_ONLY}
 
 
 def _known_settings(subject: Subject, ev: Evaluation) -> dict:
@@ -282,10 +169,9 @@ def run_study(
     Rerunning the same study skips the chips already in the rows file(s) (and says how many
     were read back); rows computed with other settings (another checkpoint file at the same
     path, other data, test chip, limits or calibration) are moved to ``robustness_rows.stale.csv``
-    and recomputed. One process writes to ``out_dir`` at a time: ``evaluate.py`` holds
-    it
-    (``cimsim.robustness.rows.hold_folder``). Returns the combined result (on every rank) and the files
-    written (``None`` on other ranks).
+    and recomputed. One process writes to ``out_dir`` at a time: ``evaluate.py`` holds it
+    (``cimsim.robustness.folders.hold_folder``). Returns the combined result (on every rank) and
+    the files written (``None`` on other ranks).
     """
     out = Path(out_dir)
     rows = evaluate_subjects(subjects, ev, out)
@@ -295,8 +181,3 @@ def run_study(
     summary_path, json_path = write_results(result, out)
     plot = plot_robustness(result.summary, x, out / PLOT_FILE, title=title)
     return result, StudyFiles(out / ROWS_FILE, summary_path, json_path, plot)
-
-
-def training_passes(global_step: int, L: int, methods: TrainingMethods) -> int:
-    """Forward-backward passes a training run took: L per step, one more with SAM's ascent."""
-    return int(global_step) * (L + (1 if methods.sam_rho > 0 else 0))

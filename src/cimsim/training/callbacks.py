@@ -6,30 +6,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-import torch
-import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_warn
 
-from cimsim.robustness.measure import (
-    TRAIN,
-    EvalSettings,
-    RobustnessGrid,
-    check_limits,
-    evaluate_robustness,
-    format_summary,
-)
-from cimsim.robustness.study import (
-    Evaluation,
-    Subject,
-    calibration_loader,
-    check_calib_split,
-    recipe_label,
-    run_study,
-    subject_label,
-)
+from cimsim.robustness.calibration import calibration_loader, check_calib_split
+from cimsim.robustness.grid import TRAIN, EvalSettings, RobustnessGrid, check_limits
+from cimsim.robustness.measure import evaluate_robustness
+from cimsim.robustness.study import Evaluation, run_study
+from cimsim.robustness.summary import format_summary
 from cimsim.tracking import log_robustness
 from cimsim.training.checkpoint import datamodule_spec
-from cimsim.training.hessian import hessian_traces
+from cimsim.training.hessian import clean_hessian_traces
+from cimsim.training.methods import model_subject
 from cimsim.validation import check_int
 
 
@@ -156,11 +143,8 @@ class RobustnessMonitor(pl.Callback):
             calib_split=self.calib_split,
             data_spec=datamodule_spec(datamodule),
         )
-        label = subject_label(
-            recipe_label(module.chip, module.L, module.methods), module.chip, grid
-        )
         result, files = run_study(
-            [Subject(label, module.net.eval(), grid, ckpt=best)],
+            [model_subject(module, grid, best)],
             ev,
             trainer.default_root_dir,
             "sigma",
@@ -203,22 +187,9 @@ class HessianMonitor(pl.Callback):
             return
         loader = trainer.val_dataloaders
         data = [b for _, b in zip(range(self.batches), loader, strict=False)]
-        net = pl_module.net
-
-        def loss():
-            return sum(
-                F.cross_entropy(net(x.to(pl_module.device)), y.to(pl_module.device))
-                for x, y in data
-            ) / len(data)
-
-        was_training = net.training
-        net.eval()  # the Hessian at the clean weights (no chip is programmed in training)
-        try:
-            with torch.enable_grad():
-                g = torch.Generator().manual_seed(self.seed)
-                estimates, (total, total_se) = hessian_traces(net, loss, self.probes, g)
-        finally:
-            net.train(was_training)
+        estimates, (total, total_se) = clean_hessian_traces(
+            pl_module.net, data, self.probes, self.seed, pl_module.device
+        )
         pl_module.log("hessian/trace_weighted", total)
         if total_se == total_se:  # not NaN (one probe)
             pl_module.log("hessian/trace_weighted_se", total_se)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,16 +19,10 @@ from cimsim.chip.adc import adcs, calibrate_adc
 from cimsim.chip.config import AnalogConfig
 from cimsim.chip.convert import analog_layers, build_network, convert_to_analog, systematic_chip
 from cimsim.chip.noise import derive_seed, training_stream
-from cimsim.robustness.measure import EvalSettings, RobustnessGrid, evaluate_robustness
-from cimsim.training.distill import distillation_loss
-from cimsim.training.hasgd import (
-    TrainingMethods,
-    ddp_grad_sync,
-    frozen_running_stats,
-    hasgd_backward,
-    sam_ascent,
-    sync_buffers,
-)
+from cimsim.robustness.grid import EvalSettings, RobustnessGrid
+from cimsim.robustness.measure import evaluate_robustness
+from cimsim.training.hasgd import ddp_grad_sync, hasgd_backward, sync_buffers
+from cimsim.training.methods import Step, TrainingMethods
 from cimsim.validation import check_int, check_number, config_scope
 
 # The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
@@ -51,8 +45,9 @@ class AnalogClassifier(pl.LightningModule):
         calib_batches: validation batches that calibrate ADC ranges in validation (``None`` =
             the whole split; validation data only, never test).
         calib_momentum: moving-average weight of each calibration batch after the first.
-        methods: antithetic pairs, the noise schedule, SAM, distillation (``TrainingMethods``
-            or its fields; default: plain HA-SGD).
+        methods: the training methods' settings (``cimsim.training.methods``: antithetic
+            pairs, the noise schedule, SAM, distillation, plug-ins; ``TrainingMethods`` or its
+            fields; default: plain HA-SGD).
     """
 
     def __init__(
@@ -83,16 +78,13 @@ class AnalogClassifier(pl.LightningModule):
         self.save_hyperparameters(
             {
                 "net": dict(net),
-                "chip": dataclasses.asdict(chip),
+                "chip": chip.as_dict(),  # the record every checkpoint keeps (pcm: {...})
                 "L": L,
                 "val_chips": val_chips,
-                "methods": dataclasses.asdict(methods),
+                "methods": methods.asdict(),
             }
         )
         self.methods = methods
-        # The distillation teacher: loaded at fit start, kept out of the module tree (not in the
-        # state_dict, the optimizer or SAM's ascent).
-        self.__dict__["teacher"] = None
         self.chip, self.L, self.val_chips = chip, L, val_chips
         self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
@@ -141,16 +133,13 @@ class AnalogClassifier(pl.LightningModule):
                 yield
 
     def on_fit_start(self):
-        if self.methods.teacher and self.teacher is None:
-            teacher = AnalogClassifier.load_from_checkpoint(
-                self.methods.teacher, map_location=self.device, weights_only=True
-            )
-            self.__dict__["teacher"] = teacher.net.eval().requires_grad_(False)  # clean: no chip
+        self.methods.on_fit_start(self)  # a distillation teacher
 
     def _train_sigma(self, batch_idx: int) -> float:
-        """This step's training sigma (``methods.schedule``), set on every analog layer."""
+        """This step's training sigma (``methods.sigma``: the schedule), set on every analog
+        layer."""
         epoch = self.current_epoch + batch_idx / max(1, self.trainer.num_training_batches)
-        sigma = self.methods.schedule.sigma(self.chip.sigma, epoch)
+        sigma = self.methods.sigma(self.chip.sigma, epoch)
         for _, layer in analog_layers(self.net):  # not set_noise: in-loop ADC ranges stay
             if layer.config.sigma != sigma:  # a constant schedule changes nothing after step 1
                 layer.config = dataclasses.replace(layer.config, sigma=sigma)
@@ -165,34 +154,20 @@ class AnalogClassifier(pl.LightningModule):
         opt = self.optimizers()
         opt.zero_grad()
         sigma = self._train_sigma(batch_idx)
-        teacher = None
-        if self.teacher is not None:
-            with torch.no_grad():  # once per batch, reused by the L samples
-                teacher = self.teacher(x)
-        correct = []
         m = self.methods
+        loss_fn = m.loss(self, x, y, lambda logits: F.cross_entropy(logits, y))  # distillation
+        correct = []
 
         def closure():  # one forward at w + dw_l: the analog layers draw dw_l in train mode
             logits = self.net(x)
             correct.append((logits.detach().argmax(1) == y).float().mean())
-            if teacher is None:
-                return F.cross_entropy(logits, y)
-            return distillation_loss(logits, teacher, y, m.distill_beta, m.distill_temperature)
+            return loss_fn(logits)
 
         grad_sync = ddp_grad_sync(self._ddp())  # one all-reduce per step, by the L-th backward
-        if m.sam_rho > 0:  # ascent gradient from one sample, no stats update, no all-reduce
-            with frozen_running_stats(self.net), grad_sync(False) if grad_sync else nullcontext():
-                self.manual_backward(closure())
-            correct.clear()
-        with (
-            sam_ascent(list(self.net.parameters()), m.sam_rho, m.sam_adaptive)
-            if m.sam_rho > 0
-            else nullcontext()
-        ):
-            if m.sam_rho > 0:
-                opt.zero_grad()
+        step = Step(self.net, opt, closure, self.manual_backward, grad_sync, correct)
+        with m.around_samples(step):  # SAM's ascent
             loss = hasgd_backward(
-                closure, self.L, self.manual_backward, grad_sync, self.net, m.antithetic
+                closure, self.L, self.manual_backward, grad_sync, self.net, sample=m.sample
             )
         opt.step()
         if self._ddp() is not None:  # every rank then holds rank 0's statistics (BN, ADC)
@@ -243,7 +218,7 @@ class AnalogClassifier(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         if self.val_chips == 0 or not (
-            self.chip.noisy or self.chip.pcm_device or self.chip.periphery
+            self.chip.noisy or self.chip.device_model.stateful or self.chip.periphery
         ):
             self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
             return
@@ -252,8 +227,8 @@ class AnalogClassifier(pl.LightningModule):
             mean_shifts=[self.chip.mean_shift],
             adc_levels=[self.chip.adc_levels],
             chips=self.val_chips,
-            # a PCM chip is read at the time training targets, not right after programming
-            times=[self.chip.t_train] if self.chip.pcm_device else [None],
+            # a timed chip (PCM) is read at the time training targets, not right after programming
+            times=[self.chip.t_train] if self.chip.device_model.timed else [None],
         )
         limit = self.trainer.limit_val_batches
         settings = EvalSettings(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -23,66 +22,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from cimsim.chip.adc import ADC
-from cimsim.chip.config import AnalogConfig
 from cimsim.chip.noise import antithetic as antithetic_draws
-from cimsim.training.schedule import NoiseSchedule
-from cimsim.validation import ConfigError, check_choice, check_number
-
-
-@dataclass(frozen=True)
-class TrainingMethods:
-    """How each HA-SGD step is taken, beyond L (each composes with the others).
-
-    Attributes:
-        antithetic: samples in pairs ``+dw, -dw`` (L even; relative device only).
-        schedule: the training sigma per step (``NoiseSchedule``, or its fields).
-        sam_rho: radius of the sharpness-aware ascent step before the samples (0 = off).
-        sam_adaptive: ASAM, the ascent scaled by |w|.
-        teacher: path of a checkpoint whose clean network is the distillation teacher.
-        distill_beta: weight of the soft (teacher) term, in [0, 1].
-        distill_temperature: softmax temperature of the distillation, > 0.
-    """
-
-    antithetic: bool = False
-    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
-    sam_rho: float = 0.0
-    sam_adaptive: bool = False
-    teacher: str | None = None
-    distill_beta: float = 0.5
-    distill_temperature: float = 4.0
-
-    def __post_init__(self):
-        check_choice("antithetic", self.antithetic, (True, False))
-        if isinstance(self.schedule, dict):
-            try:
-                object.__setattr__(self, "schedule", NoiseSchedule(**self.schedule))
-            except ConfigError as err:
-                raise err.with_prefix("schedule") from None
-        check_number("sam_rho", self.sam_rho, minimum=0.0)
-        check_choice("sam_adaptive", self.sam_adaptive, (True, False))
-        if self.teacher is not None and not isinstance(self.teacher, str):
-            raise ConfigError("teacher", self.teacher, "must be a checkpoint path or null")
-        check_number("distill_beta", self.distill_beta, minimum=0.0, maximum=1.0)
-        check_number("distill_temperature", self.distill_temperature, minimum=0.0)
-        if self.distill_temperature == 0:
-            raise ConfigError("distill_temperature", 0, "must be > 0")
-
-    def check(self, chip: AnalogConfig, L: int) -> None:
-        """Combinations with the chip and L that cannot work fail here, naming the key."""
-        if self.antithetic and L % 2:
-            raise ConfigError("hasgd.antithetic", True, f"needs an even L (hasgd.L={L})")
-        if self.antithetic and chip.pcm_device:
-            raise ConfigError(
-                "hasgd.antithetic", True, "needs noise.device=relative: PCM draws are not symmetric"
-            )
-        schedule = self.schedule
-        if chip.pcm_device and (schedule.kind != "constant" or schedule.kappa != 1):
-            raise ConfigError(
-                "noise.schedule.kind",
-                schedule.kind,
-                "must be constant with kappa 1 under noise.device=pcm: a schedule scales the "
-                "relative sigma, not the PCM device",
-            )
 
 
 @contextmanager
@@ -139,6 +79,7 @@ def hasgd_backward(
     grad_sync: Callable[[bool], AbstractContextManager] | None = None,
     model: nn.Module | None = None,
     antithetic: bool = False,
+    sample: Callable[[int], AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """Accumulate the HA-SGD gradient ``1/L sum_l grad J(w + dw_l)`` into ``.grad``.
 
@@ -157,6 +98,8 @@ def hasgd_backward(
             pair's mean cancels the first-order noise term ``H dw`` of the gradient exactly and
             keeps the curvature term, so the estimate is unbiased with lower variance, at the
             same cost.
+        sample: ``sample(i)`` is a context around sample ``i``'s forward and backward (the
+            training methods' ``TrainingMethods.sample``: antithetic pairs among them).
 
     Returns:
         The mean loss over the samples (detached).
@@ -169,7 +112,8 @@ def hasgd_backward(
     for i in range(L):
         sync = grad_sync(i == L - 1) if grad_sync is not None else nullcontext()
         pair = antithetic_draws("replay" if i % 2 else "record") if antithetic else nullcontext()
-        with sync, pair, frozen_running_stats(model if i > 0 else None):
+        each = sample(i) if sample is not None else nullcontext()
+        with sync, pair, each, frozen_running_stats(model if i > 0 else None):
             loss = closure()
             backward(loss / L)
         total = loss.detach() if total is None else total + loss.detach()

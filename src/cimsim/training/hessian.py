@@ -18,9 +18,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from cimsim.chip.layers import AnalogConv2d, AnalogLinear
+from cimsim.chip.conv_linear import AnalogConv2d, AnalogLinear
 from cimsim.chip.noise import noise_scales
 from cimsim.validation import check_int
 
@@ -111,3 +112,36 @@ def hessian_traces(
         mean, se = _mean_se(per_tensor[name])
         estimates.append(TraceEstimate(name, mean, se, float(r2.sum() if r2.dim() else r2)))
     return estimates, _mean_se(weighted)
+
+
+def mean_loss(net: nn.Module, batches: list, device: torch.device) -> Callable[[], torch.Tensor]:
+    """The loss whose Hessian is estimated: ``net``'s mean cross-entropy over ``batches``
+    (``(x, y)`` pairs, moved to ``device``)."""
+
+    def loss() -> torch.Tensor:
+        return sum(F.cross_entropy(net(x.to(device)), y.to(device)) for x, y in batches) / len(
+            batches
+        )
+
+    return loss
+
+
+def clean_hessian_traces(
+    net: nn.Module,
+    batches: list,
+    probes: int,
+    seed: int = 0,
+    device: torch.device | None = None,
+) -> tuple[list[TraceEstimate], tuple[float, float]]:
+    """``hessian_traces`` of ``mean_loss`` at ``net``'s clean weights (``eval()`` mode, no chip;
+    its mode restored after), with probes seeded by ``seed``: what ``HessianMonitor`` logs and
+    ``evaluate.py hessian=true`` reports."""
+    device = device if device is not None else next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    try:
+        with torch.enable_grad():
+            g = torch.Generator().manual_seed(seed)
+            return hessian_traces(net, mean_loss(net, batches, device), probes, g)
+    finally:
+        net.train(was_training)

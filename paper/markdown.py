@@ -1,0 +1,71 @@
+"""The report's markdown: tables, accuracy cells and the small readings every section shares."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+from cimsim.robustness.rows import Row
+from cimsim.robustness.stats import mean_ci
+from paper.evidence import Context, run_of
+from paper.plan import RUN, STUDY
+
+
+def pp(x: float) -> str:
+    """A fraction in percentage points, one decimal (``n/a`` for NaN)."""
+    return "n/a" if math.isnan(x) else f"{100 * x:.1f}"
+
+
+def acc_text(values: dict[int, float]) -> str:
+    """``98.5 ± 1.8`` (percent, 95 % CI over chips)."""
+    if not values:
+        return "–"
+    mean, ci = mean_ci(list(values.values()))
+    return f"{100 * mean:.1f} ± {pp(ci)}"
+
+
+def md_table(header: Sequence[str], body: Sequence[Sequence[str]], right: int = 1) -> str:
+    """A markdown table; columns from ``right`` on are right-aligned."""
+    align = ["---" if i < right else "---:" for i in range(len(header))]
+    lines = [header, align, *body]
+    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+
+
+def cell(rows: Iterable[Row], run: str, **point) -> dict[int, float]:
+    """Accuracy per chip of ``run`` at ``point`` (keys of ``Row``: sigma, mean_shift, ...)."""
+    out = {}
+    for r in rows:
+        if run_of(r) == run and all(getattr(r, k) == v for k, v in point.items()):
+            out[r.chip] = r.acc
+    return out
+
+
+def sigmas_of(rows: Iterable[Row]) -> list[float]:
+    """The test sigmas of ``rows``, ascending."""
+    return sorted({r.sigma for r in rows})
+
+
+def first_from(sigmas: list[float], good: dict[float, bool]) -> float | None:
+    """The smallest sigma from which ``good`` holds at every larger grid sigma (None: never)."""
+    start = None
+    for s in reversed(sigmas):
+        if not good[s]:
+            break
+        start = s
+    return start
+
+
+def deterministic(values: dict[int, float]) -> bool:
+    """Every chip measured the same accuracy (no chip noise: one measurement)."""
+    return len(set(values.values())) <= 1
+
+
+def variant_table(ctx: Context, studies: Sequence[tuple[str, str]], sigmas: Sequence[float]):
+    """(markdown body, rows by study) of accuracy per model, variant and test sigma."""
+    body, by = [], {}
+    for study, title in studies:
+        rows = ctx.rows(study)
+        by[study] = rows
+        for r in STUDY[study].runs:
+            body.append([RUN[r].title, title, *(acc_text(cell(rows, r, sigma=s)) for s in sigmas)])
+    return body, by
