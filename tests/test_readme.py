@@ -1,0 +1,124 @@
+"""The README guides; it does not report. It has at most 250 lines, and no result typed by hand.
+
+Its results are an excerpt of docs/results.md between two marker comments: every non-empty line
+there is a line of the report, verbatim, so the README cannot disagree with the report (when the
+report is regenerated, a stale line is named here). Outside fenced code blocks (commands and
+their values) and outside the excerpt, the README's prose holds no digit but those of ``ALLOWED``:
+a measured number belongs in the report, or in a guide next to its command, machine and date.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+REPORT = ROOT / "docs" / "results.md"
+MAX_LINES = 250
+BEGIN, END = "<!-- results-excerpt:begin -->", "<!-- results-excerpt:end -->"
+
+# The only digits allowed in the README's prose: names, never measurements. Each is matched as
+# the whole phrase, so a number next to it ("Fig. 7: 86.8") is still caught.
+ALLOWED = (
+    "Python 3.11",  # the interpreter the project supports (pyproject.toml)
+    "ACM JETC 2022",  # the citation of the HA-SGD paper
+    "WRN-10-2",  # network names: a Wide ResNet's depth and width ...
+    "WRN-28-10",
+    "CIFAR-100",  # ... and a dataset's name
+    "Fig. 5",  # the paper's figure numbers
+    "Fig. 7",
+    "Fig. 8",
+    "Fig. 9",
+)
+LINK_TARGET = re.compile(r"\]\([^)]*\)")  # the path of a link or image: docs/results/fig7.png
+NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+
+
+def prose_numbers(text: str) -> list[str]:
+    """Every number of the prose, as 'README.md:LINE: NUMBER in ...': outside fenced blocks, the
+    excerpt and link targets, after removing ``ALLOWED``'s phrases."""
+    found, fenced, excerpt = [], False, False
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif line.strip() in (BEGIN, END):
+            excerpt = line.strip() == BEGIN
+        elif not fenced and not excerpt:
+            bare = LINK_TARGET.sub("]()", line)
+            for phrase in ALLOWED:
+                bare = bare.replace(phrase, " ")
+            found += [
+                f"README.md:{n}: {m.group()} in {line.strip()!r}" for m in NUMBER.finditer(bare)
+            ]
+    return found
+
+
+def excerpt(text: str) -> list[str]:
+    """The non-empty lines between the markers (exactly one pair, in order)."""
+    lines = [line.strip() for line in text.splitlines()]
+    assert lines.count(BEGIN) == 1 and lines.count(END) == 1, f"one {BEGIN} and one {END}"
+    begin, end = lines.index(BEGIN), lines.index(END)
+    assert begin < end, f"{BEGIN} comes before {END}"
+    return [line for line in text.splitlines()[begin + 1 : end] if line.strip()]
+
+
+def stale_lines(text: str, report: str) -> list[str]:
+    """The excerpt's lines that are not a line of ``report``, verbatim."""
+    known = set(report.splitlines())
+    return [line for line in excerpt(text) if line not in known]
+
+
+def test_the_readme_is_short():
+    lines = README.read_text().splitlines()
+    assert len(lines) <= MAX_LINES, f"README.md has {len(lines)} lines, at most {MAX_LINES}"
+
+
+def test_the_results_excerpt_is_verbatim_from_the_report():
+    text = README.read_text()
+    assert any(line.startswith("| ") for line in excerpt(text)), "the excerpt holds a table"
+    stale = stale_lines(text, REPORT.read_text())
+    assert not stale, "README lines between the markers that docs/results.md lacks:\n" + "\n".join(
+        stale
+    )
+    above = text[: text.index(BEGIN)].rstrip().rsplit("\n\n", 1)[-1]
+    assert "docs/results.md" in above and "python reproduce.py" in above, (
+        "the paragraph above the excerpt names where it comes from"
+    )
+
+
+def test_no_number_is_typed_in_the_readme_prose():
+    found = prose_numbers(README.read_text())
+    assert not found, "numbers in README prose (put results in the report or a guide):\n" + (
+        "\n".join(found)
+    )
+
+
+def test_the_checks_catch_a_typed_result():
+    """The checks can fail: a result added to the prose, or an excerpt line edited by hand."""
+    text = README.read_text()
+    typed = text.replace(BEGIN, "The digital model keeps accuracy 86.8 at Fig. 7.\n\n" + BEGIN)
+    assert [f.split(": ")[1] for f in prose_numbers(typed)] == [
+        "86.8 in 'The digital model keeps accuracy 86.8 at Fig. 7.'"
+    ]
+    assert not prose_numbers(text.replace(BEGIN, "```\nsigma=0.1\n```\n" + BEGIN))  # code
+    first = excerpt(text)[0]
+    edited = text.replace(first, first + " 0.1", 1)
+    assert stale_lines(edited, REPORT.read_text()) == [first + " 0.1"]
+
+
+def test_every_relative_link_of_the_readme_exists():
+    text = README.read_text()
+    targets = {t.split("#")[0] for t in re.findall(r"\]\(([^)]+)\)", text)}
+    missing = [t for t in sorted(targets) if t and "://" not in t and not (ROOT / t).exists()]
+    assert not missing, f"README links to missing files: {missing}"
+
+
+def test_the_excerpt_is_what_reproduce_writes():
+    """The block equals ``paper.excerpt``'s pick from docs/results.md: ``python reproduce.py``
+    rewrites it with the report, so it is never edited by hand."""
+    from paper.excerpt import block
+    from paper.excerpt import excerpt as pick
+
+    report = (ROOT / "docs" / "results.md").read_text()
+    assert block((ROOT / "README.md").read_text()) == pick(report)
