@@ -121,3 +121,26 @@ def test_paper_experiment_has_the_authors_settings(tmp_path):
 def test_both_loggers_or_none(train_cfg):
     assert set(train_cfg(["logger=[wandb,csv]"]).logger) == {"wandb", "csv"}
     assert not train_cfg(["logger=none"]).get("logger")
+
+
+def test_the_chip_groups_mirror_analog_config():
+    """conf/noise, conf/quant and conf/crossbar hold exactly ``AnalogConfig``'s settings, each in
+    the group ``cimsim.chip.config.GROUPS`` names (a device's own settings are noise's), and
+    together they cover every setting."""
+    import dataclasses
+
+    from cimsim.chip.config import GROUPS
+    from cimsim.chip.devices import device_names
+
+    fields = {f.name for f in dataclasses.fields(AnalogConfig)} - {"device_config"}
+    assert sorted(k for keys in GROUPS.values() for k in keys) == sorted(fields)
+    extra = {"noise": {"schedule", *device_names()}}  # the schedule is a training method's
+    for group, keys in GROUPS.items():
+        seen = set()
+        for path in sorted((CONF / group).glob("*.yaml")):
+            node = OmegaConf.load(path)
+            own = {k for k in node if k != "defaults"}
+            stray = own - set(keys) - extra.get(group, set())
+            assert not stray, f"{path.name} sets {sorted(stray)}, not {group} settings"
+            seen |= own
+        assert set(keys) <= seen, f"{group}: no file sets {sorted(set(keys) - seen)}"

@@ -21,6 +21,22 @@ OUT_REFS = ("normalized", "calibrated")
 MAX_LEVEL = 1.0
 
 
+# The Hydra group of ``train.py`` each setting comes from (conf/<group>/; tests/test_configs.py
+# checks the tree against it): the device and its perturbation, the layer ADCs, the crossbar
+# periphery. A device's own settings (``noise.pcm.*``) are noise's.
+GROUPS = {
+    "noise": (
+        "sigma", "mean_shift", "distribution", "scale", "per_channel", "bias", "analog_bn",
+        "identity_noise", "identity_draws", "identity_mean_shift", "device", "t_train",
+    ),
+    "quant": ("adc_levels", "adc_placement"),
+    "crossbar": (
+        "tile_rows", "dac_levels", "dac_range", "out_ref", "tile_adc_levels", "out_bound",
+        "out_noise", "w_read_noise",
+    ),
+}  # fmt: skip
+
+
 def check_relative(key: str, value, *, signed: bool = False) -> None:
     """A relative noise level: ``0 <= sigma <= 1`` or ``-1 <= mean_shift <= 1`` (the range)."""
     check_number(key, value, minimum=None if signed else 0.0)

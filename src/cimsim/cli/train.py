@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from cimsim import AnalogConfig, ConfigError
+from cimsim.chip.config import GROUPS
 from cimsim.chip.devices import load_plugins
 from cimsim.tracking import default_wandb_mode, finish_wandb
 from cimsim.training.checkpoint import (
@@ -44,7 +45,7 @@ def chip_config(cfg: DictConfig) -> AnalogConfig:
         return AnalogConfig(**noise, **quant, **crossbar)
     except ConfigError as err:  # nested keys too: pcm.drift_compensation is noise's
         head = err.key.split(".")[0]
-        group = "quant" if head in quant else "crossbar" if head in crossbar else "noise"
+        group = next((g for g, keys in GROUPS.items() if head in keys), "noise")  # or a device's
         raise ConfigError(f"{group}.{err.key}", err.value, err.allowed) from None
     except TypeError as err:  # an unknown key such as noise.sigmaa
         keys = sorted(noise) + sorted(quant) + sorted(crossbar)
