@@ -12,25 +12,11 @@ from pathlib import Path
 
 import torch
 from docs_blocks import section_blocks
+from test_docs_commands import SMALL  # one epoch of two batches, two chips: the guides' size
 
 from conftest import ROOT
 
 GUIDE = ROOT / "docs" / "extending.md"
-# one epoch of two batches, no end-of-fit sweep: the example's own keys are what is checked
-SMALL = [
-    "trainer=cpu",
-    "logger=csv",
-    "trainer.max_epochs=1",
-    "++trainer.limit_train_batches=2",
-    "++trainer.limit_val_batches=1",
-    "++trainer.limit_test_batches=1",
-    "++trainer.enable_progress_bar=false",
-    "model.widen_factor=1",
-    "val_chips=1",
-    "val_calib_batches=1",
-    "callbacks.robustness=null",
-    "callbacks.hessian=null",
-]
 
 
 def project_copy(tmp: Path) -> Path:
@@ -59,7 +45,7 @@ def test_add_a_training_method_as_written(tmp_path):
     # the text names where each block goes: the module beside train.py, the yaml in conf/method/
     (cwd / "clip_grad.py").write_text(method)
     (cwd / "conf" / "method" / "clip.yaml").write_text(yaml)
-    run(command.strip(), cwd, *SMALL, "hydra.run.dir=outputs/train/clip")
+    run(command.strip(), cwd, *SMALL["train.py"], "hydra.run.dir=outputs/train/clip")
     ckpt = torch.load(
         cwd / "outputs/train/clip/checkpoints/last.ckpt", map_location="cpu", weights_only=True
     )
@@ -67,26 +53,16 @@ def test_add_a_training_method_as_written(tmp_path):
     assert ckpt["hyper_parameters"]["L"] == 4
 
 
-EVALUATE_SMALL = [
-    "robustness.chips=2",
-    "robustness.max_batches=1",
-    "robustness.calib_batches=1",
-    "hessian=false",
-    "wandb.enabled=false",
-    "progress=false",
-]
-
-
 def test_add_a_device_as_written(tmp_path):
     (_, module), (_, commands) = section_blocks(GUIDE, "Add a device")
     cwd = project_copy(tmp_path)
     (cwd / "my_devices.py").write_text(module)
     train, evaluate = commands.strip().splitlines()
-    run(train, cwd, *SMALL, "hydra.run.dir=outputs/train/stuck")
+    run(train, cwd, *SMALL["train.py"], "hydra.run.dir=outputs/train/stuck")
     ckpt = cwd / "outputs/train/stuck/checkpoints/last.ckpt"
     chip = torch.load(ckpt, map_location="cpu", weights_only=True)["hyper_parameters"]["chip"]
     assert chip["device"] == "stuck" and chip["stuck"] == {"p": 0.02}
-    run(evaluate.replace("PATH.ckpt", str(ckpt)), cwd, *EVALUATE_SMALL, "run_name=stuck")
+    run(evaluate.replace("PATH.ckpt", str(ckpt)), cwd, *SMALL["evaluate.py"], "run_name=stuck")
     rows = list((cwd / "outputs").rglob("robustness_rows.csv"))
     assert rows, "evaluate.py wrote no rows"
     # the model keeps its training device in its label; the test chip names what the call changed
