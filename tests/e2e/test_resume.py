@@ -85,6 +85,24 @@ def test_an_old_checkpoint_resumes_with_its_run_folders_hydra_config(train_cfg, 
     assert trained_with(last) == (0.05, 2, 1)
 
 
+def test_a_run_stored_with_the_flat_layouts_targets_resumes(train_cfg, tmp_path):
+    """A run written before the package had sub-packages stored ``cimsim.callbacks.*`` and
+    ``cimsim.robustness.RobustnessGrid`` as its callbacks' targets: it still resumes."""
+    run = tmp_path / "run"
+    train(
+        train_cfg([*RUN_SETTINGS, "logger=none", "test=false", "callbacks.hessian=null"], out=run)
+    )
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=True)
+    monitor = ckpt[RUN]["config"]["callbacks"]["robustness"]
+    assert monitor["_target_"] == "cimsim.training.callbacks.RobustnessMonitor"
+    monitor["_target_"] = "cimsim.callbacks.RobustnessMonitor"  # as 0.1's checkpoints hold it
+    monitor["final"]["_target_"] = "cimsim.robustness.RobustnessGrid"
+    torch.save(ckpt, last)
+    train(train_cfg(["logger=none", f"ckpt_path={last}", "trainer.max_epochs=2"], out=run))
+    assert trained_with(last) == (0.05, 2, 1)
+
+
 def cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run(

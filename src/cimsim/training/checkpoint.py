@@ -157,7 +157,7 @@ def resumed_run(
     setting added to ``conf/train.yaml`` since the run was written takes its value from
     ``current``.
     """
-    config = copy.deepcopy(stored["config"])
+    config = _current_targets(copy.deepcopy(stored["config"]))
     for key, value in current.items():  # not a group: a missing group node means "none"
         if key not in config and key not in choices:
             config[key] = copy.deepcopy(value)
@@ -179,6 +179,26 @@ def resumed_run(
     config["ckpt_path"] = current.get("ckpt_path")
     config["resume_overrides"] = current.get("resume_overrides")
     return run_record(config, [*stored.get("overrides", []), *overrides], stored_choices)
+
+
+# Modules that moved since a run could have stored their classes as ``_target_``s (cimsim 0.1's
+# flat layout): a resumed run builds its callbacks from the new ones. ``cimsim.robustness``
+# re-exports RobustnessGrid, so its old target still resolves.
+MOVED_MODULES = {"cimsim.callbacks": "cimsim.training.callbacks"}
+
+
+def _current_targets(value: Any) -> Any:
+    """``value`` (a plain config), each ``_target_`` in a moved module pointed at its new one."""
+    if isinstance(value, list):
+        return [_current_targets(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: _current_targets(v) for k, v in value.items()}
+    target = out.get("_target_")
+    if isinstance(target, str):
+        module, _, name = target.rpartition(".")
+        out["_target_"] = f"{MOVED_MODULES.get(module, module)}.{name}"
+    return out
 
 
 def _resume_value(config: dict, current: dict, key: str, free: bool) -> None:
