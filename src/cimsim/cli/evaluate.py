@@ -156,8 +156,8 @@ def evaluation_call(cfg: DictConfig, subjects: list[Subject], spec: dict) -> dic
 @contextlib.contextmanager
 def held(cfg: DictConfig, fabric: Fabric, call: dict):
     """Rank 0 holds the output folder for ``call`` while the block runs
-    (``cimsim.robustness.rows.hold_folder``); when it is busy or holds another evaluation, every
-    rank     fails with the same ``ConfigError``, before any chip is measured."""
+    (``cimsim.robustness.folders.hold_folder``); when it is busy or holds another evaluation,
+    every rank fails with the same ``ConfigError``, before any chip is measured."""
     with contextlib.ExitStack() as stack:
         refusal = None
         if fabric.global_rank == 0:
