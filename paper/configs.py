@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
 from cimsim import ConfigError
+from cimsim.chip.devices import load_plugins
 from cimsim.cli import register
 from cimsim.cli.train import training_methods
 from cimsim.training.methods import TrainingMethods
@@ -102,6 +103,7 @@ def planned_training(run: str) -> tuple[int, TrainingMethods]:
     """(HA-SGD's L, the training methods) of the plan's run ``run``, from its composed config; a
     distillation teacher stands in by its run's name (it need not be trained yet)."""
     cfg = compose_cfg("train", ROOT / "outputs" / "plan" / run, RUN[run].resolved(1))
+    load_plugins(cfg.get("plugins"))  # a plug-in method's settings are registered by its module
     methods = training_methods(without_teacher(cfg))
     teacher = OmegaConf.to_container(cfg.get("distill") or {}).get("teacher")
     if teacher is not None:

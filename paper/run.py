@@ -10,9 +10,12 @@ import time
 from pathlib import Path
 
 import torch
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
 from cimsim import ConfigError
+from cimsim.chip.devices import load_plugins
 from cimsim.cli import evaluate as evaluate_cli
 from cimsim.cli import train as train_cli
 from cimsim.files import atomic_write, file_sha256
@@ -21,7 +24,7 @@ from cimsim.training.methods import training_passes
 from cimsim.validation import check_int
 from paper.configs import ROOT, compose_cfg, composed, config_sha256, without_teacher
 from paper.evidence import STUDY_MARKER, read_json
-from paper.plan import Run, Study
+from paper.plan import RUN, Run, Study
 from paper.report import git_commit, machine
 
 EVALUATE_KEYS = (
@@ -34,6 +37,9 @@ EVALUATE_KEYS = (
     "wandb",
     "overwrite",
 )
+# Keys both get: the plug-in modules (devices, methods) the trainings and the studies' checkpoints
+# need.
+SHARED_KEYS = ("plugins",)
 # Trainings: CSV logs beside the checkpoints, no end-of-fit sweep (the studies measure every
 # model on the same chips), no Hessian monitor, the test set left to the studies.
 TRAIN_DEFAULTS = [
@@ -58,14 +64,37 @@ TINY_EVALUATE = ["robustness.calib_batches=1"]
 
 
 def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
-    """(training overrides, evaluation overrides), by the override's top-level key."""
+    """(training overrides, evaluation overrides), by the override's top-level key
+    (``plugins=[module]`` goes to both)."""
     train, evaluate = [], []
     for o in overrides:
         if "=" not in o:
             raise ConfigError("override", o, "a Hydra override is KEY=VALUE")
-        key = o.split("=", 1)[0].lstrip("+~").split(".")[0]
-        (evaluate if key in EVALUATE_KEYS else train).append(o)
+        key = _key(o).split(".")[0]
+        if key in SHARED_KEYS:
+            train.append(o)
+        (evaluate if key in EVALUATE_KEYS + SHARED_KEYS else train).append(o)
     return train, evaluate
+
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def plugin_modules(overrides: list[str]) -> list[str]:
+    """The modules the last ``plugins=[...]`` of ``overrides`` names (none: ``[]``); one that
+    does not parse as a list is left to composing and ``load_plugins`` to refuse."""
+    modules: list[str] = []
+    for o in overrides:
+        if _key(o) != "plugins":
+            continue
+        try:
+            parsed = OverridesParser.create().parse_overrides([o])[0]
+        except HydraException:
+            continue
+        value = None if parsed.is_delete() else parsed.value()
+        modules = [str(m) for m in value] if isinstance(value, list) else []
+    return modules
 
 
 class Progress:
@@ -116,6 +145,7 @@ def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progres
     full = train_overrides(run, args, overrides, out)
     commit = git_commit(ROOT)
     cfg = composed("train", run_dir, full, overrides)
+    load_plugins(cfg.get("plugins"))  # its methods' settings: training_methods after fitting
     cfg_hash = config_sha256(cfg)
 
     def refuse(record: dict, what: str) -> None:
@@ -203,12 +233,22 @@ def study_overrides(
         *tiny,
         *overrides,
     ]
+    # The runs' plug-ins (their plan's, or the user's plugins=, which the trainings got too):
+    # the studies load their checkpoints' devices and methods from them.
+    mine = [o for o in overrides if _key(o) in SHARED_KEYS]
+    modules = plugin_modules(full)
+    for r in study.runs:
+        trained = plugin_modules(train_overrides(RUN[r], args, mine, out))
+        modules += [m for m in trained if m not in modules]
+    if modules != plugin_modules(full):
+        full.append(f"plugins=[{','.join(modules)}]")
     return ckpts, full
 
 
 def check_training(cfg: DictConfig) -> None:
     """train.py's checks of a run that need neither data nor a model: the chip, L and the
     training methods with the chip (a distillation teacher is only planned: not checked)."""
+    load_plugins(cfg.get("plugins"))  # plug-in devices and methods, as train.py loads them
     train_cli.check_settings(cfg)  # unset values, seed, val_chips, trainer.max_epochs
     chip = train_cli.chip_config(cfg)
     check_int("hasgd.L", cfg.hasgd.L, minimum=1)
@@ -217,6 +257,7 @@ def check_training(cfg: DictConfig) -> None:
 
 def check_study(cfg: DictConfig) -> None:
     """evaluate.py's checks of a study that need neither data nor a checkpoint."""
+    load_plugins(cfg.get("plugins"))  # as evaluate.py: chip.<plug-in device> settings
     evaluate_cli.check_settings(cfg)
 
 

@@ -24,15 +24,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 import cimsim
-from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_time
-from cimsim.chip.devices import load_plugins
+from cimsim import AnalogConfig, ConfigError, convert_to_analog, program_chip, set_noise, set_time
+from cimsim.chip.devices import load_plugins, variant_lists
+from cimsim.chip.devices.registry import RESERVED_VARIANTS
 from cimsim.cli.train import chip_config, train
 from cimsim.robustness.grid import EvalSettings, RobustnessGrid
 from cimsim.robustness.measure import check_time_sweep, evaluate_robustness
 from cimsim.training.classifier import AnalogClassifier
+from cimsim.training.method import method_settings
 from conftest import FAST, ROOT, compose_cfg
 
 TOY = '''
@@ -155,15 +158,65 @@ def test_checkpoints_written_before_devices_were_plugins_load_and_are_written_al
 def test_registration_refuses_what_cannot_work():
     with pytest.raises(ValueError, match="lowercase identifier"):
         cimsim.register_device("Stuck-2", toy.StuckConfig, toy.StuckAtZero)
-    with pytest.raises(ValueError, match="taken by an AnalogConfig field"):
-        cimsim.register_device("sigma", toy.StuckConfig, toy.StuckAtZero)
+    noise_keys = [s.key.split(".")[1] for s in method_settings().values() if s.key[:6] == "noise."]
+    for name in ["sigma", "plugins", "schedule", *noise_keys]:  # chip_config pops noise.schedule
+        with pytest.raises(ValueError, match=rf"^device name '{name}' is taken by an AnalogConf"):
+            cimsim.register_device(name, toy.StuckConfig, toy.StuckAtZero)
     with pytest.raises(TypeError, match="must be a dataclass"):
         cimsim.register_device("stuck2", dict, toy.StuckAtZero)
     with pytest.raises(TypeError, match="must subclass cimsim.Device"):
         cimsim.register_device("stuck2", toy.StuckConfig, object)
     with pytest.raises(ValueError, match="built in"):
         cimsim.register_device("pcm", toy.StuckConfig, toy.StuckAtZero)
+    for key, why in [
+        ("compensations", "is declared by device 'pcm'"),
+        ("sigmas", "is a robustness preset"),
+    ]:
+        variant = type("Variant", (toy.StuckAtZero,), {"variants": {key: "p"}})
+        with pytest.raises(ValueError, match=rf"^device 'stuck2': variants key '{key}' {why}"):
+            cimsim.register_device("stuck2", toy.StuckConfig, variant)
     assert "stuck2" not in cimsim.device_names() and "stuck" in cimsim.device_names()
+    assert variant_lists() == {"compensations": ("pcm", "drift_compensation")}
+
+
+def test_the_reserved_variant_keys_are_the_robustness_presets_own():
+    keys = {f.name for f in dataclasses.fields(RobustnessGrid)}
+    for path in (ROOT / "conf" / "robustness").rglob("*.yaml"):
+        keys |= set(OmegaConf.load(path)) - set(variant_lists())  # compensations: pcm's
+    assert keys - RESERVED_VARIANTS == set()
+
+
+def test_an_unknown_device_key_names_itself_and_plugins(train_cfg):
+    why = r"is invalid: is neither a chip setting nor a registered .* plugins=\[module\]$"
+    with pytest.raises(ConfigError, match=rf"^stuck2={{'p': 0.1}} {why}"):  # a checkpoint's
+        AnalogConfig(**{**OLD_CHIP, "stuck2": {"p": 0.1}})
+    with pytest.raises(ConfigError, match=rf"^sigmaa=0.1 {why}"):
+        AnalogConfig(sigmaa=0.1)
+    with pytest.raises(ConfigError, match=why) as err:  # train.py without plugins=[module]
+        chip_config(train_cfg(["noise.device=relative", "+noise.stuck2.p=0.1"]))
+    assert err.value.key == "noise.stuck2"
+
+
+def test_a_plugin_module_run_again_keeps_the_chips_built_before():
+    model = convert_to_analog(net(), AnalogConfig(device="stuck", stuck={"p": 0.1}))
+    old = model[0].config.stuck
+    try:
+        rerun = _import_toy()  # a notebook cell run again: new classes of the same names
+        assert rerun.StuckConfig is not toy.StuckConfig
+        set_noise(model, sigma=0.05)  # a chip of the old class, read as the new one
+        assert model[0].config.stuck == rerun.StuckConfig(p=0.1)
+        assert isinstance(model[0].config.device_model, rerun.StuckAtZero)
+        assert AnalogConfig(device="stuck", stuck=old).stuck == rerun.StuckConfig(p=0.1)
+        within_binomial(program_chip(model.eval(), 0)[2].device_state.stuck, 0.1)
+        other = dataclasses.make_dataclass("StuckConfig2", [("p", float, 0.0)], frozen=True)
+        with pytest.raises(ValueError, match=r"with config toy_stuck_device\.StuckConfig, not"):
+            cimsim.register_device("stuck", other, rerun.StuckAtZero)
+        cimsim.register_device("stuck", other, rerun.StuckAtZero, replace=True)  # deliberate
+        with pytest.raises(ConfigError, match=r"^device_config=.* must be a types.StuckConfig2"):
+            AnalogConfig(device="stuck", device_config=old)
+    finally:
+        sys.modules[TOY_MODULE] = toy
+        cimsim.register_device("stuck", toy.StuckConfig, toy.StuckAtZero, replace=True)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -366,15 +419,8 @@ merged = {**overrides, "pcm": nested}
 layers = [m for m in model.modules() if isinstance(m, PCMWeights)]
 assert device in ("relative", "other")
 """
-    assert [line for line, _ in device_branches(planted, {"pcm", "relative"})] == [
-        2,
-        4,
-        5,
-        6,
-        7,
-        8,
-        9,
-    ]
+    found = [line for line, _ in device_branches(planted, {"pcm", "relative"})]
+    assert found == [2, 4, 5, 6, 7, 8, 9]
     assert device_branches("if chip.device_model.timed:\n    pass\n", {"pcm"}) == []
 
 

@@ -5,13 +5,20 @@ from __future__ import annotations
 
 import importlib
 import re
+import sys
+from argparse import Namespace
 from collections import Counter
 
+import pytest
 from docs_blocks import section_blocks
 from paper_fakes import render_new_section
 
+from cimsim import ConfigError
+from cimsim.chip.devices import registry
 from conftest import ROOT
-from paper.plan import RUN, RUNS, SECTIONS, STUDIES, STUDY
+from paper.configs import compose_cfg
+from paper.plan import RUN, RUNS, SECTIONS, STUDIES, STUDY, Run, Study
+from paper.run import check_study, check_training, split_overrides, study_overrides
 
 
 def test_each_study_is_listed_once():
@@ -66,3 +73,59 @@ def test_a_new_study_is_one_section_file_and_one_plan_line(tmp_path, monkeypatch
         == 3
     )
     assert re.search(r"at sigma 0.05, same chips: [+-]\d+\.\d ± \d+\.\d points \(", text)
+
+
+PLUGIN = """
+from dataclasses import dataclass
+
+import cimsim
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    p: float = 0.0
+
+
+class PlanDevice(cimsim.Device):
+    pass
+
+
+cimsim.register_device("plandev", PlanConfig, PlanDevice)
+"""
+
+
+@pytest.fixture
+def plugin(tmp_path, monkeypatch):
+    """A plug-in device module, importable but not imported yet; unregistered afterwards."""
+    (tmp_path / "plan_plugin_xyz.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "plan_plugin_xyz"
+    sys.modules.pop("plan_plugin_xyz", None)
+    registry._REGISTRY.pop("plandev", None)
+
+
+def test_the_plan_checks_a_training_and_a_study_with_their_plugins(plugin, tmp_path):
+    device = ["noise.device=plandev", "+noise.plandev.p=0.5"]
+    with pytest.raises(ConfigError, match=r"^noise\.plandev=.* plugins=\[module\]$"):
+        check_training(compose_cfg("train", tmp_path, device))  # no plugins: not registered
+    check_training(compose_cfg("train", tmp_path, [*device, f"plugins=[{plugin}]"]))
+    sys.modules.pop(plugin)
+    registry._REGISTRY.pop("plandev")
+    chip = ["ckpt=x.ckpt", "chip.device=plandev", "+chip.plandev.p=0.5", f"plugins=[{plugin}]"]
+    check_study(compose_cfg("evaluate", tmp_path, chip))
+
+
+def test_a_study_gets_the_plugins_its_runs_trained_with(monkeypatch, tmp_path):
+    over = ["plugins=[mod_a]", "hasgd.L=2", "chip.bias=shared"]
+    assert split_overrides(over) == (over[:2], [over[0], over[2]])  # the user's: both
+    args = Namespace(tiny=False, epochs=1, chips=2, max_batches=None)
+    study = Study("s", ("digital",), ("robustness=sigma_sweep",))
+
+    def plugins(overrides: list[str]) -> list[str]:
+        full = study_overrides(study, args, overrides, tmp_path)[1]
+        return [o for o in full if o.startswith("plugins=")]
+
+    assert plugins([]) == [] and plugins([over[0]]) == [over[0]]  # the user's, once
+    monkeypatch.setitem(RUN, "digital", Run("digital", "d", ("plugins=[mod_b,mod_c.x]",)))
+    assert plugins([]) == ["plugins=[mod_b,mod_c.x]"]  # the plan's run's
+    assert plugins([over[0]]) == [over[0]]  # the user's replace them, as in the training

@@ -9,7 +9,7 @@ import torch
 
 from cimsim import AnalogConfig, ConfigError
 from cimsim.cli.train import train, training_methods
-from cimsim.training.method import METHODS
+from cimsim.training.method import METHODS, RESERVED_SETTINGS
 from cimsim.training.methods import (
     Setting,
     TrainingMethod,
@@ -92,6 +92,20 @@ def test_settings_belong_to_one_method_and_unknown_ones_fail(probe):
     with pytest.raises(ConfigError, match="^probe_scale=0.5 is invalid: no registered"):
         TrainingMethods(probe_scale=0.5)
     register_method("probe", probe)
+
+
+@pytest.mark.parametrize("field", ["passes", "label", "check", "sigma", "asdict", "_x", "a-b"])
+def test_a_setting_may_not_hide_an_attribute_of_training_methods(field):
+    class Shadow(TrainingMethod):
+        settings = {field: Setting(4, "shadow.value")}
+
+    with pytest.raises(ValueError, match=rf"^shadow: setting '{field}' (is taken|must be an id)"):
+        register_method("shadow", Shadow())
+    assert "shadow" not in METHODS and TrainingMethods().passes(4) == 4
+
+
+def test_the_reserved_settings_cover_every_attribute_of_training_methods():
+    assert set(dir(TrainingMethods)) <= RESERVED_SETTINGS
 
 
 def test_a_registered_method_trains_from_its_config_keys(probe, train_cfg, tmp_path):

@@ -160,11 +160,13 @@ class AnalogConfig:
         only validated (a checkpoint records ``pcm`` for every chip)."""
         fields = {f.name: f for f in dataclasses.fields(self)}
         configs = {k: settings.pop(k) for k in list(settings) if k not in fields}
-        for key in configs:
+        for key, value in configs.items():
             if key not in device_names():
-                raise TypeError(
-                    f"AnalogConfig.__init__() got an unexpected keyword argument {key!r}"
+                why = (
+                    "is neither a chip setting nor a registered device's settings: a plug-in "
+                    "device? load its module with plugins=[module]"
                 )
+                raise ConfigError(key, value, why)
         for name, f in fields.items():
             default = f.default_factory() if f.default is MISSING else f.default
             object.__setattr__(self, name, settings.get(name, default))
@@ -211,10 +213,7 @@ class AnalogConfig:
         """``device_config`` as given: None or another device's (``dataclasses.replace`` of a
         chip with another ``device``) is the device's defaults; a dict is its fields."""
         entry, given = get_device(self.device), self.device_config
-        stale = any(
-            isinstance(given, get_device(n).config_cls) and not isinstance(given, entry.config_cls)
-            for n in device_names()
-        )
+        stale = not entry.owns(given) and any(get_device(n).owns(given) for n in device_names())
         if given is None or stale:
             return entry.config_cls()
         return _device_config(self.device, given, key="device_config")
@@ -305,18 +304,17 @@ class AnalogConfig:
 def _device_config(name: str, value: Any, key: str | None = None):
     """Device ``name``'s config from ``value`` (its config class, or its fields as a dict);
     a ``ConfigError`` on ``<key or name>.<field>``."""
-    cls, key = get_device(name).config_cls, key or name
-    if isinstance(value, dict):  # from a config file or a checkpoint's hparams
-        try:
-            return cls(**value)
-        except ConfigError as err:
-            raise err.with_prefix(name) from None
-        except TypeError as err:
-            raise ConfigError(key, value, str(err)) from None
-    if not isinstance(value, cls):
+    entry, key = get_device(name), key or name
+    cls = entry.config_cls
+    if not isinstance(value, dict) and not entry.owns(value):
         why = f"must be a {cls.__module__}.{cls.__qualname__} or its fields"
         raise ConfigError(key, value, why)
-    return value
+    try:  # a dict: from a config file or a checkpoint's hparams; a config of a re-run plug-in
+        return cls(**value) if isinstance(value, dict) else entry.current(value)
+    except ConfigError as err:
+        raise err.with_prefix(name) from None
+    except TypeError as err:
+        raise ConfigError(key, value, str(err)) from None
 
 
 reserve_names([f.name for f in dataclasses.fields(AnalogConfig)] + dir(AnalogConfig))

@@ -47,9 +47,6 @@ def chip_config(cfg: DictConfig) -> AnalogConfig:
         head = err.key.split(".")[0]
         group = next((g for g, keys in GROUPS.items() if head in keys), "noise")  # or a device's
         raise ConfigError(f"{group}.{err.key}", err.value, err.allowed) from None
-    except TypeError as err:  # an unknown key such as noise.sigmaa
-        keys = sorted(noise) + sorted(quant) + sorted(crossbar)
-        raise ConfigError("noise", keys, str(err)) from None
 
 
 def training_methods(cfg: DictConfig) -> TrainingMethods:

@@ -92,13 +92,23 @@ class TrainingMethod:
 
 
 METHODS: dict[str, TrainingMethod] = {}
+# Names a setting may not take: the attributes of ``TrainingMethods`` (its hooks, ``passes``,
+# ``forwards``, ``asdict``; cimsim.training.methods, a layer above: tests/training/
+# test_method_registry.py checks this list against it), which a field of that name would hide.
+RESERVED_SETTINGS = frozenset(dir(TrainingMethod)) | {"passes", "forwards", "asdict"}
 
 
 def register_method(name: str, method: TrainingMethod) -> TrainingMethod:
-    """Add ``method`` under ``name`` (its settings become fields of ``TrainingMethods``);
-    registering a name again replaces it."""
+    """Add ``method`` under ``name`` (its settings become fields of ``TrainingMethods``, so a
+    setting is an identifier that names no attribute of it: ``passes``, ``label``, ``sigma``
+    are refused); registering a name again replaces it."""
     if not isinstance(method, TrainingMethod):
         raise TypeError(f"{name}: {method!r} is not a TrainingMethod")
+    for field in method.settings:
+        if not isinstance(field, str) or not field.isidentifier() or field.startswith("_"):
+            raise ValueError(f"{name}: setting {field!r} must be an identifier without a leading _")
+        if field in RESERVED_SETTINGS:
+            raise ValueError(f"{name}: setting {field!r} is taken by a TrainingMethods attribute")
     others = {f for n, m in METHODS.items() if n != name for f in m.settings}
     if clash := others & set(method.settings):
         raise ValueError(f"{name}: settings {sorted(clash)} belong to another method")

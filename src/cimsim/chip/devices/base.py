@@ -45,7 +45,8 @@ class Device:
             ``pcm``, which every ``AnalogConfig`` carried before devices were plug-ins, so
             checkpoints and rows files keep their fingerprints. False for plug-ins.
         variants: robustness preset keys that list settings of one config field, a test chip
-            each (``{"compensations": "drift_compensation"}``).
+            each (``{"compensations": "drift_compensation"}``): new keys, neither a preset's own
+            (``sigmas``, ``chips``, ...) nor another device's (``register_device`` refuses).
     """
 
     name: ClassVar[str] = ""  # set by register_device
