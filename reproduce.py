@@ -23,9 +23,9 @@ resumes from its ``robustness_rows.csv`` (``evaluate.py``).
 Hydra overrides after the options go to every training (``data=``, ``model=``, ``trainer=``,
 ``hasgd.*``, ...), except those of evaluate.py's own keys (``robustness.*``, ``chip.*``,
 ``accelerator``, ``devices``, ``num_nodes``, ``progress``, ``wandb.*``), which go to every
-study; ``plugins=[...]`` goes to both. Evaluations always read the data each checkpoint was trained on. Every training's and
-study's config is composed and checked before the first training starts: a bad option or
-override fails at once, in one line naming it (exit status 2).
+study; ``plugins=[...]`` goes to both. Evaluations always read the data each checkpoint was
+trained on. Every training's and study's config is composed and checked before the first
+training starts: a bad option or override fails at once, in one line naming it (exit status 2).
 """
 
 from __future__ import annotations
