@@ -19,6 +19,10 @@ OUT_REFS = ("normalized", "calibrated")
 # A relative std or mean shift beyond 100 % of a tensor's range leaves the stored weights with no
 # signal (the paper's largest test sigma is 0.2): such a value is a typo (5 for 0.05), not a study.
 MAX_LEVEL = 1.0
+# Settings added after rows and checkpoints first recorded chips: ``as_dict`` leaves each out at
+# its default, so the fingerprints of rows measured before it existed stay valid (a new setting
+# joins this set, with its default meaning "off").
+LATER_SETTINGS: frozenset[str] = frozenset()
 
 
 # The Hydra group of ``train.py`` each setting comes from (conf/<group>/; tests/test_configs.py
@@ -235,6 +239,8 @@ class AnalogConfig:
         ``device_config``; ``AnalogConfig(**chip.as_dict()) == chip``."""
         plain, out = dataclasses.asdict(self), {}
         for key in self.setting_keys():
+            if key in LATER_SETTINGS and plain[key] == _plain_default(key):
+                continue
             if key in plain:
                 out[key] = plain[key]
                 continue
@@ -299,6 +305,14 @@ class AnalogConfig:
         """Whether tile outputs get noise or an ADC in aihwkit's normalized units."""
         has_outputs = self.tile_adc_levels is not None or self.out_noise > 0
         return has_outputs and self.out_ref == "normalized"
+
+
+def _plain_default(name: str) -> Any:
+    """The default of field ``name`` as ``dataclasses.asdict`` gives it (a nested config as a
+    dict)."""
+    f = {f.name: f for f in dataclasses.fields(AnalogConfig)}[name]
+    value = f.default_factory() if f.default is MISSING else f.default
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 def _device_config(name: str, value: Any, key: str | None = None):
