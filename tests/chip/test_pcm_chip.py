@@ -107,15 +107,15 @@ def test_pcm_config_round_trips_and_names_bad_fields():
     assert AnalogConfig(**dataclasses.asdict(cfg)) == cfg  # as a checkpoint stores it
     with pytest.raises(ConfigError, match=r"^pcm\.g_max=-1 is invalid"):
         AnalogConfig(device="pcm", pcm={"g_max": -1})
-    with pytest.raises(ConfigError, match=r"^device='rram' is invalid"):
-        AnalogConfig(device="rram")
+    with pytest.raises(ConfigError, match=r"^device='memristor' is invalid"):
+        AnalogConfig(device="memristor")
     with pytest.raises(ConfigError, match=r"^t_train=-1 is invalid"):
         AnalogConfig(device="pcm", t_train=-1)
 
 
 def test_set_time_needs_a_programmed_pcm_chip():
     relative = program_chip(convert_to_analog(net(), AnalogConfig(sigma=0.1)), 0)
-    with pytest.raises(ValueError, match="set_time needs a programmed PCM chip"):
+    with pytest.raises(ValueError, match="set_time needs a programmed PCM or RRAM chip"):
         set_time(relative, 60.0)
     chip = program_chip(convert_to_analog(net(), AnalogConfig(device="pcm")), 0)
     with pytest.raises(ConfigError, match=r"^t_inference=-1"):

@@ -1,9 +1,11 @@
-"""Devices as plug-ins: the ``Device`` interface, its registry, the built-ins relative and pcm."""
+"""Devices as plug-ins: the ``Device`` interface, its registry, the built-ins relative, pcm and
+rram."""
 
 # The built-in devices register themselves on import, the default first.
 # isort: off
 from cimsim.chip.devices import relative  # noqa: F401
 from cimsim.chip.devices import pcm  # noqa: F401
+from cimsim.chip.devices import rram  # noqa: F401
 
 # isort: on
 from cimsim.chip.devices.base import Device, Periphery, ProgrammedWeights
