@@ -39,11 +39,18 @@ def check_choice(key: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_number(
-    key: str, value: Any, *, minimum: float | None = None, maximum: float | None = None
+    key: str,
+    value: Any,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    finite: bool = False,
 ) -> None:
-    """A real number (not bool) in ``[minimum, maximum]``."""
+    """A real number (not bool) in ``[minimum, maximum]`` (and not infinite with ``finite``)."""
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
         raise ConfigError(key, value, "must be a real number")
+    if finite and abs(value) == float("inf"):
+        raise ConfigError(key, value, "must be a finite number")
     if minimum is not None and value < minimum:
         raise ConfigError(key, value, f"must be >= {minimum}")
     if maximum is not None and value > maximum:

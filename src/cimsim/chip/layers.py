@@ -19,6 +19,7 @@ from cimsim.chip.adc import ADC
 from cimsim.chip.config import AnalogConfig
 from cimsim.chip.dac import DAC
 from cimsim.chip.devices import ProgrammedWeights
+from cimsim.chip.devices.conductance import chip_cells, fresh_cells, relative_cells
 from cimsim.chip.noise import (
     chip_noise,
     noise_scales,
@@ -75,6 +76,9 @@ class AnalogLayer:
         # The weights' device state on a programmed chip (a device with state of its own), and
         # the weights it reads at the current chip time.
         self.device_state: ProgrammedWeights | None = None
+        # A stateless device's frozen draws of pairs 2..N and fault codes (``config.faults``,
+        # ``config.pairs``; ``cimsim.chip.devices.conductance.chip_cells``), set by ``program``.
+        self.chip_cells: tuple | None = None
         self.chip_time: tuple[float, int] | None = None
         self.register_buffer("chip_read_weight", None, persistent=False)
         # Its compensation gain per tile (T, C_out or 1), when the tiles' outputs apply it.
@@ -109,13 +113,16 @@ class AnalogLayer:
                 dtype=like.dtype,
             )
             setattr(self, f"chip_{name}", eps)
+        self.chip_cells = None  # a stateless device's weights on pairs, with faults: more draws
+        if self.uses_device and not self._device_weights and self.config.cells_active:
+            self.chip_cells = chip_cells(seed, f"{prefix}.weight", self.chip_weight, self.config)
 
     def clear(self) -> None:
         self.chip_seed, self._chip_cache = None, None
         for name in self.analog_tensors():
             setattr(self, f"chip_{name}", None)
         self.device_state, self.chip_time, self.chip_read_weight = None, None, None
-        self.chip_read_alpha = None
+        self.chip_read_alpha, self.chip_cells = None, None
 
     @property
     def _device_weights(self) -> bool:
@@ -125,7 +132,8 @@ class AnalogLayer:
     @property
     def perturbed(self) -> bool:
         """Whether this forward perturbs: noise is set and (training or a chip is programmed)."""
-        noisy = self.config.noisy or self._device_weights
+        faulty = self.uses_device and self.config.faults.active
+        noisy = self.config.noisy or self._device_weights or faulty
         return noisy and (self.training or self.chip_seed is not None)
 
     def _on_chip(self, compute: Callable[[], tuple], *sources: torch.Tensor | None) -> tuple:
@@ -178,9 +186,19 @@ class AnalogLayer:
         else:
             if self._tiles is not None:  # each tile relative to its own range
                 r_w = self._tile_ranges(weight, per_channel)
-            nu_w = self._nu("weight", weight, r_w)
+            cells = self.uses_device and cfg.cells_active
+            nu_w = self._cells_nu(weight, r_w) if cells else self._nu("weight", weight, r_w)
         nu_b = None if r_b is None or not cfg.noisy else self._nu("bias", bias, r_b)
         return nu_w, nu_b
+
+    def _cells_nu(self, weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The relative perturbation of weights on ``config.pairs`` with ``config.faults``
+        (``relative_cells``): a fresh draw per pair and fresh faults in training, else the
+        programmed chip's."""
+        cfg, (eps, _) = self.config, self._eps("weight", weight)
+        extra, codes = fresh_cells(weight, cfg) if self.training else self.chip_cells
+        f, sigma, mu = cfg.pairs.f, cfg.sigma, cfg.mean_shift
+        return relative_cells(weight, r, [eps, *extra], sigma, mu, f, codes, self._tiles)
 
     @torch.no_grad()
     def _tile_ranges(self, weight: torch.Tensor, per_channel: bool) -> torch.Tensor:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from cimsim import ConfigError
 from cimsim.cli.chip import check_variant_devices, chip_variants, override_chip
 from cimsim.robustness.grid import RobustnessGrid
-from cimsim.robustness.measure import check_time_sweep
+from cimsim.robustness.measure import check_fault_sweep, check_time_sweep
 from cimsim.robustness.study import Subject
 from cimsim.training.classifier import AnalogClassifier
 from cimsim.training.methods import model_subject
@@ -120,6 +120,7 @@ def load_subjects(
     for s in subjects:
         with config_scope("robustness"):
             check_time_sweep(s.net, s.grid)
+            check_fault_sweep(s.net, s.grid)
         check_variant_devices(cfg.robustness, s.net, s.ckpt)  # compensations: a PCM model
     labels = [s.label for s in subjects]
     for s in subjects:  # same recipe twice (e.g. two seeds): tell them apart by run folder

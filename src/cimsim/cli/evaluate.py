@@ -32,7 +32,7 @@ def grid_for(cfg: DictConfig) -> RobustnessGrid:
     """The preset's grid; ``train`` in ``sigmas`` and ``adc_levels`` stands for each model's own
     training value (``RobustnessGrid.for_chip``). Presets without ``times`` are no time sweep."""
     r = cfg.robustness
-    times = r.get("times")
+    times, rates = r.get("times"), r.get("fault_rates")
     with config_scope("robustness"):
         return RobustnessGrid(
             sigmas=list(r.sigmas),
@@ -42,6 +42,8 @@ def grid_for(cfg: DictConfig) -> RobustnessGrid:
             times=[None] if times is None else list(times),
             repetitions=r.get("repetitions", 1),
             adc_kind=r.get("adc_kind", "chip"),
+            fault_rates=[None] if rates is None else rates,
+            fault_kind=r.get("fault_kind", "both"),
         )
 
 
@@ -81,6 +83,8 @@ def check_settings(cfg: DictConfig) -> None:
         check_choice("x", r.x, SWEEPS)
         if r.x == "t_inference" and not grid.timed:
             raise ConfigError("x", r.x, "needs robustness.times (seconds after programming)")
+        if r.x == "fault_rate" and not grid.faulted:
+            raise ConfigError("x", r.x, "needs robustness.fault_rates (fractions stuck)")
         check_variant_lists(r)  # robustness.compensations
         check_variants(r.get("variants"))
         check_calib_split(r.calib_split)

@@ -42,7 +42,9 @@ def chip_config(cfg: DictConfig) -> AnalogConfig:
     crossbar = OmegaConf.to_container(cfg.get("crossbar") or {})
     noise.pop("schedule", None)  # a training method, not the chip
     try:
-        return AnalogConfig(**noise, **quant, **crossbar)
+        chip = AnalogConfig(**noise, **quant, **crossbar)
+        chip.device_model.check_time(chip.t_train, "t_train")  # the training chip's read time
+        return chip
     except ConfigError as err:  # nested keys too: pcm.drift_compensation is noise's
         head = err.key.split(".")[0]
         group = next((g for g, keys in GROUPS.items() if head in keys), "noise")  # or a device's

@@ -43,6 +43,21 @@ def model_chip(model: nn.Module) -> dict | list[dict]:
     return chips[0] if len(chips) == 1 else chips
 
 
+# The generator of the crossbar's per-read output and read noise, part of a row's settings where
+# the chip draws any: rows measured with torch's chunked normal_ (before 2026-12-03) have none and
+# become stale rather than mix with rows of the counter-based draws (``cimsim.chip.draws``).
+READOUT_DRAWS = "splitmix64-box-muller"
+
+
+def readout_draws(model: nn.Module) -> str | None:
+    """``READOUT_DRAWS`` when an analog layer of ``model`` draws output or read noise."""
+    noisy = any(
+        layer.config.out_noise > 0 or layer.config.w_read_noise > 0
+        for _, layer in analog_layers(model)
+    )
+    return READOUT_DRAWS if noisy else None
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """A 16-hex-digit digest of the settings that determine a row (their canonical JSON)."""
     text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)

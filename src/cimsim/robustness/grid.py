@@ -17,15 +17,19 @@ from cimsim.chip.noise import derive_seed
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 # What a grid sweeps: the figure's possible x axes, and what a test chip leaves to the grid (the
-# AnalogConfig fields sigma, mean_shift, adc_levels and a PCM chip's time after programming; the
-# rest of the chip is fixed for a whole sweep).
-SWEEPS = ("sigma", "mean_shift", "adc_levels", "t_inference")
+# AnalogConfig fields sigma, mean_shift, adc_levels, a PCM chip's time after programming and the
+# fraction of stuck devices; the rest of the chip is fixed for a whole sweep).
+SWEEPS = ("sigma", "mean_shift", "adc_levels", "t_inference", "fault_rate")
 STREAMS = ("test", "val")  # chips that are reported / chips that select checkpoints
 TRAIN = "train"  # in a grid's sigmas, mean_shifts or adc_levels: each model's own training value
 ADC_KINDS = ("chip", "tile")  # what a grid's adc_levels set: the chip's ADCs or the tiles'
+# What a grid's fault rate p sets (chip.faults): p/2 stuck off and p/2 on, or all one way.
+FAULT_KINDS = ("both", "stuck_off", "stuck_on")
 
 Point = tuple[float, float, int | None]  # (sigma, mean_shift, adc_levels)
-Read = tuple[float, int] | None  # (t_inference, repetition) of a PCM time sweep; None otherwise
+# What a chip is set to before the points: (t_inference, repetition) of a PCM time sweep, or
+# (fault_rate,) of a fault sweep (the chip programmed with those faults); None otherwise.
+Read = tuple[float, int] | tuple[float] | None
 
 
 def _non_empty_tuple(key: str, values: Any) -> tuple:
@@ -59,6 +63,11 @@ class RobustnessGrid:
         adc_kind: which converters ``adc_levels`` sets: ``chip`` (default), the block/layer ADCs
             of ``AnalogConfig.adc_levels``; or ``tile``, the crossbar tiles' ADCs of
             ``AnalogConfig.tile_adc_levels`` (``train`` then means the model's tile levels).
+        fault_rates: fractions p of stuck devices (``AnalogConfig.faults``), in [0, 1], at which
+            each chip is programmed (the same chip: the devices stuck at a lower rate stay stuck),
+            or ``(None,)`` (default): no fault sweep, the test chip's own faults. Not with times.
+        fault_kind: how a rate sets the faults: ``both`` (default; ``stuck_off = stuck_on =
+            p / 2``), ``stuck_off`` or ``stuck_on`` (all p one way).
     """
 
     sigmas: tuple[float | str, ...]
@@ -68,6 +77,8 @@ class RobustnessGrid:
     times: tuple[float | None, ...] = (None,)
     repetitions: int = 1
     adc_kind: str = "chip"
+    fault_rates: tuple[float | None, ...] = (None,)
+    fault_kind: str = "both"
 
     def __post_init__(self):
         # Lists from a config file become tuples, numbers become floats: a frozen, hashable grid
@@ -97,6 +108,34 @@ class RobustnessGrid:
         object.__setattr__(self, "mean_shifts", shifts)
         object.__setattr__(self, "adc_levels", tuple(levels))
         object.__setattr__(self, "times", self._checked_times())
+        object.__setattr__(self, "fault_rates", self._checked_faults())
+
+    def _checked_faults(self) -> tuple[float | None, ...]:
+        rates = _non_empty_tuple("fault_rates", self.fault_rates)
+        check_choice("fault_kind", self.fault_kind, FAULT_KINDS)
+        if rates == (None,):
+            return rates
+        for p in rates:
+            if p is None:
+                raise ConfigError("fault_rates", list(rates), "null only alone: no fault sweep")
+            check_number("fault_rates", p, minimum=0.0, maximum=1.0)
+        if len(set(rates)) != len(rates):
+            raise ConfigError("fault_rates", list(rates), "must not repeat a rate")
+        if self.timed:
+            why = "a fault sweep reads each chip as programmed: times=[null] (one sweep at a time)"
+            raise ConfigError("fault_rates", list(rates), why)
+        return tuple(float(p) for p in rates)
+
+    @property
+    def faulted(self) -> bool:
+        """Whether this is a fault sweep (``fault_rates`` given)."""
+        return self.fault_rates != (None,)
+
+    def faults_at(self, rate: float) -> dict[str, float]:
+        """The chip's ``faults`` at fault rate ``rate`` (``fault_kind``)."""
+        if self.fault_kind == "both":
+            return {"stuck_off": rate / 2, "stuck_on": rate / 2}
+        return {"stuck_off": 0.0, "stuck_on": 0.0, self.fault_kind: rate}
 
     def _checked_times(self) -> tuple[float | None, ...]:
         times = _non_empty_tuple("times", self.times)
@@ -144,8 +183,10 @@ class RobustnessGrid:
         return itertools.product(self.sigmas, self.mean_shifts, self.adc_levels)
 
     def reads(self) -> list[Read]:
-        """``(t_inference, repetition)`` of every read-out of a chip, in order; ``[None]``
-        without a time sweep."""
+        """``(t_inference, repetition)`` of every read-out of a chip, in order; ``(fault_rate,)``
+        of every rate of a fault sweep; ``[None]`` without either."""
+        if self.faulted:
+            return [(p,) for p in self.fault_rates]
         if not self.timed:
             return [None]
         return [(t, rep) for t in self.times for rep in range(self.repetitions)]

@@ -3,7 +3,9 @@
 Every chip is programmed once and then swept over the grid (sigma x mean shift x ADC levels) with
 the same standard draws, so the curves differ only by the swept variable (common random numbers).
 A PCM time sweep (``times``) reads every programmed chip at each ``t_inference`` ``repetitions``
-times (``set_time``, once per chip, time and read-out) before sweeping the other axes. The rows
+times (``set_time``, once per chip, time and read-out) before sweeping the other axes; a fault
+sweep (``fault_rates``) programs every chip at each fault rate (the same chip with more devices
+stuck: ``cimsim.chip.devices.faults``) before sweeping the other axes. The rows
 go to a resumable file (``cimsim.robustness.rows``) and are summarized per grid point
 (``cimsim.robustness.summary``).
 """
@@ -22,10 +24,17 @@ from torch import nn
 from tqdm import tqdm
 
 from cimsim.chip.adc import CHIP_PLACEMENTS, adcs, calibrate_adc, set_adc
-from cimsim.chip.convert import analog_layers, program_chip, set_noise, set_time, timed_chip
+from cimsim.chip.convert import (
+    analog_layers,
+    device_layers,
+    program_chip,
+    set_noise,
+    set_time,
+    timed_chip,
+)
 from cimsim.chip.noise import derive_seed
 from cimsim.robustness.grid import EvalSettings, Point, Read, RobustnessGrid, chip_seed
-from cimsim.robustness.rows import RobustnessResult, Row, RowsFile, TimedRow
+from cimsim.robustness.rows import FaultRow, RobustnessResult, Row, RowsFile, TimedRow
 from cimsim.robustness.summary import summarize
 from cimsim.validation import ConfigError, check_int
 
@@ -92,10 +101,11 @@ def _evaluate_chip(
     cells: Sequence[tuple[Read, Point]],
     test_loader,
     settings: EvalSettings,
-    adc_kind: str = "chip",
+    grid: RobustnessGrid,
 ) -> list[Row]:
     """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
-    chip is moved to each read-out's time once (its weights are computed there, not per batch).
+    chip is moved to each read-out's time once (its weights are computed there, not per batch),
+    a fault sweep's chip programmed again at each fault rate (its faults applied there once).
     The caller's random streams are left as they were: iterating a loader draws its base seed
     from the global RNG, and a training run's data order must not depend on its validation
     chips (which a noise-free run does not program)."""
@@ -103,16 +113,25 @@ def _evaluate_chip(
     with torch.random.fork_rng(
         devices=[device] if device.type == "cuda" else [], device_type=device.type
     ):
-        return _measure_cells(model, chip, seed, cells, test_loader, settings, adc_kind)
+        return _measure_cells(model, chip, seed, cells, test_loader, settings, grid)
 
 
-def _measure_cells(model, chip, seed, cells, test_loader, settings, adc_kind) -> list[Row]:
+def _set_faults(model: nn.Module, faults: dict[str, float]) -> None:
+    """Every analog layer's chip with these stuck-at faults (``AnalogConfig.faults``)."""
+    for _, layer in analog_layers(model):
+        layer.config = layer.config.override({"faults": faults})
+
+
+def _measure_cells(model, chip, seed, cells, test_loader, settings, grid) -> list[Row]:
     program_chip(model, seed)
     model.eval()
     device = next(model.parameters()).device
-    rows = []
+    rows, adc_kind = [], grid.adc_kind
     for read, group in itertools.groupby(cells, key=operator.itemgetter(0)):
-        if read is not None:
+        if grid.faulted:  # the same chip (seed) with the faults of this rate
+            _set_faults(model, grid.faults_at(read[0]))
+            program_chip(model, seed)
+        elif read is not None:
             set_time(model, *read)
         for _, (sigma, mean_shift, levels) in group:
             # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
@@ -131,6 +150,8 @@ def _measure_cells(model, chip, seed, cells, test_loader, settings, adc_kind) ->
             measured = (chip, seed, sigma, mean_shift, levels, acc, loss, n)
             if read is None:
                 rows.append(Row(*measured))
+            elif grid.faulted:
+                rows.append(FaultRow(*measured, fault_rate=read[0]))
             else:
                 rows.append(TimedRow(*measured, t_inference=read[0], repetition=read[1]))
     return rows
@@ -176,6 +197,7 @@ def _chips(model: nn.Module, grid: RobustnessGrid, settings: EvalSettings) -> li
         raise TypeError(f"grid must be a RobustnessGrid, got {type(grid).__name__}")
     grid.points()  # no unresolved "train" left
     check_time_sweep(model, grid)
+    check_fault_sweep(model, grid)
     given = settings.chip_indices
     chips = list(range(grid.chips)) if given is None else list(given)
     for c in chips:
@@ -215,6 +237,19 @@ def check_time_sweep(model: nn.Module, grid: RobustnessGrid) -> None:
             "a time sweep needs a PCM chip (a model trained or converted with device='pcm', "
             "noise=pcm); this model's Conv/Linear weights do not drift: use times=[null]",
         )
+    for device in {layer.config.device_model for layer in device_layers(model)}:
+        for t in grid.times if grid.timed else ():
+            if t is not None:
+                device.check_time(t, "times")
+
+
+def check_fault_sweep(model: nn.Module, grid: RobustnessGrid) -> None:
+    """A grid with ``fault_rates`` needs Conv/Linear weights on a device with conductances."""
+    devices = {layer.config.device_model for layer in device_layers(model)}
+    if grid.faulted and (not devices or not all(d.conductances for d in devices)):
+        names = sorted({d.name for d in devices}) or "none"
+        why = f"a fault sweep needs devices with conductances (Device.conductances); got {names}"
+        raise ConfigError("fault_rates", list(grid.fault_rates), why)
 
 
 def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
@@ -270,7 +305,10 @@ def evaluate_robustness(
         known = settings.determinants()
         if grid.adc_kind != "chip":  # the levels column means the tiles' ADCs
             known["adc_kind"] = grid.adc_kind
-        done = rows_file.resume(model, known, expected, timed=grid.timed)
+        if grid.faulted:  # which way the fault_rate column's devices are stuck
+            known["fault_kind"] = grid.fault_kind
+        kind = FaultRow if grid.faulted else grid.timed
+        done = rows_file.resume(model, known, expected, timed=kind)
     todo = [(c, [cell for cell in cells if (c, *cell) not in done]) for c in chips]
     todo = [(c, missing) for c, missing in todo if missing]
     rows = list(done.values())
@@ -281,7 +319,7 @@ def evaluate_robustness(
     with bar, _preserved(model):
         for i, (c, missing) in enumerate(todo):
             start = time.perf_counter()
-            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid.adc_kind)
+            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid)
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
             if i == 0 and len(todo) > 1 and settings.progress:

@@ -2,7 +2,8 @@
 
 ``robustness_summary.csv`` and ``robustness.json`` (rows and summary) are written atomically;
 ``robustness.png`` draws accuracy against the swept variable, one line per ``lines`` group, which
-also groups the W&B curves (``cimsim.tracking``); time on a log axis in human units.
+also groups the W&B curves (``cimsim.tracking``); time on a log axis in human units, fault rates
+on a log axis.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ _AXIS_LABELS = {
     "mean_shift": "test mean shift mu (fraction of range)",
     "adc_levels": "ADC levels (log2 scale; bits = log2(levels); dashed: no ADC)",
     "t_inference": "time after programming t_inference (log scale)",
+    "fault_rate": "fraction of devices stuck (log scale)",
 }
 
 
@@ -113,15 +115,17 @@ def _draw_line(ax, label: str, entries: list[dict], x: str, position: Callable) 
         ax.axhline(mean, linestyle="--", linewidth=1, color=color, label="_nolegend_")
 
 
-def _time_axis(ax, times: Sequence[float]) -> Callable[[float], float]:
-    """A log time axis with a tick at every time in human units; ``t_inference = 0`` sits a
-    decade below the smallest positive time (at 1 s without one), labelled ``0``. Returns where
-    a time is drawn."""
+def _time_axis(
+    ax, times: Sequence[float], show: Callable[[float], str] = format_time
+) -> Callable[[float], float]:
+    """A log axis with a tick at every value (``show``: a time in human units); ``0`` sits a
+    decade below the smallest positive value (at 1 without one), labelled ``0``. Returns where
+    a value is drawn. Times (``t_inference``) and fault rates."""
     positive = [t for t in times if t > 0]
     zero = min(positive) / 10 if positive else 1.0
     ax.set_xscale("log")
     ticks = sorted(set(times))
-    ax.set_xticks([t or zero for t in ticks], [format_time(t) for t in ticks])
+    ax.set_xticks([t or zero for t in ticks], [show(t) if t else "0" for t in ticks])
     ax.xaxis.set_minor_locator(NullLocator())  # decades between the ticks would read as times
     return lambda t: t or zero
 
@@ -133,8 +137,9 @@ def plot_robustness(
 
     Args:
         summary: entries of ``summarize``; one line per ``lines`` group.
-        x: ``sigma``, ``mean_shift``, ``adc_levels`` (log2 axis; "no ADC" as a dashed line) or
-            ``t_inference`` (log axis, ticks in human units, t = 0 at the left).
+        x: ``sigma``, ``mean_shift``, ``adc_levels`` (log2 axis; "no ADC" as a dashed line),
+            ``t_inference`` (log axis, ticks in human units, t = 0 at the left) or ``fault_rate``
+            (log axis, a rate of 0 at the left).
         path: the PNG to write (atomically, 150 dpi).
         title: optional figure title.
 
@@ -145,14 +150,16 @@ def plot_robustness(
         raise ConfigError("x", x, "allowed values are " + ", ".join(map(repr, SWEEPS)))
     if not summary:
         raise ValueError("plot_robustness got an empty summary")
-    timed = x == "t_inference"
-    if timed and any("t_inference" not in s for s in summary):
-        raise ConfigError("x", x, "needs a time sweep's summary (a grid with times)")
+    timed, log = x == "t_inference", x in ("t_inference", "fault_rate")
+    if log and any(x not in s for s in summary):
+        sweep, axis = ("time", "times") if timed else ("fault", "fault_rates")
+        raise ConfigError("x", x, f"needs a {sweep} sweep's summary (a grid with {axis})")
     # A bare Figure on the Agg canvas, no pyplot: no display needed, no global figure state.
     fig = Figure(figsize=(6, 4), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    position = _time_axis(ax, [s[x] for s in summary]) if timed else (lambda value: value)
+    show = format_time if timed else "{:g}".format
+    position = _time_axis(ax, [s[x] for s in summary], show) if log else (lambda value: value)
     for label, entries in lines(summary, x).items():
         _draw_line(ax, label, entries, x, position)
     if x == "adc_levels":

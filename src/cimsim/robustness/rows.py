@@ -1,7 +1,8 @@
 """The rows of a study: ``Row`` (one chip at one grid point) and the resumable rows file.
 
 ``robustness_rows.csv`` holds one ``Row`` per chip and grid point (a time sweep's ``TimedRow`` per
-chip, read-out and point, with ``t_inference`` and ``repetition`` columns), appended and fsync'd
+chip, read-out and point, with ``t_inference`` and ``repetition`` columns; a fault sweep's
+``FaultRow`` per chip, fault rate and point, with a ``fault_rate`` column), appended and fsync'd
 chip by chip (``RowsFile``), so a killed run resumes where it stopped and ends with exactly the
 file an uninterrupted run writes. Each row carries a fingerprint of everything that determined it
 (``cimsim.robustness.fingerprints``). A subject's rows with another fingerprint are moved to
@@ -29,6 +30,7 @@ from cimsim.robustness.fingerprints import (
     fingerprint,
     model_chip,
     read_fingerprints,
+    readout_draws,
     record_fingerprints,
     state_sha256,
 )
@@ -84,6 +86,19 @@ class TimedRow(Row):
         return (self.t_inference, self.repetition)
 
 
+@dataclass(frozen=True)
+class FaultRow(Row):
+    """A row of a fault sweep: the chip programmed with a fraction ``fault_rate`` of its devices
+    stuck (``RobustnessGrid.fault_kind`` says which way). Its file has this column after
+    ``chip_seed``."""
+
+    fault_rate: float = 0.0
+
+    @property
+    def read(self) -> Read:
+        return (self.fault_rate,)
+
+
 @dataclass
 class RobustnessResult:
     """Per-chip rows and their per-grid-point summary (see ``summarize``).
@@ -99,16 +114,24 @@ class RobustnessResult:
 COLUMNS = [f.name for f in fields(Row)]
 # A time sweep's rows: the read-out after the chip it was read from.
 TIMED_COLUMNS = [*COLUMNS[:2], "t_inference", "repetition", *COLUMNS[2:]]
+FAULT_COLUMNS = [*COLUMNS[:2], "fault_rate", *COLUMNS[2:]]  # a fault sweep's: its rate first
+_COLUMNS_OF = {Row: COLUMNS, TimedRow: TIMED_COLUMNS, FaultRow: FAULT_COLUMNS}
 
 
-def columns(timed: bool) -> list[str]:
-    """The columns of a rows file: ``COLUMNS``, or ``TIMED_COLUMNS`` for a time sweep."""
-    return TIMED_COLUMNS if timed else COLUMNS
+def row_class(kind: bool | type[Row]) -> type[Row]:
+    """The rows' class: ``kind`` itself, or ``TimedRow`` / ``Row`` for True / False (timed)."""
+    return kind if isinstance(kind, type) else TimedRow if kind else Row
+
+
+def columns(timed: bool | type[Row]) -> list[str]:
+    """The columns of a rows file: ``COLUMNS``, ``TIMED_COLUMNS`` for a time sweep (True or
+    ``TimedRow``), ``FAULT_COLUMNS`` for a fault sweep (``FaultRow``)."""
+    return _COLUMNS_OF[row_class(timed)]
 
 
 def row_record(row: Row) -> dict:
     """A row as its file's record: its columns in file order (``asdict`` order for a ``Row``)."""
-    return {c: getattr(row, c) for c in columns(isinstance(row, TimedRow))}
+    return {c: getattr(row, c) for c in columns(type(row))}
 
 
 class StaleRowsWarning(UserWarning):
@@ -136,9 +159,9 @@ _TYPE_WORDS = {
 }
 
 
-def _parse(raw: dict[str, str], timed: bool = False) -> Row:
-    """A row read back from CSV with the types ``Row`` (``TimedRow``) declares."""
-    kind = TimedRow if timed else Row
+def _parse(raw: dict[str, str], timed: bool | type[Row] = False) -> Row:
+    """A row read back from CSV with the types its class (``row_class(timed)``) declares."""
+    kind = row_class(timed)
     return kind(**{f.name: _FROM_TEXT[f.type](raw[f.name]) for f in fields(kind)})
 
 
@@ -149,7 +172,7 @@ def _check_record(raw: dict, names: list[str], path: Path, line: int) -> None:
     if None in raw:  # csv's key for the fields past the header's
         why = f"line {line} has {len(names) + len(raw[None])} fields, not {len(names)}: {fix}"
         raise ConfigError("rows file", str(path), why)
-    for f in fields(TimedRow if names == TIMED_COLUMNS else Row):
+    for f in fields(next(k for k, n in _COLUMNS_OF.items() if n == names)):
         text = raw[f.name]
         if text is None:
             why = f"line {line} has no value in column {f.name!r} (too few fields): {fix}"
@@ -215,22 +238,23 @@ def _write_records(path: Path, records: Sequence[Mapping], names: list[str] = CO
 def write_rows(path: str | os.PathLike, rows: Sequence[Row]) -> Path:
     """Write ``rows`` as one rows CSV, atomically, in the format ``RowsFile`` appends (e.g. the
     merge of several processes' shares of the chips); a time sweep's rows with its columns."""
-    names = columns(any(isinstance(r, TimedRow) for r in rows))
+    names = columns(type(rows[0]) if rows else Row)
     return _write_records(Path(path), [row_record(r) for r in rows], names)
 
 
 def read_rows(path: str | os.PathLike) -> list[Row]:
-    """A rows CSV as ``Row``s (``TimedRow``s for a time sweep), typed as the dataclass says; read
-    only (no torn line dropped, no header checked: ``RowsFile`` does that when it resumes)."""
+    """A rows CSV as ``Row``s (``TimedRow``s for a time sweep, ``FaultRow``s for a fault sweep),
+    typed as the dataclass says; read only (no torn line dropped, no header checked:
+    ``RowsFile`` does that when it resumes)."""
     with open(path, newline="") as f:
         raws = list(csv.DictReader(f))
     if not raws:
         return []
-    timed = "t_inference" in raws[0]
-    return [_parse(r, timed) for r in raws]
+    kind = TimedRow if "t_inference" in raws[0] else FaultRow if "fault_rate" in raws[0] else Row
+    return [_parse(r, kind) for r in raws]
 
 
-def _first_copies(raws: list[dict], timed: bool) -> tuple[dict, list[dict]]:
+def _first_copies(raws: list[dict], timed: bool | type[Row]) -> tuple[dict, list[dict]]:
     """The rows of ``raws`` by ``(chip, read-out, point)``, each key's first copy, and the later
     copies. Copies with one fingerprint were computed with the same settings (rows are
     reproducible), so keeping the first loses nothing; refusing would leave a CSV to edit."""
@@ -267,22 +291,25 @@ class RowsFile:
         self.known = dict(known or {})
         self.fp = ""  # this run's fingerprint, set by resume
         self.fingerprints: dict[str, dict] = {}  # {fp: the settings it stands for}
-        self.timed = False  # whether the rows are a time sweep's (their columns), set by resume
+        self.timed = False  # the rows' kind (True: a time sweep's; a Row class), set by resume
 
     def resume(
         self,
         model: nn.Module,
         determined: dict,
         expected: Mapping[tuple[int, Read, Point], int],
-        timed: bool = False,
+        timed: bool | type[Row] = False,
     ) -> dict[tuple[int, Read, Point], Row]:
         """This subject's rows already in the file with this run's settings (``known``,
         ``model``'s test chip and what the evaluation ``determined``), at the
         ``(chip, read-out, point)`` keys of ``expected`` (-> chip seed); ``timed``: the file holds
-        a time sweep's rows (``TIMED_COLUMNS``). Its rows with another fingerprint go to
-        ``<rows>.stale.csv`` first, with a ``StaleRowsWarning`` naming what changed."""
+        a time sweep's rows (True, ``TIMED_COLUMNS``) or those of a class (``FaultRow``). Its
+        rows with another fingerprint go to ``<rows>.stale.csv`` first, with a
+        ``StaleRowsWarning`` naming what changed."""
         self.timed = timed
         settings = {**self.known, "chip": model_chip(model), **determined}
+        if readout_draws(model):  # the noise generator of the chip's reads
+            settings["readout_draws"] = readout_draws(model)
         if "ckpt_sha256" not in settings:  # a module without a checkpoint file: hash its weights
             settings["state_sha256"] = state_sha256(model)
         settings = json.loads(json.dumps(settings, default=str))  # as the sidecar reads back

@@ -100,6 +100,7 @@ def subject_label(recipe: str, chip: AnalogConfig, grid: RobustnessGrid) -> str:
     # t_train acts only in training (the recipe names it); a test chip is read at the grid's times.
     # The tiles' ADC levels are the grid's axis in a tile sweep (the rows' adc_levels column).
     axis = ("tile_adc_levels",) if grid.adc_kind == "tile" else ()
+    axis += ("faults",) if grid.faulted else ()  # a fault sweep's rows say their faults
     settings = {k: v for k, v in chip_settings(chip).items() if k not in ("t_train", *axis)}
     parts = _differences(settings, chip_settings(AnalogConfig()))
     own = chip.tile_adc_levels if grid.adc_kind == "tile" else chip.adc_levels

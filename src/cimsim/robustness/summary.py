@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from cimsim.robustness.rows import Row, TimedRow
+from cimsim.robustness.rows import FaultRow, Row, TimedRow
 from cimsim.robustness.stats import mean_std, t_ci95
 
 
@@ -17,7 +17,8 @@ def summarize(rows: Iterable[Row]) -> list[dict]:
     Groups keep the order in which they first appear in ``rows`` (for the rows of
     ``evaluate_robustness``: grid order). When rows name their ``model``, it keys the groups and
     heads every entry, so rows of several models can be summarized at once. Rows of a time sweep
-    (``TimedRow``) are summarized per time as ``summarize_times`` says.
+    (``TimedRow``) are summarized per time as ``summarize_times`` says; those of a fault sweep
+    (``FaultRow``) per fault rate too (a ``fault_rate`` entry after ``model``).
     """
     rows = list(rows)
     has_model = any(r.model for r in rows)
@@ -28,15 +29,20 @@ def summarize(rows: Iterable[Row]) -> list[dict]:
                 "rows of a time sweep and of another sweep cannot be summarized together"
             )
         return summarize_times(rows, has_model)
+    faulted = [isinstance(r, FaultRow) for r in rows]
+    if any(faulted) and not all(faulted):
+        raise ValueError("rows of a fault sweep and of another sweep cannot be summarized together")
     groups: dict[tuple, list[Row]] = {}
     for r in rows:
-        groups.setdefault((r.model, *r.point), []).append(r)
+        groups.setdefault((r.model, r.read, *r.point), []).append(r)
     summary = []
-    for (model, sigma, mean_shift, levels), group in groups.items():
+    for (model, read, sigma, mean_shift, levels), group in groups.items():
         acc = [r.acc for r in group]
         n = len(acc)
         mean, std = mean_std(acc)
         entry = {"model": model} if has_model else {}
+        if read is not None:
+            entry["fault_rate"] = read[0]
         entry.update(
             sigma=sigma,
             mean_shift=mean_shift,
@@ -116,8 +122,10 @@ def format_summary(summary: Sequence[dict]) -> str:
     """An aligned text table of a summary, accuracies in percent (times in human units)."""
     named = any("model" in s for s in summary)
     timed = any("t_inference" in s for s in summary)
+    faulted = any("fault_rate" in s for s in summary)
     columns = [("model", "model", str)] * named
     columns += [("t_inference", "t_inference", format_time)] * timed
+    columns += [("fault_rate", "fault_rate", "{:g}".format)] * faulted
     columns += [
         ("sigma", "sigma", "{:g}".format),
         ("mean_shift", "mean_shift", "{:g}".format),

@@ -218,7 +218,10 @@ class AnalogClassifier(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         if self.val_chips == 0 or not (
-            self.chip.noisy or self.chip.device_model.stateful or self.chip.periphery
+            self.chip.noisy
+            or self.chip.device_model.stateful
+            or self.chip.periphery
+            or self.chip.faults.active
         ):
             self.log("val/acc_noisy", self.metrics["val_acc"].compute(), prog_bar=True)
             return

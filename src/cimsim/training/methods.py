@@ -140,6 +140,10 @@ def recipe_label(chip: AnalogConfig, L: int, methods: TrainingMethods | None = N
     if device:
         parts.append(device)
     parts += periphery_parts(chip)
+    if chip.faults.active:  # HA-SGD with faults in the loop
+        parts.append(f"faults off {chip.faults.stuck_off:g} on {chip.faults.stuck_on:g}")
+    if chip.pairs.count > 1:
+        parts.append("pairs f=" + "/".join(f"{f:g}" for f in chip.pairs.f))
     parts += (methods or TrainingMethods()).label()
     return ", ".join(parts)
 
@@ -157,6 +161,8 @@ def periphery_parts(chip: AnalogConfig) -> list[str]:
         parts.append(f"out noise {chip.out_noise:g}")
     if chip.w_read_noise:
         parts.append(f"read noise {chip.w_read_noise:g}")
+    if chip.ir_drop:
+        parts.append(f"IR drop {chip.ir_drop:g}, g ratio {chip.ir_drop_g_ratio:.4g}")
     return parts
 
 

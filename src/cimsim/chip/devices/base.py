@@ -47,6 +47,14 @@ class Device:
         variants: robustness preset keys that list settings of one config field, a test chip
             each (``{"compensations": "drift_compensation"}``): new keys, neither a preset's own
             (``sigmas``, ``chips``, ...) nor another device's (``register_device`` refuses).
+        conductances: its weights live on pairs of conductances, so the chip's stuck-at faults
+            and device pairs (``AnalogConfig.faults``, ``AnalogConfig.pairs``) apply to it; a
+            chip that sets them on a device without is refused. ``relative`` and ``pcm`` have
+            them, and so does any ``ConductanceDevice`` (``cimsim.chip.devices.conductance``:
+            implement its conductance-level hook and both come for free).
+
+    Set on the bound device by ``AnalogConfig`` (None outside one: no faults, one pair):
+        faults: the chip's ``FaultsConfig``; pairs: its ``PairsConfig``.
     """
 
     name: ClassVar[str] = ""  # set by register_device
@@ -57,6 +65,9 @@ class Device:
     stateful: ClassVar[bool] = True
     recorded: ClassVar[bool] = False
     variants: ClassVar[dict[str, str]] = {}
+    conductances: ClassVar[bool] = False
+    faults: Any = None
+    pairs: Any = None
 
     def __init__(self, config: Any):
         self.config = config
@@ -65,6 +76,15 @@ class Device:
     def display(cls) -> str:
         """The device's name in labels and messages."""
         return cls.title or cls.name
+
+    def check_cells(self, faults: Any, pairs: Any) -> None:
+        """Refuse a combination of the device's settings with the chip's ``faults`` and
+        ``pairs`` it cannot model (a ``ConfigError``); called when a chip is built."""
+
+    def check_time(self, t: float, key: str) -> None:
+        """Refuse a time (s after programming) this device cannot be read at: a ``ConfigError``
+        on ``key`` naming the allowed ones. Called for ``noise.t_train`` before training and for
+        every time of a sweep before any chip is measured; any time is fine by default."""
 
     def label(self, chip: Any) -> str | None:
         """Its part of the recipe label of a model trained on ``chip`` (an ``AnalogConfig``):

@@ -12,6 +12,8 @@ import torch
 
 from cimsim.chip.compensation import compensation_factor, compensation_readout
 from cimsim.chip.devices.base import Device, Periphery
+from cimsim.chip.devices.conductance import from_pairs, to_pairs
+from cimsim.chip.devices.faults import FaultsConfig, apply_faults, draw_faults
 from cimsim.chip.devices.pcm_model import (  # noqa: F401  (the model's API, here too)
     DRIFT_COMPENSATIONS,
     MAPPINGS,
@@ -28,16 +30,33 @@ from cimsim.validation import ConfigError, check_number
 
 
 class ProgrammedPair(NamedTuple):
-    """One programmed tensor: both devices' programmed conductances (uS) and drift exponents
-    (shaped like the weights), the 0-d mapping scale ``s`` (uS per weight unit) and the
-    compensation reference (``compensation_readout`` of the programmed weights)."""
+    """One programmed tensor: every device's programmed conductance (uS) and drift exponent,
+    ``[G+_1, G-_1, G+_2, ...]`` for the pairs of significances ``f`` (shaped like the weights),
+    the mapping scale ``s`` (uS per weight unit), the compensation reference
+    (``compensation_readout`` of the programmed weights) and the fault codes (None: none)."""
 
-    g_plus: torch.Tensor
-    g_minus: torch.Tensor
-    nu_plus: torch.Tensor
-    nu_minus: torch.Tensor
+    g: list[torch.Tensor]
+    nu: list[torch.Tensor]
     scale: torch.Tensor
     reference: torch.Tensor
+    f: tuple[float, ...] = (1.0,)
+    codes: torch.Tensor | None = None
+
+    @property
+    def g_plus(self) -> torch.Tensor:  # the first pair's, as before pairs
+        return self.g[0]
+
+    @property
+    def g_minus(self) -> torch.Tensor:
+        return self.g[1]
+
+    @property
+    def nu_plus(self) -> torch.Tensor:
+        return self.nu[0]
+
+    @property
+    def nu_minus(self) -> torch.Tensor:
+        return self.nu[1]
 
 
 def _work(w: torch.Tensor) -> torch.Tensor:
@@ -46,31 +65,36 @@ def _work(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _program_pair(w: torch.Tensor, cfg: PCMConfig, generator, tiles=None) -> ProgrammedPair:
-    """Map, program and draw drift exponents; draws in a fixed order: xi_p+, xi_p-, xi_nu+,
-    xi_nu-. The reference is read on the programmed chip before any drift or read noise, as
+def _program_pair(
+    w: torch.Tensor, cfg: PCMConfig, generator, tiles=None, f=(1.0,), codes=None
+) -> ProgrammedPair:
+    """Map onto the pairs ``f`` (``conductance.to_pairs``), program and draw drift exponents;
+    draws in a fixed order: xi_p of every device (G+_1, G-_1, G+_2, ...), then xi_nu of every
+    device (one pair: xi_p+, xi_p-, xi_nu+, xi_nu-). Stuck devices (``codes``) then sit at 0 or
+    g_max. The reference is read on the programmed chip before any drift or read noise, as
     aihwkit's ``InferenceTileWithPeriphery.program_weights`` does. ``tiles``: per-tile mapping
     and compensation (``_tiles_of``)."""
-    g_plus, g_minus, scale = to_conductances(w, cfg.g_max, tiles)
-    prog_plus, prog_minus = program(g_plus, cfg, generator), program(g_minus, cfg, generator)
-    nu_plus = drift_exponents(g_plus, cfg, generator)
-    nu_minus = drift_exponents(g_minus, cfg, generator)
-    w_prog = from_conductances(prog_plus, prog_minus, scale)
+    targets, scale = to_pairs(w, cfg.g_max, f, tiles)
+    progs = [program(g, cfg, generator) for g in targets]
+    nus = [drift_exponents(g, cfg, generator) for g in targets]
+    progs = apply_faults(progs, codes, cfg.g_max)
+    w_prog = from_pairs(progs, scale, f)
     if cfg.remap_programmed:
-        prog_plus, prog_minus, scale = to_conductances(w_prog, cfg.g_max, tiles)
+        progs, scale = to_pairs(w_prog, cfg.g_max, f, tiles)
+        progs = apply_faults(progs, codes, cfg.g_max)
     per_channel = cfg.drift_compensation == "per_channel"
     reference = compensation_readout(w_prog, per_channel, tiles)
-    return ProgrammedPair(prog_plus, prog_minus, nu_plus, nu_minus, scale, reference)
+    return ProgrammedPair(progs, nus, scale, reference, tuple(f), codes)
 
 
 @torch.no_grad()
 def _read_pair(
     chip: ProgrammedPair, t_inference: float, cfg: PCMConfig, generator, tiles=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(W_t, alpha)``: the drifted, read weights (uncompensated) and the compensation gain."""
-    g_plus = read(chip.g_plus, chip.nu_plus, t_inference, cfg, generator)
-    g_minus = read(chip.g_minus, chip.nu_minus, t_inference, cfg, generator)
-    w_t = from_conductances(g_plus, g_minus, chip.scale)
+    """``(W_t, alpha)``: the drifted, read weights (uncompensated; the devices read in order,
+    stuck ones at their value) and the compensation gain."""
+    g = [read(gi, nu, t_inference, cfg, generator) for gi, nu in zip(chip.g, chip.nu, strict=True)]
+    w_t = from_pairs(apply_faults(g, chip.codes, cfg.g_max), chip.scale, chip.f)
     return w_t, compensation_factor(chip.reference, w_t, cfg.drift_compensation, tiles)
 
 
@@ -93,6 +117,10 @@ class PCMWeights:
         cfg: the device.
         seed: the chip seed.
         name: the tensor's qualified name (``layer1.0.conv1.weight``).
+        tiles: the layer's crossbar tiles (per-tile mapping under ``cfg.mapping='tile'``).
+        faults: the chip's stuck-at faults (``FaultsConfig``; None: none), drawn from
+            (chip seed, name + "/faults").
+        pairs: the chip's device pairs (``PairsConfig``; None: one pair).
 
     Attributes:
         pair: the programmed state (``ProgrammedPair``), fixed for the life of the chip.
@@ -105,11 +133,15 @@ class PCMWeights:
         seed: int,
         name: str,
         tiles: list[slice] | None = None,
+        faults: FaultsConfig | None = None,
+        pairs=None,
     ):
         self.cfg, self.seed, self.name = cfg, int(seed), name
         self.dtype, self.tiles = weight.dtype, _tiles_of(cfg, tiles)
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, name))
-        self.pair = _program_pair(_work(weight), cfg, g, self.tiles)
+        w, f = _work(weight), (1.0,) if pairs is None else pairs.f  # chip.pairs, chip.faults
+        codes = draw_faults(faults, w.shape, 2 * len(f), self.seed, name, device=w.device)
+        self.pair = _program_pair(w, cfg, g, self.tiles, f, codes)
         # The reference read through the tiles' periphery (set by the first such read).
         self.periphery_reference: torch.Tensor | None = None
 
@@ -117,7 +149,7 @@ class PCMWeights:
     def programmed_weights(self) -> torch.Tensor:
         """``W_prog``: the weights right after programming (no drift, no read noise)."""
         c = self.pair
-        return from_conductances(c.g_plus, c.g_minus, c.scale).to(self.dtype)
+        return from_pairs(c.g, c.scale, c.f).to(self.dtype)
 
     @property
     def reference(self) -> torch.Tensor:
@@ -180,6 +212,8 @@ def pcm_training_perturbation(
     t_train: float,
     generator: torch.Generator | None = None,
     tiles: list[slice] | None = None,
+    faults: FaultsConfig | None = None,
+    pairs=None,
 ) -> torch.Tensor:
     """A fresh HA-SGD perturbation from the PCM model: ``nu = W_chip - W`` with ``W_chip`` a new
     chip (both devices programmed, drift exponents drawn) read at ``t_train`` s and compensated
@@ -195,6 +229,7 @@ def pcm_training_perturbation(
         t_train: seconds after programming that training targets, >= 0.
         generator: source of the draws (the global RNG of ``weight``'s device if None).
         tiles: the layer's crossbar tiles (per-tile mapping under ``cfg.mapping='tile'``).
+        faults, pairs: the chip's stuck-at faults (fresh ones: faults in the loop) and pairs.
 
     Returns:
         The perturbation, detached, shaped and typed like ``weight``.
@@ -202,7 +237,9 @@ def pcm_training_perturbation(
     if _antithetic_active():
         raise RuntimeError("antithetic pairs need the relative device: PCM draws are not symmetric")
     w, tiles = _work(weight), _tiles_of(cfg, tiles)
-    chip = _program_pair(w, cfg, generator, tiles)
+    f = (1.0,) if pairs is None else pairs.f
+    codes = draw_faults(faults, w.shape, 2 * len(f), generator=generator, device=w.device)
+    chip = _program_pair(w, cfg, generator, tiles, f, codes)
     w_t, alpha = _read_pair(chip, t_train, cfg, generator, tiles)
     return (w_t * alpha - w).to(weight.dtype)
 
@@ -219,15 +256,22 @@ class PCMDevice(Device):
     timed = True
     recorded = True
     variants = {"compensations": "drift_compensation"}
+    conductances = True
+
+    def check_cells(self, faults, pairs) -> None:
+        if faults.active and self.config.remap_programmed:  # the remap would move stuck devices
+            why = "re-mapping a chip with stuck devices (faults) would move them: set it false"
+            raise ConfigError("pcm.remap_programmed", True, why)
 
     def label(self, chip) -> str | None:
         return f"PCM t_train={chip.t_train:g}s"
 
     def program(self, weight, seed, name, tiles=None) -> PCMWeights:
-        return PCMWeights(weight, self.config, seed, name, tiles)
+        return PCMWeights(weight, self.config, seed, name, tiles, self.faults, self.pairs)
 
     def training_perturbation(self, weight, t_train, tiles=None) -> torch.Tensor:
-        return pcm_training_perturbation(weight, self.config, t_train, tiles=tiles)
+        cells = {"faults": self.faults, "pairs": self.pairs}
+        return pcm_training_perturbation(weight, self.config, t_train, tiles=tiles, **cells)
 
 
 register_device("pcm", PCMConfig, PCMDevice)

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cimsim.chip.compensation import DRIFT_COMPENSATIONS, per_tile
+from cimsim.chip.compensation import DRIFT_COMPENSATIONS
+from cimsim.chip.devices.conductance import to_pairs
 from cimsim.validation import ConfigError, check_choice, check_number
 
 MAPPINGS = ("tile", "tensor")
@@ -112,10 +113,8 @@ def to_conductances(
         unit; ``max|w|`` floored at 1e-7 as aihwkit, so an all-zero tensor maps to zeros): 0-d,
         or with tiles ``(1, C_in, 1, ...)``, each tile's columns holding its scale.
     """
-    peak = w.abs().max() if tiles is None else per_tile(w, tiles, "amax")
-    scale = g_max / peak.clamp_min(_ZERO_CLIP)
-    scaled = w * scale
-    return scaled.clamp(0.0, g_max), (-scaled).clamp(0.0, g_max), scale
+    g, scale = to_pairs(w, g_max, (1.0,), tiles)  # the one-pair case of the N-pair converter
+    return g[0], g[1], scale
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ class RelativeDevice(Device):
     symmetric = True
     scalable = True
     stateful = False
+    conductances = True  # chip.faults and chip.pairs: cimsim.chip.devices.conductance
 
     def label(self, chip) -> str | None:
         return None  # the recipe's ``train sigma=..`` already says it
