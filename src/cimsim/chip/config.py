@@ -7,6 +7,8 @@ from dataclasses import MISSING, dataclass
 from typing import Any
 
 from cimsim.chip.devices import Device, device_names, get_device, reserve_names
+from cimsim.chip.devices.conductance import PairsConfig
+from cimsim.chip.devices.faults import FaultsConfig
 from cimsim.validation import ConfigError, check_choice, check_int, check_number
 
 DISTRIBUTIONS = ("gaussian", "uniform")
@@ -22,7 +24,9 @@ MAX_LEVEL = 1.0
 # Settings added after rows and checkpoints first recorded chips: ``as_dict`` leaves each out at
 # its default, so the fingerprints of rows measured before it existed stay valid (a new setting
 # joins this set, with its default meaning "off").
-LATER_SETTINGS: frozenset[str] = frozenset()
+LATER_SETTINGS: frozenset[str] = frozenset(
+    {"ir_drop", "ir_drop_g_ratio", "faults", "pairs", "analog_norm"}
+)
 
 
 # The Hydra group of ``train.py`` each setting comes from (conf/<group>/; tests/test_configs.py
@@ -31,12 +35,14 @@ LATER_SETTINGS: frozenset[str] = frozenset()
 GROUPS = {
     "noise": (
         "sigma", "mean_shift", "distribution", "scale", "per_channel", "bias", "analog_bn",
+        "analog_norm",
         "identity_noise", "identity_draws", "identity_mean_shift", "device", "t_train",
+        "faults", "pairs",
     ),
     "quant": ("adc_levels", "adc_placement"),
     "crossbar": (
         "tile_rows", "dac_levels", "dac_range", "out_ref", "tile_adc_levels", "out_bound",
-        "out_noise", "w_read_noise",
+        "out_noise", "w_read_noise", "ir_drop", "ir_drop_g_ratio",
     ),
 }  # fmt: skip
 
@@ -76,6 +82,9 @@ class AnalogConfig:
             scale as if the bias fitted in it: optimistic when ``|b|`` exceeds the weights'
             range). ``digital``: the bias is not perturbed.
         analog_bn: BatchNorm runs on the chip as a per-channel affine layer (default true).
+        analog_norm: LayerNorm, GroupNorm and BatchNorm1d run their affine ``gamma x_hat + beta``
+            on the chip, perturbed as BatchNorm's (``cimsim.chip.norm``); off by default: they
+            stay digital (their statistics always are).
         identity_noise: identity shortcuts get multiplicative noise ``x * (1 + sigma*eps)``.
         identity_draws: ``element`` (default): one draw per activation element (C, H, W), as
             the authors' ``NoisyIdentity`` (which also drew per sample); ``channel``: one gain
@@ -97,8 +106,13 @@ class AnalogConfig:
             defaults. Given by the device's name too: ``AnalogConfig(device="pcm", pcm={...})``
             (a config or its fields as a dict, as Hydra's ``noise.pcm.<field>`` and a
             checkpoint's hparams hold it), read back as ``chip.pcm``.
-        t_train: with a timed device (``pcm``), the time after programming (s) whose weight
+        t_train: with a timed device (``pcm``, ``rram``), the time after programming (s) whose weight
             distribution HA-SGD trains against (programming noise plus the drift spread then).
+        faults: stuck-at faults of Conv/Linear weights (``FaultsConfig`` or its fields): each
+            device of a pair stuck at 0 (``stuck_off``) or ``g_max`` (``stuck_on``), drawn per
+            chip (per training sample in HA-SGD); for devices with ``conductances``. Off.
+        pairs: device pairs per Conv/Linear weight (``PairsConfig``: ``{"f": [1, 3]}``),
+            aihwkit's ``NPairConductanceConverter``; one pair (``f = [1]``) by default.
 
     The crossbar periphery of Conv/Linear layers (``cimsim.chip.periphery``; all off by default):
 
@@ -132,6 +146,11 @@ class AnalogConfig:
         w_read_noise: short-term weight read noise, fresh at every matrix-vector product:
             ``y_i += w_read_noise * sqrt(sum_j |w_ij| x_j^2 / w_max) * w_max * xi_i`` per tile,
             weights in units of the tile's ``w_max = max |w|`` (aihwkit's PCM_READ) (>= 0).
+        ir_drop: aihwkit's IR drop along each tile's output wires (a scale of the wire
+            resistance, >= 0; 0 = none), before read noise, output noise and the tile ADC
+            (``cimsim.chip.ir_drop``; the formula in docs/model.md).
+        ir_drop_g_ratio: the wire's conductance per cell over the device's max conductance
+            (> 0; aihwkit's ``ir_drop_g_ratio``, ``1 / 0.35 Ohm / 5e-6 S``).
     """
 
     sigma: float = 0.0
@@ -141,6 +160,7 @@ class AnalogConfig:
     per_channel: bool = False
     bias: str = "separate"
     analog_bn: bool = True
+    analog_norm: bool = False
     identity_noise: bool = True
     identity_draws: str = "element"
     identity_mean_shift: bool = False
@@ -149,6 +169,8 @@ class AnalogConfig:
     device: str = "relative"
     device_config: Any = None
     t_train: float = 0.0
+    faults: FaultsConfig = FaultsConfig()
+    pairs: PairsConfig = PairsConfig()
     tile_rows: int | None = None
     dac_levels: int | None = None
     dac_range: str = "per_vector"
@@ -157,6 +179,8 @@ class AnalogConfig:
     out_bound: float = 12.0
     out_noise: float = 0.0
     w_read_noise: float = 0.0
+    ir_drop: float = 0.0
+    ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
 
     def __init__(self, **settings: Any):
         """Keyword arguments only: the fields, and ``<device>=`` a registered device's config
@@ -184,6 +208,7 @@ class AnalogConfig:
         check_choice("per_channel", self.per_channel, (True, False))
         check_choice("bias", self.bias, BIAS_MODES)
         check_choice("analog_bn", self.analog_bn, (True, False))
+        check_choice("analog_norm", self.analog_norm, (True, False))
         check_choice("identity_noise", self.identity_noise, (True, False))
         check_choice("identity_draws", self.identity_draws, IDENTITY_DRAWS)
         check_choice("identity_mean_shift", self.identity_mean_shift, (True, False))
@@ -204,6 +229,11 @@ class AnalogConfig:
             raise ConfigError("out_bound", self.out_bound, "must be > 0 (normalized units)")
         check_number("out_noise", self.out_noise, minimum=0.0)
         check_number("w_read_noise", self.w_read_noise, minimum=0.0)
+        check_number("ir_drop", self.ir_drop, minimum=0.0, finite=True)
+        check_number("ir_drop_g_ratio", self.ir_drop_g_ratio, finite=True)
+        if self.ir_drop_g_ratio <= 0:
+            why = "must be > 0 (wire over max device conductance; aihwkit's 1/0.35/5e-6)"
+            raise ConfigError("ir_drop_g_ratio", self.ir_drop_g_ratio, why)
         own = None
         for name, value in configs.items():  # each validated; errors name the key: pcm.t0
             config = _device_config(name, value)
@@ -211,7 +241,16 @@ class AnalogConfig:
         if own is None:
             own = self._own_config()
         object.__setattr__(self, "device_config", own)
-        object.__setattr__(self, "_device_model", get_device(self.device).device_cls(own))
+        model = get_device(self.device).device_cls(own)
+        for key, cls in (("faults", FaultsConfig), ("pairs", PairsConfig)):  # from dicts too
+            object.__setattr__(self, key, _nested(key, cls, getattr(self, key)))
+        if self.cells_active and not model.conductances:
+            key = "faults.stuck_off" if self.faults.active else "pairs.f"
+            why = f"device {self.device!r} has no conductance pairs (Device.conductances)"
+            raise ConfigError(key, getattr(self, key.split(".")[0]), why)
+        model.faults, model.pairs = self.faults, self.pairs
+        model.check_cells(self.faults, self.pairs)
+        object.__setattr__(self, "_device_model", model)
 
     def _own_config(self):
         """``device_config`` as given: None or another device's (``dataclasses.replace`` of a
@@ -255,6 +294,9 @@ class AnalogConfig:
         """This chip with ``overrides`` (field -> value); a device's nested settings
         (``{"pcm": {"drift_compensation": "none"}}``) replace only the fields they name."""
         overrides = dict(overrides)
+        for key in ("faults", "pairs"):  # {"faults": {"stuck_on": 0.01}} keeps stuck_off
+            if isinstance(overrides.get(key), dict):
+                overrides[key] = {**dataclasses.asdict(getattr(self, key)), **overrides[key]}
         for name in device_names():
             if isinstance(overrides.get(name), dict):
                 try:
@@ -276,6 +318,11 @@ class AnalogConfig:
         return keys
 
     @property
+    def cells_active(self) -> bool:
+        """Whether Conv/Linear weights have stuck-at faults or more than one device pair."""
+        return self.faults.active or self.pairs.count > 1
+
+    @property
     def noisy(self) -> bool:
         """Whether the relative perturbation is non-zero (else those layers run digitally)."""
         return self.sigma != 0.0 or self.mean_shift != 0.0
@@ -283,8 +330,9 @@ class AnalogConfig:
     @property
     def tile_outputs(self) -> bool:
         """Whether each tile's partial sums are processed on their own (ADC, output or read
-        noise) before the digital periphery adds them."""
-        return self.tile_adc_levels is not None or self.out_noise > 0 or self.w_read_noise > 0
+        noise, IR drop) before the digital periphery adds them."""
+        outputs = self.tile_adc_levels is not None or self.out_noise > 0
+        return outputs or self.w_read_noise > 0 or self.ir_drop > 0
 
     @property
     def periphery(self) -> bool:
@@ -313,6 +361,16 @@ def _plain_default(name: str) -> Any:
     f = {f.name: f for f in dataclasses.fields(AnalogConfig)}[name]
     value = f.default_factory() if f.default is MISSING else f.default
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+
+
+def _nested(key: str, cls: type, value: Any):
+    """``value`` (a ``cls`` or its fields) as a validated ``cls``; errors on ``key.<field>``."""
+    try:
+        return value if isinstance(value, cls) else cls(**value)
+    except ConfigError as err:
+        raise err.with_prefix(key) from None
+    except TypeError as err:  # not a dict, or a field it does not have
+        raise ConfigError(key, value, f"must be a {cls.__name__} or its fields ({err})") from None
 
 
 def _device_config(name: str, value: Any, key: str | None = None):
