@@ -20,7 +20,6 @@ from torch import nn
 
 from cimsim import AnalogConfig, convert_to_analog, program_chip, set_time
 from cimsim.chip.devices.pcm import PCMConfig, PCMWeights, to_conductances
-from cimsim.chip.readout_noise import dense_randn_like
 
 
 def quantize(x: torch.Tensor, bound: torch.Tensor, levels: int) -> torch.Tensor:
@@ -141,25 +140,6 @@ def test_output_noise_is_out_noise_times_wmax_times_each_vectors_max():
     with torch.no_grad():
         wide = torch.stack([other(x) - digital(x) for _ in range(10)])
     assert wide.std() > 2 * errors.std()
-
-
-@pytest.mark.parametrize("threads", [1, 2])
-def test_large_draws_do_not_depend_on_the_thread_count(threads):
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
-        torch.manual_seed(7)
-        y = dense_randn_like(torch.empty(1 << 21))
-    finally:
-        torch.set_num_threads(before)
-    torch.manual_seed(7)
-    expected = torch.cat(  # 8 chunks, each from a generator seeded by the global one
-        [
-            torch.empty(n).normal_(generator=torch.Generator().manual_seed(seed))
-            for n, seed in zip([1 << 18] * 8, torch.randint(0, 2**62, (8,)).tolist(), strict=True)
-        ]
-    )
-    assert torch.equal(y, expected)
 
 
 def test_pcm_compensation_is_applied_after_the_tile_adc():

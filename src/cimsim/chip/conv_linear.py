@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimsim.chip.crossbar import CrossbarLayer
+from cimsim.chip.fused import group_inputs
 from cimsim.chip.periphery import to_groups
 
 
@@ -21,25 +22,35 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
             shapes["bias"] = self.bias.shape
         return shapes
 
-    def _grouped(self, x, weight):
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-        if self._tiles is None:
-            return x, weight
-        tiles = len(self._tiles)
-        xg = to_groups(x, self._tiles, 1)
-        wg = to_groups(weight, self._tiles, 1)  # (C_out, T * c, k, k)
-        c_out, width = wg.shape[0], wg.shape[1] // tiles
-        wg = wg.reshape(c_out, tiles, width, *wg.shape[2:]).transpose(0, 1)
-        wg = wg.reshape(tiles * c_out, width, *wg.shape[3:])
-        # Channels-last: oneDNN's grouped convolution (and its backward) then runs about as fast
-        # as the dense one; channels-first it is up to 2x slower.
-        cl = torch.channels_last
-        return xg.contiguous(memory_format=cl), wg.contiguous(memory_format=cl)
+    def _pad(self, x):
+        if self.padding_mode == "zeros":
+            return x
+        return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+
+    @property
+    def _kernel2d(self) -> tuple:
+        return self.kernel_size
 
     def _conv_args(self, tiles: int) -> tuple:
-        padding = self.padding if self.padding_mode == "zeros" else 0
+        padding = self.padding if self.padding_mode == "zeros" else 0  # else ``_pad`` did it
         return self.stride, padding, self.dilation, tiles * self.groups  # tiles > 1: groups 1
+
+    def _prepare(self, x, weight, levels, peaks):
+        tiles = self._tiles or [slice(0, x.shape[1])]
+        count, c_out = len(tiles), weight.shape[0]
+        stride, padding, dilation, _ = self._conv_args(count)
+        pool = (self._kernel2d, stride, padding, dilation)
+        # Channels-last: oneDNN's grouped convolution (and its backward) then runs about as fast
+        # as the dense one; channels-first it is up to 2x slower.
+        sizes = tuple(sl.stop - sl.start for sl in tiles)
+        xg, s = group_inputs(x, sizes, levels, pool, peaks, channels_last=count > 1)
+        w_pad = to_groups(weight, tiles, 1)  # (C_out, T * w, k, k)
+        if count == 1:
+            return xg, w_pad, w_pad, s
+        width = w_pad.shape[1] // count
+        wg = w_pad.reshape(c_out, count, width, *w_pad.shape[2:]).transpose(0, 1)
+        wg = wg.reshape(count * c_out, width, *w_pad.shape[2:])
+        return xg, wg.contiguous(memory_format=torch.channels_last), w_pad, s
 
     def _products(self, xg, wg):
         tiles = 1 if self._tiles is None else len(self._tiles)
@@ -49,31 +60,29 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
     def _products_backward(self, g, xg, wg, needs):
         tiles = g.shape[1]
         stride, padding, dilation, groups = self._conv_args(tiles)
-        padding = (padding,) * 2 if isinstance(padding, int) else padding  # 0 after F.pad
         g = g.reshape(g.shape[0], -1, *g.shape[3:])
         if tiles > 1:  # already channels-last when it comes from the mask (a view then)
             g = g.contiguous(memory_format=torch.channels_last)
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            g,
-            xg,
-            wg,
-            None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0, 0],
-            groups,
-            [needs[0], needs[1], False],
-        )
+        gx, gw = self._conv_backward(g, xg, wg, (stride, padding, dilation, groups), needs)
+        if gw is not None and tiles > 1:  # (T * C_out, w, k, k) -> (C_out, T * w, k, k)
+            c_out = gw.shape[0] // tiles
+            gw = gw.reshape(tiles, c_out, *gw.shape[1:]).transpose(0, 1)
+            gw = gw.reshape(c_out, -1, *gw.shape[3:])
         return gx, gw
 
-    def _patch_peaks(self, xg):
-        tiles = 1 if self._tiles is None else len(self._tiles)
-        m = xg.detach().abs().unflatten(1, (tiles, -1)).amax(dim=2)  # (B, T, H, W)
-        stride, padding, dilation, _ = self._conv_args(tiles)
-        peaks = F.max_pool2d(m, self.kernel_size, stride, padding, dilation)  # (B, T, H', W')
-        return torch.where(peaks > 0, peaks, torch.ones_like(peaks)).unsqueeze(2)
+    def _dense_backward(self, g, xg, w_pad, needs):
+        stride, padding, dilation, _ = self._conv_args(1)
+        return self._conv_backward(g, xg, w_pad, (stride, padding, dilation, self.groups), needs)
+
+    @staticmethod
+    def _conv_backward(g, x, w, args, needs) -> tuple:
+        stride, padding, dilation, groups = args
+        padding = (padding,) * 2 if isinstance(padding, int) else padding
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            g, x, w, None, stride, padding, dilation, False, [0, 0], groups,
+            [needs[0], needs[1], False],
+        )  # fmt: skip
+        return gx, gw
 
     def _mvm(self, x, weight, bias):
         return self._conv_forward(x, weight, bias)
@@ -88,28 +97,29 @@ class AnalogLinear(CrossbarLayer, nn.Linear):
 
     analog_tensors = AnalogConv2d.analog_tensors
 
-    def _grouped(self, x, weight):  # x: (N, C_in) (``_crossbar`` flattens the rest)
-        if self._tiles is None:
-            return x.unsqueeze(1), weight.unsqueeze(1)
-        tiles = len(self._tiles)
-        xg = to_groups(x, self._tiles, 1).reshape(x.shape[0], tiles, -1)
-        return xg, to_groups(weight, self._tiles, 1).reshape(weight.shape[0], tiles, -1)
+    def _prepare(self, x, weight, levels, peaks):  # x: (N, C_in) (``_crossbar`` flattens)
+        tiles = self._tiles or [slice(0, x.shape[1])]
+        sizes = tuple(sl.stop - sl.start for sl in tiles)
+        xg, s = group_inputs(x, sizes, levels, None, peaks)
+        w_pad = to_groups(weight, tiles, 1)  # (C_out, T * w)
+        count = len(tiles)
+        return xg.unflatten(1, (count, -1)), w_pad.unflatten(1, (count, -1)), w_pad, s
 
     def _products(self, xg, wg):  # (N, T, c) x (C_out, T, c) -> (N, T, C_out)
         return torch.einsum("ntc,otc->nto", xg, wg)
 
-    def _products_backward(self, g, xg, wg, needs):
-        gx = torch.einsum("nto,otc->ntc", g, wg) if needs[0] else None
-        gw = torch.einsum("nto,ntc->otc", g, xg) if needs[1] else None
+    def _products_backward(self, g, xg, wg, needs):  # in the padded layouts (N|C_out, T * c)
+        gx = torch.einsum("nto,otc->ntc", g, wg).flatten(1) if needs[0] else None
+        gw = torch.einsum("nto,ntc->otc", g, xg).flatten(1) if needs[1] else None
         return gx, gw
+
+    def _dense_backward(self, g, xg, w_pad, needs):  # of F.linear on the padded operands
+        gx = g @ w_pad if needs[0] else None
+        return gx, (g.t() @ xg.flatten(1) if needs[1] else None)
 
     def _vector_bounds(self, x):  # the features are the last dim: one vector per row
         flat = x.reshape(-1, x.shape[-1])
         return super()._vector_bounds(flat).reshape(x.shape)
-
-    def _patch_peaks(self, xg):  # (N, T, c) -> (N, T, 1)
-        peaks = xg.detach().abs().amax(dim=2, keepdim=True)
-        return torch.where(peaks > 0, peaks, torch.ones_like(peaks))
 
     def _mvm(self, x, weight, bias):
         return F.linear(x, weight, bias)

@@ -6,6 +6,7 @@ import torch
 
 from cimsim.chip.compensation import per_tile
 from cimsim.chip.devices import Periphery
+from cimsim.chip.ir_drop import apply_ir_drop_
 from cimsim.chip.layers import AnalogLayer
 from cimsim.chip.periphery import periphery_readout, tiled_sum
 from cimsim.chip.readout_noise import read_noise
@@ -54,8 +55,18 @@ class CrossbarLayer(AnalogLayer):
 
         return through
 
-    def _grouped(self, x: torch.Tensor, weight: torch.Tensor) -> tuple:
-        """Inputs and weights laid out as ``T`` equal tile groups (``periphery.to_groups``)."""
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` with the padding the product does not do itself (a conv's non-zero padding
+        mode); the products then run unpadded."""
+        return x
+
+    def _prepare(self, x: torch.Tensor, weight: torch.Tensor, levels: int | None, peaks: bool):
+        """The tiles' operands, no gradient: ``(xg, wg, w_pad, s)``. ``xg``: the inputs laid out
+        as ``T`` equal groups of input lines (the smaller tiles padded with zero lines), through
+        the per-vector DAC when ``levels``; ``wg``: the weights grouped for ``_products``;
+        ``w_pad``: the weights with the same padded input lines, ungrouped (``(C_out, T*w,
+        ...)``); ``s``: with ``peaks``, each input vector's max ``|x|`` per tile ``(B, T, 1,
+        ...)`` (zeros read as 1; a conv's vector is the patch of one output position)."""
         raise NotImplementedError
 
     def _products(self, xg: torch.Tensor, wg: torch.Tensor) -> torch.Tensor:
@@ -64,8 +75,27 @@ class CrossbarLayer(AnalogLayer):
         raise NotImplementedError
 
     def _products_backward(self, g, xg, wg, needs) -> tuple:
-        """The gradients of ``_products`` to ``(xg, wg)`` (None where not ``needs``)."""
+        """The gradients of ``_products`` to ``(xg, wg)`` (None where not ``needs``), in the
+        padded layouts of ``xg`` and ``w_pad``."""
         raise NotImplementedError
+
+    def _dense_backward(self, g, xg, w_pad, needs) -> tuple:
+        """The gradients of the dense product of the padded operands (``xg`` ungrouped: its
+        input lines in order, ``w_pad``) for the output gradient ``g``, in their layouts: the
+        tiled sum's where nothing clipped."""
+        raise NotImplementedError
+
+    def _ungroup(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        """A gradient in a padded layout (input lines on dim 1, ``T`` groups of ``w``) with the
+        padding lines dropped."""
+        tiles = self._tiles
+        if t is None or tiles is None:
+            return t
+        width = max(sl.stop - sl.start for sl in tiles)
+        if all(sl.stop - sl.start == width for sl in tiles):
+            return t
+        parts = [t.narrow(1, i * width, sl.stop - sl.start) for i, sl in enumerate(tiles)]
+        return torch.cat(parts, dim=1)
 
     def _mvm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         """The crossbar's matrix-vector products: the layer's op on ``x`` with these tensors."""
@@ -83,20 +113,6 @@ class CrossbarLayer(AnalogLayer):
         expanded = peaks.repeat_interleave(sizes, dim=1)  # (B, C_in)
         return expanded.reshape(expanded.shape + (1,) * (x.dim() - 2))
 
-    def _input_scales(self, x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-        """``s_x`` of every partial sum, broadcastable against them ``(B, T, 1, ...)``: the DAC's
-        static ``b_in``, else each input vector's max ``|x|`` over its tile (a conv's vector is
-        the patch of one output position)."""
-        peaks = self._patch_peaks(xg)
-        if self.dac is not None and self.dac.enabled and self.dac.mode != "per_vector":
-            b = self.dac.b_in if self.dac.learned else self.dac.hi
-            return b.detach().to(peaks.dtype).reshape((1,) * peaks.dim())
-        return peaks
-
-    def _patch_peaks(self, xg: torch.Tensor) -> torch.Tensor:
-        """Each input vector's max ``|x|`` per tile ``(B, T, 1, ...)`` (zeros read as 1)."""
-        raise NotImplementedError
-
     def _per_tile(self, alpha: torch.Tensor) -> torch.Tensor:
         """A compensation gain broadcastable against the weights (0-d, per output channel, per
         tile's input columns) as ``(T, C_out or 1)``: the gain of each tile's outputs."""
@@ -112,47 +128,51 @@ class CrossbarLayer(AnalogLayer):
         w_abs = weight.detach().abs()
         return torch.stack([w_abs[:, sl].amax() for sl in self._tiles or [slice(None)]])
 
-    @torch.no_grad()
-    def _output_units(self, x: torch.Tensor, xg: torch.Tensor) -> torch.Tensor:
-        """aihwkit's normalized unit ``w_max * s_x`` of every partial sum: the tile's largest
-        ``|w|`` of the clean (mapped) weights times the input vector's scale."""
-        w_max = self._tile_peaks(self.weight)
-        scales = self._input_scales(x, xg)
-        return scales * w_max.reshape((1, -1) + (1,) * (scales.dim() - 2)).to(scales.dtype)
-
     def _crossbar(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        """The layer through the periphery: DAC, per-tile partial sums with read noise, output
-        noise and tile ADC, the device's drift compensation (digital, after the ADC), their sum and
-        the bias (added by the digital periphery)."""
-        if self.dac is not None:
-            per_vector = self.dac.mode == "per_vector"
-            x = self.dac(x, self._vector_bounds(x) if per_vector and self.dac.enabled else None)
-        cfg = self.config
+        """The layer through the periphery: DAC, per-tile partial sums with IR drop and read
+        noise, output noise and tile ADC, the device's drift compensation (digital, after the
+        ADC), their sum and the bias (added by the digital periphery)."""
+        cfg, dac = self.config, self.dac if self.dac is not None and self.dac.enabled else None
+        per_vector = dac is not None and dac.mode == "per_vector"
+        if dac is not None and not per_vector:  # a static range: before the tiles, in autograd
+            x = dac(x)
         if not cfg.tile_outputs:  # tiles then change only the weights' ranges: one product
+            if per_vector:
+                x = dac(x, self._vector_bounds(x))
             return self._mvm(x, weight, bias)
         reads = self.training or self.chip_seed is not None  # a chip is read: noise per read
-        xg, wg = self._grouped(x, weight)
         adc = self.tile_adc if self.tile_adc is not None and self.tile_adc.enabled else None
         if adc is not None:
             adc.noisy = reads
-        units = self._output_units(x, xg) if adc is not None and adc.ref == "normalized" else None
-        read = cfg.w_read_noise > 0 and reads
-        if read:
-            w_max = self._tile_peaks(weight)
+        normalized = adc is not None and adc.ref == "normalized"
+        ir, read = cfg.ir_drop > 0, cfg.w_read_noise > 0 and reads
+        static = None if dac is None or per_vector else dac.b_in if dac.learned else dac.hi
+        peaks = (normalized or ir) and static is None
+        w_max = self._tile_peaks(self.weight)  # of the clean (mapped) weights
         alpha = self._tile_compensation()
-        grads = torch.is_grad_enabled() and (xg.requires_grad or wg.requires_grad)  # else no mask
 
-        def post_(y: torch.Tensor) -> torch.Tensor | None:
+        def post_(y, xg, wg, s, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+            units = None  # aihwkit's normalized unit w_max * s_x of every partial sum
+            if normalized or ir:
+                s = s if static is None else static.detach().to(y.dtype)
+                units = s * w_max.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)
+            if ir:  # aihwkit's IR drop, before read and output noise and ADC; a constant
+                drop = (cfg.ir_drop, cfg.ir_drop_g_ratio)
+                apply_ir_drop_(y, xg, wg, self._products, units, self._tiles, *drop)
             if read:  # aihwkit's PCM_READ noise of each tile, a constant for autograd
-                squares = self._products(xg.detach().square(), wg.detach().abs())
+                squares = self._products(xg.square(), wg.abs())
                 shape = (1, -1) + (1,) * (y.dim() - 2)
-                y.add_(read_noise(y, squares, w_max.reshape(shape), cfg.w_read_noise))
-            inside = None if adc is None else adc.digitize_(y, units, mask=grads)
-            if alpha is not None:  # digital, after the tile's ADC (aihwkit's order)
-                y.mul_(alpha.reshape((1,) + alpha.shape + (1,) * (y.dim() - 3)))
-            return inside
+                w_read = self._tile_peaks(weight).reshape(shape)
+                y.add_(read_noise(y, squares, w_read, cfg.w_read_noise))
+            gain = None  # the drift compensation: digital, after the tile's ADC (aihwkit's order)
+            if alpha is not None:
+                gain = alpha.reshape((1, *alpha.shape) + (1,) * (y.dim() - 3))
+            if adc is not None:  # output noise, ADC, gain and the sum over tiles: one pass
+                return adc.finish(y, units if normalized else None, gain, mask=grads)
+            return (y if gain is None else y.mul_(gain)).sum(dim=1), None
 
-        y = tiled_sum(xg, wg, self._products, self._products_backward, post_)
+        levels = dac.levels if per_vector else None
+        y = tiled_sum(self._pad(x), weight, self, levels, peaks, post_)
         if bias is None:
             return y
         return y + bias.reshape((1, -1) + (1,) * (y.dim() - 2))

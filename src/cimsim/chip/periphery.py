@@ -12,11 +12,14 @@ default.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from cimsim.chip.adc import ADC
-from cimsim.chip.readout_noise import dense_randn_like
+from cimsim.chip.draws import normal_like
+from cimsim.chip.fused import fused_tail
 from cimsim.validation import ConfigError
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -133,14 +136,15 @@ def to_groups(t: torch.Tensor, tiles: list[slice], dim: int) -> torch.Tensor:
 
 
 def layer_tiles(layer: nn.Module, tile_rows: int | None) -> list[slice] | None:
-    """The input slices of a Conv2d (whole input channels, ``tile_rows // (k*k)`` per tile) or a
-    Linear (``tile_rows`` features per tile); ``None`` when the layer is one tile."""
+    """The input slices of a Conv2d or Conv1d (whole input channels, ``tile_rows // (k*k)`` or
+    ``tile_rows // k`` per tile) or a Linear (``tile_rows`` features per tile); ``None`` when the
+    layer is one tile."""
     if tile_rows is None:
         return None
-    if isinstance(layer, nn.Conv2d):
+    if isinstance(layer, nn.Conv2d | nn.Conv1d):
         if layer.groups != 1:
             raise ConfigError("tile_rows", tile_rows, "tiles need convs with groups=1")
-        rows = layer.kernel_size[0] * layer.kernel_size[1]
+        rows = math.prod(layer.kernel_size)
         if rows > tile_rows:
             why = f"must be >= the {rows} rows of one input channel's {layer.kernel_size} kernel"
             raise ConfigError("tile_rows", tile_rows, why)
@@ -249,7 +253,7 @@ class TileADC(ADC):
         noisy = self.out_noise > 0 and self.noisy
         if self.ref == "normalized":
             if noisy:
-                y.addcmul_(dense_randn_like(y), unit.to(y.dtype), value=self.out_noise)
+                y.addcmul_(normal_like(y), unit.to(y.dtype), value=self.out_noise)
             bound = unit * self.out_bound
             if self.levels is None:
                 return clip_(y, bound, mask)
@@ -259,8 +263,31 @@ class TileADC(ADC):
         self._update_range(y)
         bound = self.hi.reshape((1, -1) + (1,) * (y.dim() - 2)).to(y.dtype)  # (1, T, 1, ...)
         if noisy:
-            y.addcmul_(dense_randn_like(y), bound, value=self.out_noise)
+            y.addcmul_(normal_like(y), bound, value=self.out_noise)
         return None if self.levels is None else quantize_(y, bound, self.levels, mask)
+
+    @torch.no_grad()
+    def finish(
+        self,
+        y: torch.Tensor,
+        unit: torch.Tensor | None,
+        alpha: torch.Tensor | None = None,
+        mask: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The tiles' partial sums ``y`` (B, T, ...) through ``digitize_``, times the digital gain
+        ``alpha`` (per tile and output, broadcastable), summed over the tiles: ``(sum, inside)``.
+        In normalized units this is one fused pass (``cimsim.chip.draws.fused_tail``); ``y``
+        may be overwritten."""
+        if self.ref == "normalized":
+            noise = self.out_noise if self.noisy else 0.0
+            return fused_tail(
+                y, unit, out_noise=noise, bound=self.out_bound, levels=self.levels,
+                alpha=alpha, mask=mask,
+            )  # fmt: skip
+        inside = self.digitize_(y, unit, mask)
+        if alpha is not None:
+            y.mul_(alpha)
+        return y.sum(dim=1), inside
 
     def forward(self, y: torch.Tensor, unit: torch.Tensor | None = None) -> torch.Tensor:
         if not self.enabled:
@@ -313,48 +340,56 @@ def periphery_readout(
 
 
 class _TiledSum(torch.autograd.Function):
-    """``sum_t post_(products(xg, wg))[:, t]``: the tiles' partial sums, processed in place by
-    ``post_`` (noise, ADC; it returns where the gradient passes, or None), added up. One node:
-    autograd keeps only the inputs and a boolean mask, never the ``T``-times larger partial sums,
-    and the backward is the grouped product's own (``backward``)."""
+    """``post_(products(xg, wg))`` of the layer's prepared operands (``CrossbarLayer._prepare``):
+    the tiles' partial sums through ``post_`` (noise, ADC, the sum over tiles; it returns the sum
+    and where the gradient passes, or None where it passes everywhere). One node: autograd keeps
+    the grouped inputs (and a boolean mask where something clipped), never the ``T``-times larger
+    partial sums. The gradient is straight through the DAC and the ADC inside its range: where
+    nothing clipped it is the dense product's (the tiles' products add up to it), else the
+    grouped product's, masked."""
 
     @staticmethod
-    def forward(ctx, xg, wg, products, backward, post_):
-        ctx.dtypes = (xg.dtype, wg.dtype)
-        device = xg.device.type
-        if torch.is_autocast_enabled(device):  # the products run (and are saved) in its dtype
-            dtype = torch.get_autocast_dtype(device)
-            xg, wg = xg.to(dtype), wg.to(dtype)
+    def forward(ctx, x, weight, layer, levels, peaks, post_):
+        ctx.dtypes = (x.dtype, weight.dtype)
+        device = x.device.type
+        cast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+        grads = any(ctx.needs_input_grad[:2])
         with torch.autocast(device, enabled=False):
-            y = products(xg, wg)  # (B, T, C_out, ...)
-            inside = post_(y)
-        ctx.save_for_backward(xg, wg, inside)
-        ctx.backward_fn, ctx.shape, ctx.stride = backward, y.shape, y.stride()
-        return y.sum(dim=1)
+            xg, wg, w_pad, s = layer._prepare(x.detach(), weight.detach(), levels, peaks)
+            if cast is not None:  # the products run (and are saved) in autocast's dtype
+                xg, wg, w_pad = xg.to(cast), wg.to(cast), w_pad.to(cast)
+            y = products = layer._products(xg, wg)  # (B, T, C_out, ...)
+            shape, stride = y.shape, y.stride()
+            out, inside = post_(products, xg, wg, s, grads)
+        ctx.dense = inside is None
+        ctx.save_for_backward(xg, w_pad if ctx.dense else wg, inside)
+        ctx.layer, ctx.shape, ctx.stride = layer, shape, stride
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        xg, wg, inside = ctx.saved_tensors
-        g = grad.unsqueeze(1).to(xg.dtype)
-        # In the partial sums' own layout (channels-last for a conv): no reordering copy later.
-        if inside is None:
-            out = torch.empty_strided(ctx.shape, ctx.stride, dtype=g.dtype, device=g.device)
-            g = out.copy_(g.expand(ctx.shape))
-        else:
+        xg, w, inside = ctx.saved_tensors
+        layer, needs = ctx.layer, ctx.needs_input_grad[:2]
+        if ctx.dense:
+            gx, gw = layer._dense_backward(grad.to(xg.dtype), xg, w, needs)
+        else:  # in the partial sums' own layout (channels-last for a conv): no reordering copy
+            g = grad.unsqueeze(1).to(xg.dtype)
             g = torch.mul(g, inside, out=torch.empty_like(inside, dtype=g.dtype))
-        gx, gw = ctx.backward_fn(g, xg, wg, ctx.needs_input_grad[:2])
+            gx, gw = layer._products_backward(g, xg, w, needs)
+        gx, gw = layer._ungroup(gx), layer._ungroup(gw)
         gx = None if gx is None else gx.to(ctx.dtypes[0])
         gw = None if gw is None else gw.to(ctx.dtypes[1])
-        return gx, gw, None, None, None
+        return gx, gw, None, None, None, None
 
 
-def tiled_sum(xg, wg, products, backward, post_) -> torch.Tensor:
-    """The layer's output before the bias: every tile's partial sums (``products`` of the grouped
-    inputs and weights, ``(B, T, C_out, ...)``) through ``post_`` (in place), summed over the
-    tiles; ``backward(g, xg, wg, needs)`` gives the products' input and weight gradients."""
-    if torch.is_grad_enabled() and (xg.requires_grad or wg.requires_grad):
-        return _TiledSum.apply(xg, wg, products, backward, post_)
+def tiled_sum(x, weight, layer, levels, peaks, post_) -> torch.Tensor:
+    """The layer's output before the bias: every tile's partial sums (``layer._products`` of its
+    ``_prepare``d operands, ``(B, T, C_out, ...)``) through ``post_(y, xg, wg, s, grads)``,
+    which returns their sum over the tiles and where the gradient passes (None: everywhere, or
+    no gradient wanted). ``levels``: the per-vector DAC's (None: none); ``peaks``: whether
+    ``post_`` needs the input vectors' scales ``s``."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return _TiledSum.apply(x, weight, layer, levels, peaks, post_)
     with torch.no_grad():
-        y = products(xg, wg)
-        post_(y)
-        return y.sum(dim=1)
+        xg, wg, _, s = layer._prepare(x, weight, levels, peaks)
+        return post_(layer._products(xg, wg), xg, wg, s, False)[0]

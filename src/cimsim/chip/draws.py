@@ -1,0 +1,87 @@
+"""Counter-based Gaussian draws for the crossbar's read-outs, and the tiles' fused output tail.
+
+Every partial sum of every tile gets its own output-noise draw, so the draws (``T`` times a
+layer's outputs) and the elementwise passes over them were most of the periphery's cost. Here a
+draw is a pure function of a 64-bit key and the element's logical index: SplitMix64 (Steele et
+al., OOPSLA 2014; the ``splitmix64`` generator of Vigna's xoshiro reference) turns
+``key + (i + 1) * gamma`` into 64 random bits, whose two halves are the uniforms of one
+Box-Muller draw. So
+
+* the values depend on the key and the tensor's shape only: not on the thread count, the memory
+  layout (channels-last or not), the chunking or the device;
+* the draws are an elementwise expression of the index: ``torch.compile`` fuses them into the
+  pass that uses them (``cimsim.chip.fused``), computed in registers and never stored; small
+  tensors, other devices and machines where compilation fails run the same expression eagerly
+  (the same values).
+
+The key of each call comes from the global generator of the tensor's device (one draw), so a run
+is reproducible from its seed like any ``torch.randn``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cimsim.chip import compiled
+
+_U64 = 1 << 64
+
+
+def _signed(v: int) -> int:
+    """A 64-bit unsigned constant as the int64 with the same bits."""
+    return v - _U64 if v >= 1 << 63 else v
+
+
+_GAMMA = _signed(0x9E3779B97F4A7C15)  # SplitMix64's increment (the golden ratio in 64 bits)
+_MIX1 = _signed(0xBF58476D1CE4E5B9)
+_MIX2 = _signed(0x94D049BB133111EB)
+_LOW32 = (1 << 32) - 1
+_TWO_PI = 2.0 * math.pi
+
+
+def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits (torch's ``>>`` is arithmetic)."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def _bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's output for counter ``index`` of stream ``key`` (int64, wrapping). ``key`` is
+    ``(2,)``: the stream's key and gamma (a tensor, so that a compiler cannot fold the wrapping
+    product into its 64-bit index arithmetic)."""
+    z = key[0] + (index + 1) * key[1]
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def _gaussian(key: torch.Tensor, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal draws of stream ``key``, element ``i`` of the row-major ``shape`` from
+    counter ``i``: Box-Muller on the high 32 bits (``u1`` in ``(0, 1]``) and the low 32 bits
+    (``u2`` in ``[0, 1)``) of its SplitMix64 output."""
+    index = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
+    z = _bits(key, index)
+    u1 = (_shr(z, 32) + 1).to(torch.float32) * 2.0**-32
+    u2 = (z & _LOW32).to(torch.float32) * 2.0**-32
+    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)).to(dtype)
+
+
+def new_key(device: torch.device | str = "cpu") -> torch.Tensor:
+    """A fresh stream from the global generator of ``device``: ``(2,)`` int64 on it, a random
+    64-bit key and SplitMix64's gamma."""
+    device = torch.device(device)
+    key = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+    return torch.cat([key, torch.tensor([_GAMMA], device=device)])
+
+
+def stream(key: int) -> torch.Tensor:
+    """The stream of a given 64-bit ``key`` (e.g. derived from a chip seed), as ``new_key``."""
+    return torch.tensor([_signed(key % _U64), _GAMMA], dtype=torch.int64)
+
+
+def normal_like(y: torch.Tensor, key: torch.Tensor | None = None) -> torch.Tensor:
+    """Standard normal draws shaped like ``y`` (its dtype and device, a dense tensor), from
+    stream ``key`` (a fresh one from the global generator when None)."""
+    key = new_key(y.device) if key is None else key.to(y.device)
+    return compiled.run(_gaussian, y, key, y.shape, y.device, y.dtype)

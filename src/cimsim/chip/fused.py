@@ -1,0 +1,146 @@
+"""The tiles' periphery in single passes: inputs (per-vector DAC, grouping into tiles, the input
+vectors' scales) and outputs (output noise, ADC, the digital gain and the sum over tiles).
+
+Every tile's partial sums ``(B, T, C_out, ...)`` get output noise (``cimsim.chip.draws``'
+counter-based draws, computed in the pass), are clipped or digitized by the tile's ADC, scaled
+by the drift compensation and summed over the tiles: one elementwise expression over the
+``T``-times larger tensor, compiled into one pass where it pays (``cimsim.chip.compiled``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cimsim.chip import compiled
+from cimsim.chip.draws import _gaussian, new_key
+
+
+def _grid(y, b, levels: int):
+    """``y`` on ``levels`` uniform values over ``[-b, b]`` (``periphery.quantize_``'s grid)."""
+    c = (levels - 1) / 2
+    k = torch.clamp(torch.round(y * (c / b) + c), 0, levels - 1)
+    return (k - c) / c * b
+
+
+def _noisy(y, unit, key, out_noise, bound):
+    """``y`` plus its output noise, and the ADC's bound ``b = bound * unit``."""
+    if key is not None:
+        y = y + _gaussian(key, y.shape, y.device, y.dtype) * (unit * out_noise)
+    return y, (unit * bound).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool):
+    """The tile tail as one expression: ``y`` (B, T, ...) plus ``out_noise * unit * xi``,
+    clipped to ``[-b, b]`` with ``b = bound * unit`` and, with ``levels``, on its grid (see
+    ``cimsim.chip.periphery.quantize_``), times ``alpha``, summed over the tiles (dim 1);
+    with ``count``, also how many of each output's partial sums fell outside ``[-b, b]``."""
+    y, b = _noisy(y, unit, key, out_noise, bound)
+    q = torch.minimum(torch.maximum(y, -b), b) if levels is None else _grid(y, b, levels)
+    if alpha is not None:
+        q = q * alpha
+    outside = ((y < -b) | (y > b)).to(torch.float32).sum(dim=1) if count else None
+    return q.sum(dim=1), outside
+
+
+def _inside(y, unit, key, out_noise, bound):
+    """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws)."""
+    y, b = _noisy(y, unit, key, out_noise, bound)
+    return (y >= -b) & (y <= b)
+
+
+@torch.no_grad()
+def fused_tail(
+    y: torch.Tensor,
+    unit: torch.Tensor,
+    *,
+    out_noise: float,
+    bound: float,
+    levels: int | None,
+    alpha: torch.Tensor | None = None,
+    key: torch.Tensor | None = None,
+    mask: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Every tile's output periphery and the digital sum, in one pass where it compiles.
+
+    Args:
+        y: the tiles' partial sums ``(B, T, C_out, ...)``.
+        unit: the unit of each partial sum, broadcastable against ``y``: aihwkit's normalized
+            ``w_max * s_x``, or a calibrated ``b_out`` per tile (with ``bound=1``).
+        out_noise: the output noise std in units of ``unit`` (0: none).
+        bound: the ADC range ``[-bound * unit, bound * unit]``; values outside clip.
+        levels: the ADC's number of levels (None: clip only).
+        alpha: a gain on each digitized partial sum (drift compensation), broadcastable.
+        key: the stream of the output noise (a fresh one from the global generator when None).
+        mask: also say where the noisy partial sums were inside the range (the gradient's
+            mask): computed only when some value clipped.
+
+    Returns:
+        ``(sum over tiles, inside)``: ``inside`` is None when nothing clipped or ``mask`` is
+        false. The mask, when needed, is a second pass over the same draws (a counter-based
+        stream replays exactly), so the common case writes nothing ``T`` times larger.
+    """
+    noise_key = None
+    if out_noise > 0:
+        noise_key = new_key(y.device) if key is None else key.to(y.device)
+    unit = unit.to(y.dtype)
+    work = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
+    args = (work, unit.to(work.dtype), noise_key, float(out_noise), float(bound), levels)
+    alpha = None if alpha is None else alpha.to(work.dtype)
+    out, outside = compiled.run(_tail, work, *args, alpha, mask)
+    inside = compiled.run(_inside, work, *args[:5]) if mask and bool(outside.any()) else None
+    return out.to(y.dtype), inside
+
+
+def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
+    """``group_inputs`` as one expression."""
+    width, parts, start = max(sizes), [], 0
+    dims = tuple(range(1, x.dim()))
+    for size in sizes:
+        part = x.narrow(1, start, size)
+        start += size
+        if levels is not None:  # the per-vector DAC: each vector's own max |x| over the tile
+            b = part.abs().amax(dim=dims, keepdim=True)
+            part = _grid(part, torch.where(b > 0, b, torch.ones_like(b)), levels)
+        if size < width:
+            part = F.pad(part, [0, 0] * (x.dim() - 2) + [0, width - size])
+        parts.append(part)
+    xg = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+    if channels_last:
+        xg = xg.contiguous(memory_format=torch.channels_last)
+    if not peaks:
+        return xg, None
+    m = xg.abs().unflatten(1, (len(sizes), width))
+    m = m.amax(dim=2) if pool is not None else m.amax(dim=2, keepdim=True)
+    if pool is not None:  # a conv's vector: the patch of one output position
+        m = F.max_pool2d(m, *pool).unsqueeze(2)
+    return xg, torch.where(m > 0, m, torch.ones_like(m))
+
+
+@torch.no_grad()
+def group_inputs(
+    x: torch.Tensor,
+    sizes: tuple[int, ...],
+    levels: int | None,
+    pool: tuple | None = None,
+    peaks: bool = True,
+    channels_last: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A layer's inputs as ``T`` equal groups of input lines (dim 1), in one pass where it pays.
+
+    Args:
+        x: ``(B, C_in)`` or ``(B, C_in, H, W)``.
+        sizes: the tiles' numbers of input lines, in order (their sum is ``C_in``); the smaller
+            ones are padded with zero lines to the largest.
+        levels: the per-vector DAC's levels (each tile's slice of each vector on ``levels``
+            values over ``+-`` its max ``|x|``, a zero vector's max read as 1); None: exact.
+        pool: a conv's ``(kernel, stride, padding, dilation)``: the scale of each output
+            position's patch is the max over its window; None for a Linear.
+        peaks: whether to return the scales.
+        channels_last: lay the grouped conv input out channels-last.
+
+    Returns:
+        ``(xg, s)``: ``xg`` ``(B, T*w, ...)``; ``s`` each vector's max ``|x|`` per tile after
+        the DAC, ``(B, T, 1, ...)`` (zeros read as 1), or None.
+    """
+    return compiled.run(_group, x, x, tuple(sizes), levels, pool, peaks, channels_last)

@@ -1,0 +1,144 @@
+"""The counter-based draws of the crossbar's read-outs (``cimsim.chip.draws``): the values of an
+independent SplitMix64 + Box-Muller, the same on any thread count, layout and code path (compiled
+or eager), and the statistics of independent standard normals."""
+
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from cimsim.chip import compiled, draws, fused
+from cimsim.chip.periphery import quantize_
+
+_M64 = (1 << 64) - 1
+
+
+def _splitmix64(key: int, i: int) -> int:
+    """Steele et al.'s SplitMix64 output ``i`` (0-based) of a generator seeded with ``key``,
+    written from the published constants with Python integers."""
+    z = (key + (i + 1) * 0x9E3779B97F4A7C15) & _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _box_muller(bits: int) -> float:
+    u1 = ((bits >> 32) + 1) / 2**32
+    u2 = (bits & 0xFFFFFFFF) / 2**32
+    return math.sqrt(-2.0 * math.log(u1)) * math.cos(2.0 * math.pi * u2)
+
+
+@pytest.mark.parametrize("key", [0, 12345, 2**63 + 17, 2**64 - 1])
+def test_draws_are_splitmix64_and_box_muller(key):
+    z = draws.normal_like(torch.empty(3, 5, 7), draws.stream(key))
+    expected = torch.tensor([_box_muller(_splitmix64(key, i)) for i in range(z.numel())])
+    # float32 Box-Muller against float64: a few ulps of values of order 1
+    torch.testing.assert_close(z.flatten(), expected.float(), rtol=1e-5, atol=2e-6)
+
+
+def test_draws_follow_the_logical_index_not_the_memory_layout():
+    key = draws.stream(3)
+    dense = draws.normal_like(torch.empty(2, 6, 4, 5), key)
+    channels_last = torch.empty(2, 6, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(draws.normal_like(channels_last, key), dense)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_large_draws_do_not_depend_on_the_thread_count_or_the_path(threads, monkeypatch):
+    """Above ``COMPILE_MIN`` the draws run compiled (where a compiler works); below, or with
+    ``CIMSIM_COMPILE=0``, eagerly: the same values either way, on one thread or two."""
+    n = compiled.COMPILE_MIN * 2
+    key = draws.stream(2024)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        fast = draws.normal_like(torch.empty(n), key)
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setenv("CIMSIM_COMPILE", "0")
+    eager = draws.normal_like(torch.empty(n), key)
+    torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
+    head = torch.tensor([_box_muller(_splitmix64(2024, i)) for i in range(64)]).float()
+    torch.testing.assert_close(fast[:64], head, rtol=1e-5, atol=2e-6)
+
+
+def test_a_fresh_key_comes_from_the_global_generator():
+    torch.manual_seed(5)
+    a = draws.normal_like(torch.empty(100))
+    torch.manual_seed(5)
+    assert torch.equal(draws.normal_like(torch.empty(100)), a)
+    assert not torch.equal(draws.normal_like(torch.empty(100)), a)
+
+
+def test_draws_are_independent_standard_normals():
+    """n = 2^20 draws: the mean within 4 / sqrt(n), the variance within 4 sqrt(2 / n), the
+    kurtosis within 4 sqrt(24 / n), a KS test at p > 1e-3, lag-1 and cross-stream correlations
+    (keys 1 apart) within 4 / sqrt(n): a bad mixer or a shifted stream fails one of them."""
+    n = 1 << 20
+    z = draws.normal_like(torch.empty(n), draws.stream(7)).double()
+    bound = 4 / math.sqrt(n)
+    assert abs(z.mean().item()) < bound
+    assert abs(z.var().item() - 1) < 4 * math.sqrt(2 / n)
+    kurtosis = ((z - z.mean()) ** 4).mean().item() / z.var().item() ** 2 - 3
+    assert abs(kurtosis) < 4 * math.sqrt(24 / n)
+    assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
+    assert abs(torch.corrcoef(torch.stack([z[:-1], z[1:]]))[0, 1].item()) < bound
+    other = draws.normal_like(torch.empty(n), draws.stream(8)).double()
+    assert abs(torch.corrcoef(torch.stack([z, other]))[0, 1].item()) < bound
+    shifted = draws.normal_like(torch.empty(n), draws.stream(7 + 0x9E3779B97F4A7C15)).double()
+    assert abs(torch.corrcoef(torch.stack([z[1:], shifted[:-1]]))[0, 1].item()) > 0.99  # sanity
+
+
+def _tail_reference(y, unit, key, out_noise, bound, levels, alpha):
+    """The tile tail step by step: noise from the same stream, ``quantize_`` (the periphery's
+    quantizer) or a clip, the gain, the sum."""
+    noisy = y + draws.normal_like(y, key) * unit * out_noise
+    b = (unit * bound).expand_as(noisy)
+    inside = (noisy >= -b) & (noisy <= b)
+    q = noisy.clone()
+    if levels is None:
+        q = torch.minimum(torch.maximum(q, -b), b)
+    else:
+        quantize_(q, b, levels)
+    return (q * alpha).sum(dim=1), inside
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("levels", [None, 15, 16])
+def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(levels, compiled, monkeypatch):
+    if not compiled:
+        monkeypatch.setenv("CIMSIM_COMPILE", "0")
+    g = torch.Generator().manual_seed(1)
+    shape = (16, 3, 8, 6, 6) if not compiled else (64, 3, 16, 24, 24)  # above COMPILE_MIN
+    y = torch.randn(shape, generator=g) * 3
+    unit = torch.rand(shape[0], shape[1], 1, *shape[3:], generator=g) + 0.1
+    alpha = torch.rand(1, shape[1], shape[2], 1, 1, generator=g) + 0.5
+    key = draws.stream(99)
+    out, inside = fused.fused_tail(
+        y.clone(), unit, out_noise=0.3, bound=2.5, levels=levels, alpha=alpha, key=key
+    )
+    ref, ref_inside = _tail_reference(y, unit, key, 0.3, 2.5, levels, alpha)
+    # a value exactly on a rounding boundary may land one level apart between the two
+    # expressions (their float operations differ in order): a handful out of ~10^5 to 10^6
+    flips = (inside != ref_inside).float().mean().item()
+    assert flips < 1e-4
+    step = 2 * 2.5 * unit.max().item() * alpha.max().item() / ((levels or 2) - 1)
+    assert ((out - ref).abs() > 1e-4).float().mean().item() < 1e-3
+    assert (out - ref).abs().max().item() <= shape[1] * step + 1e-4
+
+
+def test_rows_of_noisy_reads_name_their_generator():
+    """Rows measured with another noise generator must not mix with these: the row settings of
+    a chip that draws output or read noise name the generator (``readout_draws``)."""
+    from torch import nn
+
+    from cimsim import AnalogConfig, convert_to_analog
+    from cimsim.robustness.fingerprints import READOUT_DRAWS, readout_draws
+
+    def model(**chip):
+        return convert_to_analog(nn.Sequential(nn.Linear(4, 2)), AnalogConfig(**chip))
+
+    assert readout_draws(model(sigma=0.1)) is None
+    assert readout_draws(model(out_noise=0.04)) == READOUT_DRAWS
+    assert readout_draws(model(w_read_noise=0.01)) == READOUT_DRAWS
