@@ -67,3 +67,22 @@ def test_add_a_device_as_written(tmp_path):
     assert rows, "evaluate.py wrote no rows"
     # the model keeps its training device in its label; the test chip names what the call changed
     assert "stuck p=0.02 | chip device=stuck, stuck.p=0.05" in rows[0].read_text()
+
+
+def test_convert_any_model_as_written(tmp_path):
+    """The transformer on digits: converted, trained with HA-SGD, evaluated on programmed chips."""
+    ((language, code),) = section_blocks(GUIDE, "Convert any model: a transformer on digits")
+    assert language == "python"
+    script = tmp_path / "digits_transformer.py"
+    script.write_text(code)
+    done = run(f"python {script.name}", tmp_path)
+    assert "MAC coverage" in done.stdout and "AnalogMultiheadAttention" in done.stdout
+    accuracy = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("sigma "):
+            sigma, rest = line.removeprefix("sigma ").split(": accuracy ")
+            accuracy[float(sigma)] = tuple(float(v) for v in rest.split(" +- "))
+    assert sorted(accuracy) == [0.0, 0.05, 0.1]
+    assert accuracy[0.0][1] == 0.0  # sigma 0: every chip is the trained model
+    # 397 test digits, chance 0.1: a trained transformer is far above, noise or not
+    assert accuracy[0.0][0] > 0.85 and accuracy[0.05][0] > 0.85 and accuracy[0.1][0] > 0.7

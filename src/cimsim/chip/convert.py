@@ -13,41 +13,76 @@ import torch
 from torch import nn
 
 from cimsim.chip.adc import CHIP_PLACEMENTS, adcs
+from cimsim.chip.attention import AnalogMultiheadAttention
 from cimsim.chip.batchnorm import AnalogBatchNorm2d, AnalogSyncBatchNorm
 from cimsim.chip.config import AnalogConfig, check_relative
+from cimsim.chip.conv1d import AnalogConv1d
 from cimsim.chip.conv_linear import AnalogConv2d, AnalogLinear
 from cimsim.chip.devices import device_names, get_device
 from cimsim.chip.layers import AnalogIdentity, AnalogLayer
+from cimsim.chip.norm import AnalogBatchNorm1d, AnalogGroupNorm, AnalogLayerNorm
 from cimsim.validation import ConfigError, check_number
 
 # Exact digital type -> analog type. Subclasses are left alone: their forward may differ.
 _ANALOG_TYPES = {
     nn.Conv2d: AnalogConv2d,
+    nn.Conv1d: AnalogConv1d,
     nn.Linear: AnalogLinear,
     nn.BatchNorm2d: AnalogBatchNorm2d,
     nn.SyncBatchNorm: AnalogSyncBatchNorm,
     nn.Identity: AnalogIdentity,
+    nn.MultiheadAttention: AnalogMultiheadAttention,  # its projections: Linear crossbars
+    nn.BatchNorm1d: AnalogBatchNorm1d,
+    nn.LayerNorm: AnalogLayerNorm,
+    nn.GroupNorm: AnalogGroupNorm,
 }
 
 
-def _wanted(module: nn.Module, config: AnalogConfig) -> bool:
+def skip_reason(module: nn.Module, config: AnalogConfig) -> str | None:
+    """Why ``convert_to_analog`` leaves a convertible ``module`` digital under ``config`` (None:
+    it converts it, or its type is not one it converts)."""
+    if type(module) is nn.BatchNorm1d:
+        if not config.analog_norm:
+            return "BatchNorm1d: digital by default (analog_norm=false)"
+        if not module.track_running_stats:
+            return "BatchNorm1d without running statistics: no fixed affine to store"
+        return None
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        # Without running statistics there is no fixed affine to store on a chip.
-        return config.analog_bn and module.track_running_stats
-    if isinstance(module, nn.Identity):
-        return config.identity_noise
-    return True
+        if not config.analog_bn:
+            return f"{type(module).__name__}: digital (analog_bn=false)"
+        if not module.track_running_stats:
+            # Without running statistics there is no fixed affine to store on a chip.
+            return f"{type(module).__name__} without running statistics: no fixed affine to store"
+        return None
+    if isinstance(module, nn.LayerNorm | nn.GroupNorm):
+        if not config.analog_norm:
+            return f"{type(module).__name__}: digital by default (analog_norm=false)"
+        if not getattr(module, "elementwise_affine", getattr(module, "affine", False)):
+            return f"{type(module).__name__} without affine: nothing stored"
+        return None
+    if isinstance(module, nn.Identity) and not config.identity_noise:
+        return "Identity: digital (identity_noise=false)"
+    return None
+
+
+def _wanted(module: nn.Module, config: AnalogConfig) -> bool:
+    return skip_reason(module, config) is None
 
 
 def convert_to_analog(model: nn.Module, config: AnalogConfig, inplace: bool = False) -> nn.Module:
     """Return ``model`` with its layers replaced by analog ones (docs/model.md).
 
-    Converts modules whose type is exactly ``nn.Conv2d``, ``nn.Linear``, ``nn.BatchNorm2d`` or
-    ``nn.SyncBatchNorm`` (when ``config.analog_bn``) and ``nn.Identity`` (when
-    ``config.identity_noise``; in a residual network these are the identity shortcuts).
-    Parameters keep their names and values, so ``state_dict`` stays interchangeable with the
-    digital model's. ADC points the model marks
-    with ``cimsim.ADC()`` are used when ``adc_placement='block'``.
+    Converts modules whose type is exactly ``nn.Conv2d``, ``nn.Conv1d``, ``nn.Linear``,
+    ``nn.BatchNorm2d`` or ``nn.SyncBatchNorm`` (when ``config.analog_bn``), ``nn.Identity`` (when
+    ``config.identity_noise``; in a residual network these are the identity shortcuts),
+    ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.BatchNorm1d`` (their affine, when
+    ``config.analog_norm``) and ``nn.MultiheadAttention`` (its projections become
+    ``AnalogLinear`` children, ``cimsim.chip.attention``; the attention itself stays digital).
+    Subclasses are left alone (their forward may differ); ``cimsim.coverage`` lists what stays
+    digital. Parameters keep their values, and ``state_dict`` its keys, so it stays
+    interchangeable with the digital model's. ADC points the model marks with ``cimsim.ADC()``
+    are used when ``adc_placement='block'``. An ``nn.TransformerEncoder`` holding analog layers
+    no longer takes its nested-tensor path (torch's fused kernels read the digital weights).
 
     Args:
         model: any torch model.
@@ -64,6 +99,9 @@ def convert_to_analog(model: nn.Module, config: AnalogConfig, inplace: bool = Fa
             # Swap the class in place: parameters, buffers and hooks stay the same objects.
             module.__class__ = analog_type
             module._init_analog(config)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and analog_layers(module):
+            module.use_nested_tensor = False  # padded inputs would reach the layers as nested
     block_adcs = [a for a in adcs(model, active_only=False) if a.placement == "block"]
     if config.adc_levels is not None and config.adc_placement == "block" and not block_adcs:
         raise ConfigError(
