@@ -23,6 +23,9 @@ Variants (each one call, timed whole):
   (drift, read noise and compensation of every Conv/Linear), timed alone. A drift sweep does one
   ``set_time`` per (chip, t, repetition), then full test-set passes: a point costs one PCM eval
   pass plus one ``set_time``.
+* ``RRAM chip eval``, ``faulty chip eval``, ``PCM 2-pair chip eval``: the same passes on issue
+  21's devices (``DEVICES``): an RRAM chip read after a day, the relative device with 1 % of its
+  devices stuck (half at 0, half at g_max), PCM on two device pairs (``f = [1, 3]``) after a day.
 * ``aihwkit-lightning step``: the HA-SGD step with L = 1 on ``aihwkit_lightning``'s layers with
   additive weight noise (``WeightNoiseInjectionType.ADD_NORMAL``, std 0.05), when it imports.
 * ``tiled step`` / ``tiled chip eval``: the L = 1 step and the chip evaluation with the crossbar
@@ -93,13 +96,26 @@ TARGETS = {
     "vs_aihwkit_lightning": 2.5,
     "method": 1.05,  # antithetic pairs / a noise schedule vs HA-SGD with the same L
 }
-TARGETS["tiled"] = 1.5  # the crossbar periphery (issue 12): tiled step / digital step
+TARGETS["tiled"] = 1.5  # the crossbar periphery (issues 12, 19): tiled step / digital step
+TARGETS["tiled_eval"] = 2.0  # issue 19: tiled chip evaluation / digital evaluation
+TARGETS["vs_peer_tiled"] = 1.0  # issue 19: aihwkit-lightning's tiled step / cimsim's, at least
+TARGETS["device_eval"] = 1.10  # issue 21: RRAM / faulty chip evaluation / digital evaluation
 # The crossbar periphery of the tiled rows: crossbar=tiles, aihwkit's definitions (per-vector DAC,
 # output noise and ADC range in normalized units: nothing calibrated).
 TILES = dict(tile_rows=256, dac_levels=255, tile_adc_levels=255, out_noise=0.04)
 METHOD_L = 4  # L of the method rows (even: antithetic pairs)
 HESSIAN_PROBES = 4
 DAY = 86400.0  # s: the PCM chip's t_inference
+# Issue 21's devices and faults, each a programmed chip read at the given time: RRAM after a day,
+# 1 % stuck devices on the relative device, PCM on two pairs (f = [1, 3]).
+DEVICES = {
+    "RRAM": (cimsim.AnalogConfig(device="rram"), DAY),
+    "faulty": (
+        cimsim.AnalogConfig(sigma=SIGMA, faults={"stuck_off": 0.005, "stuck_on": 0.005}),
+        None,
+    ),
+    "PCM 2-pair": (cimsim.AnalogConfig(device="pcm", pairs={"f": [1, 3]}), DAY),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -137,6 +153,10 @@ class Bench:
         self.chip = cimsim.program_chip(cimsim.convert_to_analog(self.digital, config), 0).eval()
         pcm = cimsim.convert_to_analog(self.digital, cimsim.AnalogConfig(device="pcm"))
         self.pcm_chip = cimsim.set_time(cimsim.program_chip(pcm.eval(), 0), DAY)
+        self.device_chips = {}  # issue 21's devices: programmed (and read) outside the timing
+        for name, (chip, t) in DEVICES.items():
+            model = cimsim.program_chip(cimsim.convert_to_analog(self.digital, chip).eval(), 0)
+            self.device_chips[name] = model if t is None else cimsim.set_time(model, t)
         self.digital_eval = copy.deepcopy(self.digital).eval()
         tiles = cimsim.AnalogConfig(sigma=SIGMA, **TILES)
         self.tiled = cimsim.convert_to_analog(self.digital, tiles)
@@ -203,6 +223,8 @@ class Bench:
         v["PCM chip eval"] = lambda: self.evaluate(self.pcm_chip)
         # The same (t, repetition) again: the same weights, recomputed in full.
         v["PCM set_time"] = lambda: cimsim.set_time(self.pcm_chip, DAY)
+        for name, chip in self.device_chips.items():
+            v[f"{name} chip eval"] = lambda chip=chip: self.evaluate(chip)
         v["tiled step L=1"] = lambda: self.step(self.tiled, 1)
         v["tiled chip eval"] = lambda: self.evaluate(self.tiled_chip)
         return v
@@ -347,10 +369,21 @@ def summarize(times: dict, memory: dict, args) -> dict:
     value = ms["tiled step L=1"] / ms["digital step"]
     ratios.append(_ratio("tiled step / digital step", value, TARGETS["tiled"]))
     value = ms["tiled chip eval"] / ms["digital eval"]
-    ratios.append(_ratio("tiled chip eval / digital eval", value, TARGETS["tiled"]))
+    ratios.append(_ratio("tiled chip eval / digital eval", value, TARGETS["tiled_eval"]))
+    for name in DEVICES:
+        value = ms[f"{name} chip eval"] / ms["digital eval"]
+        ratios.append(_ratio(f"{name} chip eval / digital eval", value, TARGETS["device_eval"]))
     if "aihwkit-lightning tiled step" in ms:
         value = ms["aihwkit-lightning tiled step"] / ms["tiled step L=1"]
         ms["aihwkit-lightning tiled / cimsim tiled step"] = value
+        ratios.append(
+            _ratio(
+                "aihwkit-lightning tiled / cimsim tiled step",
+                value,
+                TARGETS["vs_peer_tiled"],
+                at_least=True,
+            )
+        )
     if "aihwkit-lightning step L=1" in ms and 1 in args.L:
         value = ms["aihwkit-lightning step L=1"] / ms["analog step L=1"]
         ratios.append(
