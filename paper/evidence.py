@@ -73,7 +73,8 @@ def _on_grid(row: Row, grid: dict | None) -> bool:
 
 
 def _point(row: Row) -> tuple:
-    return (row.model, row.sigma, row.mean_shift, row.adc_levels, getattr(row, "t_inference", 0))
+    t, rate = getattr(row, "t_inference", 0), getattr(row, "fault_rate", 0.0)
+    return (row.model, row.sigma, row.mean_shift, row.adc_levels, t, rate)
 
 
 def study_rows(eval_dir: Path, study: Study, chips: int, manifest: dict | None = None) -> list[Row]:
@@ -100,7 +101,7 @@ def study_rows(eval_dir: Path, study: Study, chips: int, manifest: dict | None =
         if got != set(range(chips)):
             raise ValueError(
                 f"study {study.name}: run {run} at point (model, sigma, mean_shift, adc_levels, "
-                f"t) = {tuple(point)} has {len(got)} chips, not {chips}"
+                f"t, fault_rate) = {tuple(point)} has {len(got)} chips, not {chips}"
             )
     return rows
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 from cimsim.robustness.rows import Row
-from cimsim.robustness.stats import mean_ci
+from cimsim.robustness.stats import Diff, mean_ci
 from paper.evidence import Context, run_of
 from paper.plan import RUN, STUDY
 
@@ -69,3 +70,17 @@ def variant_table(ctx: Context, studies: Sequence[tuple[str, str]], sigmas: Sequ
         for r in STUDY[study].runs:
             body.append([RUN[r].title, title, *(acc_text(cell(rows, r, sigma=s)) for s in sigmas)])
     return body, by
+
+
+def chip_value(label: str, key: str) -> str | None:
+    """The test-chip setting ``key`` a row's model label names (``... | chip tile_rows=64,
+    pairs.f=(1.0, 3.0)``), as text; None when the label leaves it at its default."""
+    chip = label.split(" | chip ", 1)[1] if " | chip " in label else ""
+    match = re.search(rf"(?:^|, ){re.escape(key)}=(\([^)]*\)|[^,]+)", chip)
+    return match.group(1) if match else None
+
+
+def gain_text(diff: Diff, base: float) -> str:
+    """A paired difference in points with its CI, and in percent of ``base`` (a mean)."""
+    rel = "n/a" if base == 0 else f"{100 * diff.mean / base:+.1f} %"
+    return f"{diff} points ({rel})"

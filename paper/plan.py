@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 HURT_ADC_LEVELS = 8  # section 5's ADC: 8 levels (3 bits), mid-range of Fig. 9's 2..18
 MEAN_SHIFT = 0.01  # Fig. 8's training mean shifts: -MEAN_SHIFT, 0, +MEAN_SHIFT (at sigma 0.05)
 SIGMAS_FEW = "[0.0,0.05,0.1,0.15,0.2]"
+FAULT_TRAIN = 0.005  # the faults-in-the-loop model: 0.5 % of devices stuck off, 0.5 % on
+FAULT_TEST_SIGMA = 0.1  # section 8a: every model at this test sigma (HA-SGD's training sigma)
+RRAM_T_TRAIN = 86400.0  # the RRAM model is trained for the chip one day after programming
+RRAM_TIMES = "[0,1,86400,172800]"  # every time aihwkit's ReRAM model is fitted at (0: programmed)
+IR_DROP_STRONG = 100.0  # section 8c: 100x aihwkit's wire resistance scale, a visible drop
+IR_TILES = (None, 256, 64)  # rows per tile: one tile per layer (WRN-10-2: <= 576 rows), 256, 64
+PAIRS_SIGMA = 0.1  # section 8d's test sigma
+PAIRS_F = ((1.0,), (1.0, 3.0), (1.0, 1.0), (1.0, 2.0, 4.0))  # significance factors per weight
+
+
+def pairs_factor(f: tuple[float, ...]) -> float:
+    """The weight-error std of pairs ``f`` over one pair's (docs/model.md): sqrt(sum f^2)/sum f."""
+    return math.sqrt(math.fsum(x * x for x in f)) / math.fsum(f)
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,22 @@ RUNS: tuple[Run, ...] = (  # in training order: the digital model (a distillatio
         teacher="digital",
     ),
     _method("sam", "HA-SGD L=4 after a SAM ascent (rho 0.05)"),
+    Run(
+        "faults",
+        f"HA-SGD sigma=0.1, L=4, faults {100 * FAULT_TRAIN:g} % off + {100 * FAULT_TRAIN:g} % on",
+        (
+            "noise.sigma=0.1",
+            "hasgd.L=4",
+            f"noise.faults.stuck_off={FAULT_TRAIN}",
+            f"noise.faults.stuck_on={FAULT_TRAIN}",
+        ),
+    ),
+    # noise=rram's settings spelled out as the pcm run's: trained for the chip 1 day on
+    Run(
+        "rram",
+        "RRAM, t_train=1 d, L=2",
+        ("noise=rram", "noise.sigma=0.0", f"noise.t_train={RRAM_T_TRAIN}", "hasgd.L=2"),
+    ),
 )
 RUN = {r.name: r for r in RUNS}
 
@@ -119,6 +149,24 @@ _TWO = ("digital", "sigma0.1_L4")
 _L_RUNS = tuple(
     f"sigma0.1_L{L}" + s for s in ("", "_x4ep", "_x2ep", "_x0.5ep") for L in (1, 2, 4, 8)
 )
+
+
+def _variants(settings: list[str]) -> str:
+    """``+robustness.variants=[...]``: a test chip (a curve) per setting (Hydra's flow syntax)."""
+    return f"+robustness.variants=[{','.join('{' + v + '}' for v in settings)}]"
+
+
+def _tiles(rows: int | None) -> str:
+    return f"tile_rows:{'null' if rows is None else rows}"
+
+
+_IR_VARIANTS = [
+    *(f"{_tiles(n)},ir_drop:{d}" for n in IR_TILES for d in (0.0, IR_DROP_STRONG)),
+    f"{_tiles(None)},ir_drop:1.0",  # aihwkit's scale, where its drop is largest: one tile
+]
+_PAIRS_VARIANTS = [f"pairs:{{f:[{','.join(map(str, f))}]}}" for f in PAIRS_F]
+# the one-pair chip at the sigmas the closed form gives the other pairs' weight errors
+PAIRS_SIGMAS = sorted({PAIRS_SIGMA, *(PAIRS_SIGMA * pairs_factor(f) for f in PAIRS_F)})
 _HURTS = (
     ("weights", ("chip.analog_bn=false", "chip.identity_noise=false")),
     ("bn", ("chip.identity_noise=false",)),
@@ -232,6 +280,64 @@ SECTIONS: tuple[Section, ...] = (
                     "robustness.target_sigma=0.1",
                 ),
                 _SIGMA_TINY,
+            ),
+        ),
+    ),
+    Section(
+        "faults",
+        "stuck-at faults",
+        (
+            Study(
+                "faults",
+                ("digital", "sigma0.1_L4", "faults"),
+                ("robustness=fault_sweep", f"robustness.sigmas=[{FAULT_TEST_SIGMA}]"),
+                ("robustness.fault_rates=[0.0,0.001,0.01,0.1]",),
+            ),
+        ),
+    ),
+    Section(
+        "rram",
+        "RRAM",
+        (
+            Study(
+                "rram",
+                ("digital", "rram"),
+                (
+                    "robustness=drift_sweep",
+                    f"robustness.times={RRAM_TIMES}",
+                    "robustness.compensations=null",
+                    "chip.device=rram",
+                ),
+                ("robustness.repetitions=2",),
+            ),
+        ),
+    ),
+    Section(
+        "ir_drop",
+        "IR drop",
+        (
+            Study(
+                "ir_drop",
+                ("sigma0.1_L4",),
+                ("robustness=sigma_sweep", "robustness.sigmas=[0.1]", _variants(_IR_VARIANTS)),
+            ),
+        ),
+    ),
+    Section(
+        "pairs",
+        "device pairs",
+        (
+            Study(
+                "pairs",
+                _TWO,
+                (
+                    "robustness=sigma_sweep",
+                    f"robustness.sigmas=[{','.join(repr(s) for s in PAIRS_SIGMAS)}]",
+                    "chip.analog_bn=false",
+                    "chip.identity_noise=false",
+                    "chip.bias=digital",
+                    _variants(_PAIRS_VARIANTS),
+                ),
             ),
         ),
     ),

@@ -72,10 +72,11 @@ def test_every_training_and_study_ran_and_the_report_links_its_figures(tiny):
     text = (tmp / "docs" / "results.md").read_text()
     for study in STUDIES:
         assert (tmp / "out" / "evaluate" / study.name / "robustness_rows.csv").stat().st_size
-    for name in ("fig7", "fig8", "fig9", "bias", "lstudy", "lstudy_compute", "pcm", "methods"):
+    figures = ("fig7", "fig8", "fig9", "bias", "lstudy", "lstudy_compute", "pcm", "methods")
+    for name in (*figures, "faults", "rram"):
         assert (tmp / "docs" / "results" / f"{name}.png").stat().st_size > 1000
         assert f"(results/{name}.png)" in text
-    assert text.count("**Verdict:") == 5 and "ESTIMATE" in text
+    assert text.count("**Verdict:") == 9 and "ESTIMATE" in text
 
 
 def test_tables_are_computed_from_the_rows(tiny):
@@ -229,6 +230,11 @@ def test_every_table_cell_follows_mutated_rows(tiny, tmp_path):
     assert sorted((line[0], line[1], line[2]) for line in body) == sorted(
         (*k, f"{100 * np.mean(v):.1f}") for k, v in expected.items()
     )
+    head, body = t["8a"]  # faults: rows fault rates ("0" or "p %"), columns the models
+    for line in body:
+        rate = 0.0 if line[0] == "0" else float(line[0].split()[0]) / 100
+        for title, got in zip(head[1:], line[1:], strict=True):
+            check(got, "faults", name[title], fault_rate=rate)
     assert checked > 100
     # and the mutation shows: fig7's digital column is 1 - the original's
     original = rows_of(tmp, "fig7")
