@@ -508,3 +508,14 @@ def test_conv1d_tiles_pad_as_torch(padding):
     analog = program_chip(nn.Sequential(convert_to_analog(conv, chip)), seed=0).eval()
     assert len(analog[0]._tiles) == 3  # two input channels of 4 rows per 8-row tile
     torch.testing.assert_close(analog(x), conv(x), rtol=0, atol=1e-4)
+
+
+def test_coverage_names_the_layers_it_cannot_count():
+    """A recurrent layer runs torch's fused kernels, which the count does not see: it must not
+    pass silently as a full coverage (review finding)."""
+    model = nn.Sequential(nn.LSTM(8, 16, batch_first=True))
+    cov = cimsim.coverage(
+        cimsim.convert_to_analog(model, cimsim.AnalogConfig()), torch.randn(2, 5, 8)
+    )
+    assert {p.name for p in cov.uncounted} >= {"0.weight_ih_l0", "0.weight_hh_l0"}
+    assert "NOT COUNTED (unsupported layers): 0" in str(cov)

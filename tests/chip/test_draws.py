@@ -9,6 +9,7 @@ import torch
 from scipy import stats
 
 from cimsim.chip import compiled, draws, fused
+from cimsim.chip import compiled as cmp
 from cimsim.chip.periphery import quantize_
 
 _M64 = (1 << 64) - 1
@@ -56,6 +57,7 @@ def test_large_draws_do_not_depend_on_the_thread_count_or_the_path(threads, monk
         fast = draws.normal_like(torch.empty(n), key)
     finally:
         torch.set_num_threads(before)
+    assert not compiled._FAILED and draws._gaussian in compiled._COMPILED  # it did compile
     monkeypatch.setenv("CIMSIM_COMPILE", "0")
     eager = draws.normal_like(torch.empty(n), key)
     torch.testing.assert_close(fast, eager, rtol=1e-5, atol=1e-6)
@@ -119,6 +121,8 @@ def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(levels, compiled, m
         y.clone(), unit, out_noise=0.3, bound=2.5, levels=levels, alpha=alpha, key=key
     )
     ref, ref_inside = _tail_reference(y, unit, key, 0.3, 2.5, levels, alpha)
+    if compiled:
+        assert not cmp._FAILED and fused._tail in cmp._COMPILED  # it did compile
     # a value exactly on a rounding boundary may land one level apart between the two
     # expressions (their float operations differ in order): a handful out of ~10^5 to 10^6
     flips = (inside != ref_inside).float().mean().item()

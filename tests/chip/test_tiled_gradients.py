@@ -86,3 +86,17 @@ def test_the_tiled_gradient_is_straight_through_inside_the_range(kind, bound):
     torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-4, atol=1e-5 * scale)
     scale = digital.weight.grad.abs().max().item()
     torch.testing.assert_close(layer.weight.grad, digital.weight.grad, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("padding", ["same", 2, "valid"])
+def test_any_conv_padding_reads_through_the_periphery(padding):
+    """The input vectors' scales pool over the zero-padded input, so paddings beyond half the
+    kernel and torch's 'same' / 'valid' run (dilation 2, kernel 3: 'same' pads 2 per side);
+    noise-free, the tiled periphery then equals the product with the DAC'd inputs."""
+    torch.manual_seed(0)
+    digital = nn.Conv2d(6, 4, 3, padding=padding, dilation=2, bias=False)
+    x = torch.randn(2, 6, 9, 9, generator=torch.Generator().manual_seed(3))
+    chip = AnalogConfig(tile_rows=27, tile_adc_levels=None, out_noise=1e-30, out_bound=1e9)
+    layer = convert_to_analog(nn.Sequential(digital), chip)[0].eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), digital(x), rtol=1e-5, atol=1e-5)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 import torch._dynamo.config as dynamo_config
+from torch._dynamo.exc import FailOnRecompileLimitHit
 
 # Tensors with fewer elements run eagerly: compiling costs seconds once per process and kind of
 # call (cached on disk by Inductor afterwards), and small tensors gain nothing from it.
@@ -31,11 +32,11 @@ _FAILED: list[str] = []
 
 
 def enabled(t: torch.Tensor) -> bool:
-    """Whether work on ``t`` runs compiled: a large float32 CPU tensor, compilation not off and
-    not failed before."""
+    """Whether work on ``t`` runs compiled: a large floating-point CPU tensor, compilation not
+    off and not failed before."""
     return (
         t.device.type == "cpu"
-        and t.dtype == torch.float32
+        and t.is_floating_point()
         and t.numel() >= COMPILE_MIN
         and not _FAILED
         and os.environ.get("CIMSIM_COMPILE", "1") != "0"
@@ -43,13 +44,19 @@ def enabled(t: torch.Tensor) -> bool:
 
 
 def run(fn: Callable, like: torch.Tensor, *args, **kwargs):
-    """``fn(*args, **kwargs)``, compiled when ``enabled(like)``, else eagerly."""
+    """``fn(*args, **kwargs)``, compiled when ``enabled(like)``, else eagerly. A call past the
+    recompilation limit runs eagerly (that call only); any other compiler failure turns
+    compilation off for the process, with a warning."""
     if enabled(like):
         if fn not in _COMPILED:
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, _RECOMPILE_LIMIT)
             _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
         try:
-            return _COMPILED[fn](*args, **kwargs)
+            with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT):  # this function's only
+                return _COMPILED[fn](*args, **kwargs)
+        except (torch.OutOfMemoryError, MemoryError, KeyboardInterrupt):
+            raise
+        except FailOnRecompileLimitHit:
+            pass
         except Exception as err:  # noqa: BLE001 - any compiler failure: the eager path
             _give_up(err)
     return fn(*args, **kwargs)

@@ -106,8 +106,8 @@ class AnalogConfig:
             defaults. Given by the device's name too: ``AnalogConfig(device="pcm", pcm={...})``
             (a config or its fields as a dict, as Hydra's ``noise.pcm.<field>`` and a
             checkpoint's hparams hold it), read back as ``chip.pcm``.
-        t_train: with a timed device (``pcm``, ``rram``), the time after programming (s) whose weight
-            distribution HA-SGD trains against (programming noise plus the drift spread then).
+        t_train: with a timed device (``pcm``, ``rram``), the time after programming (s) whose
+            weight distribution HA-SGD trains against (programming noise, the drift spread then).
         faults: stuck-at faults of Conv/Linear weights (``FaultsConfig`` or its fields): each
             device of a pair stuck at 0 (``stuck_off``) or ``g_max`` (``stuck_on``), drawn per
             chip (per training sample in HA-SGD); for devices with ``conductances``. Off.

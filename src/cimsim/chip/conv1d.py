@@ -46,6 +46,10 @@ class AnalogConv1d(CrossbarLayer, nn.Conv1d):
     def _kernel2d(self) -> tuple:
         return (1, self.kernel_size[0])
 
+    def _pool_pads(self) -> list[int]:  # the zeros the product adds (``_pad`` did the rest)
+        zeros = self._zeros() or 0
+        return [zeros, zeros, 0, 0]
+
     def _conv_args(self, tiles: int) -> tuple:
         padding = (0, self._zeros() or 0)
         return (1, self.stride[0]), padding, (1, self.dilation[0]), tiles * self.groups

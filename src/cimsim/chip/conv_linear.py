@@ -31,6 +31,12 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
     def _kernel2d(self) -> tuple:
         return self.kernel_size
 
+    def _pool_pads(self) -> list[int]:
+        """The zero padding the product applies, as ``F.pad``'s list (last dim first)."""
+        if self.padding_mode != "zeros":  # ``_pad`` did it
+            return [0, 0, 0, 0]
+        return list(self._reversed_padding_repeated_twice)  # 'same' / 'valid' resolved too
+
     def _conv_args(self, tiles: int) -> tuple:
         padding = self.padding if self.padding_mode == "zeros" else 0  # else ``_pad`` did it
         return self.stride, padding, self.dilation, tiles * self.groups  # tiles > 1: groups 1
@@ -38,8 +44,8 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
     def _prepare(self, x, weight, levels, peaks):
         tiles = self._tiles or [slice(0, x.shape[1])]
         count, c_out = len(tiles), weight.shape[0]
-        stride, padding, dilation, _ = self._conv_args(count)
-        pool = (self._kernel2d, stride, padding, dilation)
+        stride, _, dilation, _ = self._conv_args(count)
+        pool = (self._kernel2d, stride, self._pool_pads(), dilation)
         # Channels-last: oneDNN's grouped convolution (and its backward) then runs about as fast
         # as the dense one; channels-first it is up to 2x slower.
         sizes = tuple(sl.stop - sl.start for sl in tiles)

@@ -8,15 +8,12 @@ on every module and a ``TorchFunctionMode`` that sees every torch call. Counted 
   ``C_out / groups`` x kernel size); a Linear: output elements x ``in_features``;
 * a normalization's affine: one per output element (its statistics are not MACs);
 * ``nn.MultiheadAttention`` left digital: its projections (as Linears) and its attention;
-* any product a module's own ``forward`` calls (``matmul``, ``bmm``, ``einsum``, ``F.linear``,
-  ``F.conv*``, ``scaled_dot_product_attention``...): attention scores and weighted sums
-  (activations times activations: a weight-stationary crossbar cannot hold them) or weights no
-  converted layer holds; digital either way, with the reason.
+* any product a module's own ``forward`` calls (``matmul``, ``einsum``, ``F.linear``, SDPA...):
+  attention (activations x activations: no crossbar holds them) or unconverted weights; digital.
 
-Elementwise products (gating, activations) and additions (pooling, residuals) are not counted.
-A packed q/k/v crossbar read with different query and key inputs computes all its rows for each
-(``cimsim.chip.attention``): its count is the crossbar's work.
-"""
+Elementwise products (gating, activations) and additions (pooling, residuals) are not counted,
+nor are recurrent layers (``uncounted``). A packed q/k/v crossbar read with different query and
+key inputs computes all its rows for each: its count is the crossbar's work."""
 
 from __future__ import annotations
 
@@ -35,6 +32,7 @@ from cimsim.chip.layers import AnalogLayer
 
 _ROWS = 12  # digital rows printed one per module; more are grouped by type and reason
 ATTENTION = "attention scores and weighted sum (activation x activation): no stored weights"
+UNCOUNTED = "an unsupported layer: neither converted nor counted (its MACs are not in the total)"
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 _COUNTED = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear, nn.MultiheadAttention, *_NORMS)
 
@@ -87,8 +85,13 @@ class Coverage:
 
     @property
     def fraction(self) -> float:
-        """The fraction of the MACs on analog layers (nan when the forward did none)."""
+        """The fraction of the counted MACs on analog layers (nan when the forward did none);
+        ``uncounted`` lists the parameters of layers whose MACs are not counted."""
         return self.analog / self.total if self.total else math.nan
+
+    @property
+    def uncounted(self) -> list[DigitalParameter]:  # recurrent layers' MACs are missed
+        return [p for p in self.parameters if p.reason.endswith(UNCOUNTED)]
 
     @property
     def digital(self) -> list[ModuleMACs]:
@@ -102,6 +105,9 @@ class Coverage:
             f"MAC coverage: {100 * self.fraction:.4g} % of {_si(total)} MACs on analog layers "
             f"({_si(self.analog)} analog, {_si(total - self.analog)} digital)"
         ]
+        if self.uncounted:
+            layers = sorted({p.name.rsplit(".", 1)[0] for p in self.uncounted})
+            lines.append(f"NOT COUNTED (unsupported layers): {', '.join(layers)}")
         if self.digital:
             lines += ["", "digital MACs:", *self._digital_table(share)]
         kinds: dict[tuple[str, bool], list] = defaultdict(lambda: [set(), 0])
@@ -345,6 +351,8 @@ def _parameters(model: nn.Module, counter: _Counter) -> list[DigitalParameter]:
                 reason = counter.reason(module)
             elif prefix in direct:
                 reason = direct[prefix]
+            elif isinstance(module, nn.RNNBase):  # torch's fused recurrent kernels: not seen
+                reason = f"{kind}: {UNCOUNTED}"
             else:
                 reason = f"held by {kind} itself (a positional embedding, a class token...)"
             out.append(DigitalParameter(name, p.numel(), reason))

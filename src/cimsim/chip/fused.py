@@ -83,7 +83,6 @@ def fused_tail(
     noise_key = None
     if out_noise > 0:
         noise_key = new_key(y.device) if key is None else key.to(y.device)
-    unit = unit.to(y.dtype)
     work = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
     args = (work, unit.to(work.dtype), noise_key, float(out_noise), float(bound), levels)
     alpha = None if alpha is None else alpha.to(work.dtype)
@@ -112,8 +111,9 @@ def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
         return xg, None
     m = xg.abs().unflatten(1, (len(sizes), width))
     m = m.amax(dim=2) if pool is not None else m.amax(dim=2, keepdim=True)
-    if pool is not None:  # a conv's vector: the patch of one output position
-        m = F.max_pool2d(m, *pool).unsqueeze(2)
+    if pool is not None:  # a conv's vector: the patch of one output position (zeros padded)
+        kernel, stride, pads, dilation = pool
+        m = F.max_pool2d(F.pad(m, pads), kernel, stride, 0, dilation).unsqueeze(2)
     return xg, torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -134,8 +134,9 @@ def group_inputs(
             ones are padded with zero lines to the largest.
         levels: the per-vector DAC's levels (each tile's slice of each vector on ``levels``
             values over ``+-`` its max ``|x|``, a zero vector's max read as 1); None: exact.
-        pool: a conv's ``(kernel, stride, padding, dilation)``: the scale of each output
-            position's patch is the max over its window; None for a Linear.
+        pool: a conv's ``(kernel, stride, pads, dilation)`` (``pads`` as ``F.pad``'s, the last
+            dim first): the scale of each output position's patch is the max over its window of
+            the zero-padded input; None for a Linear.
         peaks: whether to return the scales.
         channels_last: lay the grouped conv input out channels-last.
 
