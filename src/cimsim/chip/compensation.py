@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from cimsim.chip.noise import tensor_seed
 from cimsim.validation import check_choice
 
 DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
@@ -56,3 +57,24 @@ def compensation_factor(
     if mode == "none":
         return torch.ones((), dtype=w_t.dtype, device=w_t.device)
     return reference / compensation_readout(w_t, mode == "per_channel", tiles)
+
+
+class PeripheryCompensated:
+    """What a programmed tensor of a compensated device (``PCMWeights``, ``RRAMWeights``) reads
+    through the tiles' periphery: it has ``seed``, ``name``, ``cfg`` (``drift_compensation``),
+    ``tiles``, ``programmed_weights`` and ``periphery_reference`` (None until the first read)."""
+
+    @torch.no_grad()
+    def _periphery_alpha(self, w_t: torch.Tensor, read: str, periphery) -> torch.Tensor:
+        """The reference (the programmed weights, read once per chip) over this read-out, each
+        the compensation read-out of the weights' one-hot reads through ``periphery`` (output
+        noise drawn from the chip's seed, the tensor's name and ``read``)."""
+
+        def readout(w: torch.Tensor, key: str) -> torch.Tensor:
+            g = torch.Generator().manual_seed(tensor_seed(self.seed, f"{self.name}/comp/{key}"))
+            per_channel = self.cfg.drift_compensation == "per_channel"
+            return compensation_readout(periphery(w, g), per_channel, self.tiles)
+
+        if self.periphery_reference is None:
+            self.periphery_reference = readout(self.programmed_weights, "reference")
+        return self.periphery_reference / readout(w_t, read)

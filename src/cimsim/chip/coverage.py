@@ -29,6 +29,8 @@ from cimsim.chip.adc import adcs
 from cimsim.chip.attention import AnalogMultiheadAttention
 from cimsim.chip.convert import _ANALOG_TYPES, analog_layers, skip_reason
 from cimsim.chip.layers import AnalogLayer
+from cimsim.chip.text import si as _si
+from cimsim.chip.text import table as _table
 
 _ROWS = 12  # digital rows printed one per module; more are grouped by type and reason
 ATTENTION = "attention scores and weighted sum (activation x activation): no stored weights"
@@ -88,6 +90,13 @@ class Coverage:
         """The fraction of the counted MACs on analog layers (nan when the forward did none);
         ``uncounted`` lists the parameters of layers whose MACs are not counted."""
         return self.analog / self.total if self.total else math.nan
+
+    @property
+    def weight_fraction(self) -> float:
+        """The fraction of the MACs with stored weights (all but attention's activation x
+        activation products, which no weight-stationary crossbar holds) on analog layers."""
+        weights = self.total - sum(m.macs for m in self.digital if m.reason == ATTENTION)
+        return self.analog / weights if weights else math.nan
 
     @property
     def uncounted(self) -> list[DigitalParameter]:  # recurrent layers' MACs are missed
@@ -151,22 +160,6 @@ class Coverage:
             first = ms[0].name or "(model)"
             rows.append((kind, str(len(ms)), _si(macs), share(macs), first, reason))
         return _table(("type", "modules", "MACs", "share", "e.g.", "reason"), rows)
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.3g}" if isinstance(n, float) else str(n)
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def fmt(row: tuple[str, ...]) -> str:
-        return "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-
-    return [fmt(header), fmt(tuple("-" * w for w in widths)), *(fmt(r) for r in rows)]
 
 
 def _module_macs(module: nn.Module, args: tuple, kwargs: dict, out) -> list[tuple[int, str]]:

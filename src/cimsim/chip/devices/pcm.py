@@ -10,7 +10,11 @@ from typing import NamedTuple
 
 import torch
 
-from cimsim.chip.compensation import compensation_factor, compensation_readout
+from cimsim.chip.compensation import (
+    PeripheryCompensated,
+    compensation_factor,
+    compensation_readout,
+)
 from cimsim.chip.devices.base import Device, Periphery
 from cimsim.chip.devices.conductance import from_pairs, to_pairs
 from cimsim.chip.devices.faults import FaultsConfig, apply_faults, draw_faults
@@ -103,7 +107,7 @@ def _tiles_of(cfg: PCMConfig, tiles: list[slice] | None) -> list[slice] | None:
     return tiles if cfg.mapping == "tile" else None
 
 
-class PCMWeights:
+class PCMWeights(PeripheryCompensated):
     """One weight tensor of one programmed PCM chip, movable in time.
 
     Programming noise and drift exponents of both devices of every pair are drawn once, from a
@@ -189,20 +193,6 @@ class PCMWeights:
                 read = f"t={float(t_inference)!r}/rep={repetition}"
                 alpha = self._periphery_alpha(w_t, read, periphery)
         return w_t, alpha
-
-    @torch.no_grad()
-    def _periphery_alpha(self, w_t: torch.Tensor, read: str, periphery: Periphery):
-        """The reference (the programmed weights, read once per chip) over this read-out, each
-        the compensation read-out of the weights' one-hot reads through the periphery."""
-
-        def readout(w: torch.Tensor, key: str) -> torch.Tensor:
-            g = torch.Generator().manual_seed(tensor_seed(self.seed, f"{self.name}/comp/{key}"))
-            per_channel = self.cfg.drift_compensation == "per_channel"
-            return compensation_readout(periphery(w, g), per_channel, self.tiles)
-
-        if self.periphery_reference is None:
-            self.periphery_reference = readout(self.programmed_weights, "reference")
-        return self.periphery_reference / readout(w_t, read)
 
 
 @torch.no_grad()

@@ -17,6 +17,7 @@ import torch
 
 from cimsim.chip.compensation import (
     DRIFT_COMPENSATIONS,
+    PeripheryCompensated,
     compensation_factor,
     compensation_readout,
 )
@@ -192,7 +193,7 @@ def _tiles_of(cfg: RRAMConfig, tiles: list[slice] | None) -> list[slice] | None:
     return tiles if cfg.mapping == "tile" else None
 
 
-class RRAMWeights:
+class RRAMWeights(PeripheryCompensated):
     """One weight tensor of one programmed RRAM chip, read at 0 s, 1 s, 1 day or 2 days.
 
     Programming draws come from a CPU generator seeded by (chip seed, tensor name); each read-out
@@ -256,20 +257,6 @@ class RRAMWeights:
                     w_t, f"t={float(t_inference)!r}/rep={repetition}", periphery
                 )
         return w_t, alpha
-
-    @torch.no_grad()
-    def _periphery_alpha(self, w_t: torch.Tensor, read: str, periphery: Periphery):
-        """The reference (the programmed weights, read once per chip) over this read-out, each
-        the compensation read-out of the weights' one-hot reads through the periphery."""
-
-        def readout(w: torch.Tensor, key: str) -> torch.Tensor:
-            g = torch.Generator().manual_seed(tensor_seed(self.seed, f"{self.name}/comp/{key}"))
-            per_channel = self.cfg.drift_compensation == "per_channel"
-            return compensation_readout(periphery(w, g), per_channel, self.tiles)
-
-        if self.periphery_reference is None:
-            self.periphery_reference = readout(self.programmed_weights, "reference")
-        return self.periphery_reference / readout(w_t, read)
 
 
 @torch.no_grad()
