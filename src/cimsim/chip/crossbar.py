@@ -154,8 +154,9 @@ class CrossbarLayer(AnalogLayer):
         def post_(y, xg, wg, s, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             units = None  # aihwkit's normalized unit w_max * s_x of every partial sum
             if normalized or ir:
-                s = s if static is None else static.detach()  # float32 even under autocast
-                units = s.float() * w_max.reshape((1, -1) + (1,) * (y.dim() - 2)).float()
+                s = s if static is None else static.detach()  # float32 or wider (autocast)
+                dtype = torch.promote_types(y.dtype, torch.float32)
+                units = s.to(dtype) * w_max.reshape((1, -1) + (1,) * (y.dim() - 2)).to(dtype)
             if ir:  # aihwkit's IR drop, before read and output noise and ADC; a constant
                 drop = (cfg.ir_drop, cfg.ir_drop_g_ratio)
                 apply_ir_drop_(y, xg, wg, self._products, units, self._tiles, *drop)
