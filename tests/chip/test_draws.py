@@ -146,3 +146,12 @@ def test_rows_of_noisy_reads_name_their_generator():
     assert readout_draws(model(sigma=0.1)) is None
     assert readout_draws(model(out_noise=0.04)) == READOUT_DRAWS
     assert readout_draws(model(w_read_noise=0.01)) == READOUT_DRAWS
+
+
+def test_eager_draws_in_chunks_are_the_same_draws(monkeypatch):
+    """Run eagerly, large draws are computed in chunks (bounded memory): the same values."""
+    monkeypatch.setenv("CIMSIM_COMPILE", "0")
+    key = draws.stream(11)
+    whole = draws.normal_like(torch.empty(3, 1000), key)
+    monkeypatch.setattr(draws, "EAGER_CHUNK", 256)
+    torch.testing.assert_close(draws.normal_like(torch.empty(3, 1000), key), whole, rtol=0, atol=0)

@@ -39,6 +39,7 @@ _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _LOW32 = (1 << 32) - 1
 _TWO_PI = 2.0 * math.pi
+EAGER_CHUNK = 1 << 20  # draws per eager chunk (a compiled pass computes them in registers)
 
 
 def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
@@ -59,12 +60,24 @@ def _bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _gaussian(key: torch.Tensor, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
     """Standard normal draws of stream ``key``, element ``i`` of the row-major ``shape`` from
     counter ``i``: Box-Muller on the high 32 bits (``u1`` in ``(0, 1]``) and the low 32 bits
-    (``u2`` in ``[0, 1)``) of its SplitMix64 output."""
-    index = torch.arange(math.prod(shape), device=device, dtype=torch.int64).view(shape)
-    z = _bits(key, index)
+    (``u2`` in ``[0, 1)``) of its SplitMix64 output. Run eagerly, large draws go in chunks of
+    ``EAGER_CHUNK`` (the same values; the int64 intermediates stay small)."""
+    count = math.prod(shape)
+    if count <= EAGER_CHUNK or torch.compiler.is_compiling():
+        return _box_muller(key, 0, count, device).view(shape).to(dtype)
+    out = torch.empty(count, device=device, dtype=dtype)
+    for start in range(0, count, EAGER_CHUNK):
+        n = min(EAGER_CHUNK, count - start)
+        out[start : start + n] = _box_muller(key, start, n, device)
+    return out.view(shape)
+
+
+def _box_muller(key: torch.Tensor, start: int, count: int, device) -> torch.Tensor:
+    """Draws ``start .. start + count - 1`` of stream ``key``, float32."""
+    z = _bits(key, torch.arange(start, start + count, device=device, dtype=torch.int64))
     u1 = (_shr(z, 32) + 1).to(torch.float32) * 2.0**-32
     u2 = (z & _LOW32).to(torch.float32) * 2.0**-32
-    return (torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)).to(dtype)
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
 
 
 def new_key(device: torch.device | str = "cpu") -> torch.Tensor:
