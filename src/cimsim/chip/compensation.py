@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from cimsim.chip.noise import tensor_seed
-from cimsim.validation import check_choice
+from cimsim.validation import ConfigError, check_choice
 
 DRIFT_COMPENSATIONS = ("none", "global", "per_channel")
 # aihwkit clamps every compensation read-out (reference and current) at this value.
@@ -60,9 +60,23 @@ def compensation_factor(
 
 
 class PeripheryCompensated:
-    """What a programmed tensor of a compensated device (``PCMWeights``, ``RRAMWeights``) reads
-    through the tiles' periphery: it has ``seed``, ``name``, ``cfg`` (``drift_compensation``),
-    ``tiles``, ``programmed_weights`` and ``periphery_reference`` (None until the first read)."""
+    """What a programmed tensor of a compensated device (``PCMWeights``, ``RRAMWeights``) shares:
+    it has ``seed``, ``name``, ``cfg`` (``drift_compensation``), ``tiles``,
+    ``programmed_weights``, ``periphery_reference`` (None until the first periphery read) and
+    ``read_out(t, repetition) -> (W_t, alpha)``."""
+
+    def _read_generator(self, t: float, repetition: int) -> torch.Generator:
+        """The generator of read-out ``repetition`` at ``t`` s (the same arguments, the same
+        draws); a ``ConfigError`` for a repetition that is not an integer >= 0."""
+        if isinstance(repetition, bool) or not isinstance(repetition, int) or repetition < 0:
+            raise ConfigError("repetition", repetition, "must be an integer >= 0")
+        key = f"{self.name}/read@t={float(t)!r}/rep={repetition}"
+        return torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, key))
+
+    def weights_at(self, t_inference: float, repetition: int = 0) -> torch.Tensor:
+        """The weights the chip computes with at ``t_inference`` s: read and compensated."""
+        w_t, alpha = self.read_out(t_inference, repetition)
+        return w_t * alpha
 
     @torch.no_grad()
     def _periphery_alpha(self, w_t: torch.Tensor, read: str, periphery) -> torch.Tensor:

@@ -169,17 +169,9 @@ class PCMWeights(PeripheryCompensated):
         a Conv/Linear: applying alpha to the output instead of the weights is the same for a
         layer without bias, and with a bias only if alpha multiplies before the bias is added."""
         check_number("t_inference", t_inference, minimum=0.0)
-        if isinstance(repetition, bool) or not isinstance(repetition, int) or repetition < 0:
-            raise ConfigError("repetition", repetition, "must be an integer >= 0")
-        key = f"{self.name}/read@t={float(t_inference)!r}/rep={repetition}"
-        g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, key))
+        g = self._read_generator(t_inference, repetition)
         w_t, alpha = _read_pair(self.pair, t_inference, self.cfg, g, self.tiles)
         return w_t.to(self.dtype), alpha.to(self.dtype)
-
-    def weights_at(self, t_inference: float, repetition: int = 0) -> torch.Tensor:
-        """The weights the chip computes with at ``t_inference`` s: drifted, read, compensated."""
-        w_t, alpha = self.read_out(t_inference, repetition)
-        return w_t * alpha
 
     def read(
         self, t_inference: float, repetition: int = 0, periphery: Periphery | None = None

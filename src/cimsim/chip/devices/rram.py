@@ -232,17 +232,9 @@ class RRAMWeights(PeripheryCompensated):
         """``(W_t, alpha)``: the uncompensated weights at ``t_inference`` (one of
         ``READ_TIMES``, else a ``ConfigError`` naming them) and the compensation gain."""
         t = check_time(t_inference)
-        if isinstance(repetition, bool) or not isinstance(repetition, int) or repetition < 0:
-            raise ConfigError("repetition", repetition, "must be an integer >= 0")
-        key = f"{self.name}/read@t={t!r}/rep={repetition}"
-        g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, key))
+        g = self._read_generator(t, repetition)
         w_t, alpha = _read_chip(self.chip, t, self.cfg, g, self.tiles)
         return w_t.to(self.dtype), alpha.to(self.dtype)
-
-    def weights_at(self, t_inference: float, repetition: int = 0) -> torch.Tensor:
-        """The weights the chip computes with at ``t_inference``: read and compensated."""
-        w_t, alpha = self.read_out(t_inference, repetition)
-        return w_t * alpha
 
     def read(
         self, t_inference: float, repetition: int = 0, periphery: Periphery | None = None
