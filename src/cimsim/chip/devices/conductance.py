@@ -111,7 +111,7 @@ def from_pairs(g: list[torch.Tensor], scale: torch.Tensor, f=(1.0,)) -> torch.Te
     return total / scale
 
 
-def _work(w: torch.Tensor) -> torch.Tensor:
+def work_tensor(w: torch.Tensor) -> torch.Tensor:
     """Detached, in float32 or wider (conductances need the mantissa)."""
     return w.detach().to(torch.promote_types(w.dtype, torch.float32))
 
@@ -169,7 +169,7 @@ def relative_cells(
         total = term if total is None else total + term
     nu = total * r
     if codes is not None:
-        w = _work(weight)
+        w = work_tensor(weight)
         g, scale = to_pairs(w, 1.0, f, tiles)
         nu = nu + (from_pairs(apply_faults(g, codes, 1.0), scale, f) - w).to(nu.dtype)
     return nu
@@ -212,7 +212,7 @@ class ConductanceDevice(Device):
         return ConductanceWeights(self, weight, seed, name, tiles)
 
     def training_perturbation(self, weight, t_train, tiles=None) -> torch.Tensor:
-        w = _work(weight)
+        w = work_tensor(weight)
         chip = ConductanceWeights(self, w, None, "", tiles)
         return (chip.weights(float(t_train) if self.timed else 0.0, None) - w).to(weight.dtype)
 
@@ -224,7 +224,7 @@ class ConductanceWeights:
 
     def __init__(self, device: ConductanceDevice, weight, seed: int | None, name: str, tiles=None):
         self.device, self.seed, self.name = device, seed, name
-        self.dtype, self.f, w = weight.dtype, pairs_of(device), _work(weight)
+        self.dtype, self.f, w = weight.dtype, pairs_of(device), work_tensor(weight)
         g = None
         if seed is not None:
             g = torch.Generator(device="cpu").manual_seed(tensor_seed(seed, name))

@@ -16,7 +16,7 @@ from cimsim.chip.compensation import (
     compensation_readout,
 )
 from cimsim.chip.devices.base import Device, Periphery
-from cimsim.chip.devices.conductance import from_pairs, to_pairs
+from cimsim.chip.devices.conductance import from_pairs, to_pairs, work_tensor
 from cimsim.chip.devices.faults import FaultsConfig, apply_faults, draw_faults
 from cimsim.chip.devices.pcm_model import (  # noqa: F401  (the model's API, here too)
     DRIFT_COMPENSATIONS,
@@ -61,11 +61,6 @@ class ProgrammedPair(NamedTuple):
     @property
     def nu_minus(self) -> torch.Tensor:
         return self.nu[1]
-
-
-def _work(w: torch.Tensor) -> torch.Tensor:
-    """Detached, in float32 or wider (conductances need the mantissa)."""
-    return w.detach().to(torch.promote_types(w.dtype, torch.float32))
 
 
 @torch.no_grad()
@@ -143,7 +138,7 @@ class PCMWeights(PeripheryCompensated):
         self.cfg, self.seed, self.name = cfg, int(seed), name
         self.dtype, self.tiles = weight.dtype, _tiles_of(cfg, tiles)
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, name))
-        w, f = _work(weight), (1.0,) if pairs is None else pairs.f  # chip.pairs, chip.faults
+        w, f = work_tensor(weight), (1.0,) if pairs is None else pairs.f  # chip.pairs, chip.faults
         codes = draw_faults(faults, w.shape, 2 * len(f), self.seed, name, device=w.device)
         self.pair = _program_pair(w, cfg, g, self.tiles, f, codes)
         # The reference read through the tiles' periphery (set by the first such read).
@@ -218,7 +213,7 @@ def pcm_training_perturbation(
     """
     if _antithetic_active():
         raise RuntimeError("antithetic pairs need the relative device: PCM draws are not symmetric")
-    w, tiles = _work(weight), _tiles_of(cfg, tiles)
+    w, tiles = work_tensor(weight), _tiles_of(cfg, tiles)
     f = (1.0,) if pairs is None else pairs.f
     codes = draw_faults(faults, w.shape, 2 * len(f), generator=generator, device=w.device)
     chip = _program_pair(w, cfg, generator, tiles, f, codes)

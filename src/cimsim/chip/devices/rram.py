@@ -22,7 +22,7 @@ from cimsim.chip.compensation import (
     compensation_readout,
 )
 from cimsim.chip.devices.base import Device, Periphery
-from cimsim.chip.devices.conductance import from_pairs, to_pairs
+from cimsim.chip.devices.conductance import from_pairs, to_pairs, work_tensor
 from cimsim.chip.devices.faults import apply_faults, draw_faults
 from cimsim.chip.devices.pcm_model import MAPPINGS
 from cimsim.chip.devices.registry import register_device
@@ -159,11 +159,6 @@ class RRAMChip(NamedTuple):
     codes: torch.Tensor | None = None
 
 
-def _work(w: torch.Tensor) -> torch.Tensor:
-    """Detached, in float32 or wider (conductances need the mantissa)."""
-    return w.detach().to(torch.promote_types(w.dtype, torch.float32))
-
-
 @torch.no_grad()
 def _program_chip(
     w: torch.Tensor, cfg: RRAMConfig, generator, tiles=None, f=(1.0,), codes=None
@@ -216,7 +211,7 @@ class RRAMWeights(PeripheryCompensated):
         self.cfg, self.seed, self.name = cfg, int(seed), name
         self.dtype, self.tiles = weight.dtype, _tiles_of(cfg, tiles)
         g = torch.Generator(device="cpu").manual_seed(tensor_seed(self.seed, name))
-        w, f = _work(weight), (1.0,) if pairs is None else pairs.f  # chip.faults, chip.pairs
+        w, f = work_tensor(weight), (1.0,) if pairs is None else pairs.f  # chip.faults, chip.pairs
         codes = draw_faults(faults, w.shape, 2 * len(f), self.seed, name, device=w.device)
         self.chip = _program_chip(w, cfg, g, self.tiles, f, codes)
         self.periphery_reference: torch.Tensor | None = None  # set by the first periphery read
@@ -271,7 +266,7 @@ def rram_training_perturbation(
         raise RuntimeError(
             "antithetic pairs need the relative device: RRAM draws are not symmetric"
         )
-    w, tiles = _work(weight), _tiles_of(cfg, tiles)
+    w, tiles = work_tensor(weight), _tiles_of(cfg, tiles)
     f = (1.0,) if pairs is None else pairs.f
     codes = draw_faults(faults, w.shape, 2 * len(f), generator=generator, device=w.device)
     chip = _program_chip(w, cfg, generator, tiles, f, codes)
