@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimsim import AnalogConfig, convert_to_analog
-from cimsim.training.hessian import hessian_traces
+from cimsim.training.hessian import hessian_traces, mean_loss
 from conftest import authors_scales
 
 
@@ -35,3 +35,19 @@ def test_least_squares_traces_match_the_closed_form_within_their_standard_error(
     assert by_name["bias"].r2 == pytest.approx(Rf**2, rel=1e-5)
     expected = R**2 * exact["weight"] + Rf**2 * exact["bias"]
     assert abs(total - expected) < 4 * total_se
+
+
+def test_the_loss_under_the_hessian_is_the_per_sample_mean_over_uneven_batches():
+    """A batch of 3 and one of 1: the mean over the 4 samples (what the chips' rows measure),
+    not the mean of the two batch means (which weighs the lone sample 3x)."""
+    net = torch.nn.Linear(2, 3)
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, -1.0]])
+    y = torch.tensor([0, 1, 2, 1])
+    batches = [(x[:3], y[:3]), (x[3:], y[3:])]
+    per_sample = torch.nn.functional.cross_entropy(net(x), y, reduction="none")
+    assert mean_loss(net, batches, torch.device("cpu"))().item() == pytest.approx(
+        per_sample.mean().item()
+    )
+    assert per_sample.mean().item() != pytest.approx(
+        (per_sample[:3].mean().item() + per_sample[3].item()) / 2
+    )

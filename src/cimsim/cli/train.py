@@ -150,6 +150,7 @@ def build(cfg: DictConfig, run: dict | None = None):
             L=hasgd.L,
             optimizer=hasgd.optimizer,
             scheduler=hasgd.get("scheduler"),
+            scheduler_interval=hasgd.get("scheduler_interval", "epoch"),
             val_chips=cfg.val_chips,
             calib_batches=cfg.val_calib_batches,
             calib_momentum=cfg.val_calib_momentum,

@@ -23,7 +23,7 @@ from cimsim.robustness.grid import EvalSettings, RobustnessGrid
 from cimsim.robustness.measure import evaluate_robustness
 from cimsim.training.hasgd import ddp_grad_sync, hasgd_backward, sync_buffers
 from cimsim.training.methods import Step, TrainingMethods
-from cimsim.validation import check_int, check_number, config_scope
+from cimsim.validation import check_choice, check_int, check_number, config_scope
 
 # The same validation chips every epoch, so the val/acc_noisy curve reflects the weights; drawn
 # from the "val" stream, disjoint from the chips of every reported (test) curve.
@@ -40,7 +40,10 @@ class AnalogClassifier(pl.LightningModule):
             ``AnalogConfig`` or its fields. Override it when loading to run on another chip.
         L: the perturbation samples per HA-SGD step (1 = plain noise injection).
         optimizer: ``params -> torch.optim.Optimizer`` (a Hydra ``_partial_``).
-        scheduler: ``optimizer -> LRScheduler`` stepped once per epoch, or ``None``.
+        scheduler: ``optimizer -> LRScheduler``, or ``None``; a ``functools.partial`` with
+            ``T_max=None`` gets the whole run (its optimizer steps or epochs).
+        scheduler_interval: ``epoch`` (step the scheduler after each epoch) or ``step`` (after
+            each optimizer step: a cosine then ends at 0 with the run's last step).
         val_chips: programmed chips at the training noise averaged into ``val/acc_noisy``.
         calib_batches: validation batches that calibrate ADC ranges in validation (``None`` =
             the whole split; validation data only, never test).
@@ -57,6 +60,7 @@ class AnalogClassifier(pl.LightningModule):
         L: int = 1,
         optimizer: Callable | None = None,
         scheduler: Callable | None = None,
+        scheduler_interval: str = "epoch",
         val_chips: int = 3,
         calib_batches: int | None = None,
         calib_momentum: float = 0.01,
@@ -64,6 +68,7 @@ class AnalogClassifier(pl.LightningModule):
     ):
         super().__init__()
         check_int("L", L, minimum=1)
+        check_choice("scheduler_interval", scheduler_interval, ("epoch", "step"))
         check_int("val_chips", val_chips, minimum=0)
         if calib_batches is not None:
             check_int("val_calib_batches", calib_batches, minimum=1)
@@ -88,6 +93,7 @@ class AnalogClassifier(pl.LightningModule):
         self.chip, self.L, self.val_chips = chip, L, val_chips
         self.calib_batches, self.calib_momentum = calib_batches, calib_momentum
         self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.scheduler_interval = scheduler_interval
         with config_scope("model"):
             network = build_network(net)
         self.net = convert_to_analog(network, chip, inplace=True)
@@ -170,6 +176,9 @@ class AnalogClassifier(pl.LightningModule):
                 closure, self.L, self.manual_backward, grad_sync, self.net, sample=m.sample
             )
         opt.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None and self.scheduler_interval == "step":
+            scheduler.step()
         if self._ddp() is not None:  # every rank then holds rank 0's statistics (BN, ADC)
             sync_buffers(self.net)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True)
@@ -180,7 +189,7 @@ class AnalogClassifier(pl.LightningModule):
     def on_train_epoch_end(self):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         scheduler = self.lr_schedulers()
-        if scheduler is not None:
+        if scheduler is not None and self.scheduler_interval == "epoch":
             scheduler.step()
 
     def _clean_step(self, batch, stage: str):
@@ -254,4 +263,10 @@ class AnalogClassifier(pl.LightningModule):
         optimizer = self.optimizer_factory(self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+        factory, keywords = self.scheduler_factory, {}
+        if getattr(factory, "keywords", {}).get("T_max", 0) is None:  # T_max: null = the run
+            step = self.scheduler_interval == "step"
+            keywords["T_max"] = (
+                self.trainer.estimated_stepping_batches if step else self.trainer.max_epochs
+            )
+        return {"optimizer": optimizer, "lr_scheduler": factory(optimizer, **keywords)}

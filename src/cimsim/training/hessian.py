@@ -115,13 +115,16 @@ def hessian_traces(
 
 
 def mean_loss(net: nn.Module, batches: list, device: torch.device) -> Callable[[], torch.Tensor]:
-    """The loss whose Hessian is estimated: ``net``'s mean cross-entropy over ``batches``
-    (``(x, y)`` pairs, moved to ``device``)."""
+    """The loss whose Hessian is estimated: ``net``'s mean cross-entropy per sample over
+    ``batches`` (``(x, y)`` pairs, moved to ``device``), so a short last batch weighs as many
+    samples as it holds, as in the per-sample mean loss the chips measure."""
+    count = sum(len(y) for _, y in batches)
 
     def loss() -> torch.Tensor:
-        return sum(F.cross_entropy(net(x.to(device)), y.to(device)) for x, y in batches) / len(
-            batches
+        total = sum(
+            F.cross_entropy(net(x.to(device)), y.to(device), reduction="sum") for x, y in batches
         )
+        return total / count
 
     return loss
 
