@@ -49,8 +49,8 @@ def grid_for(cfg: DictConfig) -> RobustnessGrid:
 
 def check_same_split(spec: dict, trained_on: list[dict | None], paths: list[Path]) -> None:
     """Every model must be tested on images it never trained on: the split being tested must be
-    the one each checkpoint was trained with (e.g. ``data=digits`` resolves ``data.seed`` to
-    evaluate's chip seed, and two training seeds hold out different digits)."""
+    the one each checkpoint was trained with (e.g. ``data.seed=0`` holds out other digits than
+    the checkpoint's ``data.seed=42``)."""
     for path, theirs in zip(paths, trained_on, strict=True):
         if theirs is None or theirs.get("_target_") != spec.get("_target_"):
             continue
@@ -88,6 +88,7 @@ def check_settings(cfg: DictConfig) -> None:
         check_variant_lists(r)  # robustness.compensations
         check_variants(r.get("variants"))
         check_calib_split(r.calib_split)
+        check_choice("outcomes", r.get("outcomes", False), (False, True))
         check_limits(r.max_batches, r.calib_batches, r.calib_momentum)
         target = r.get("target_sigma")
         if target is not None and target not in [s for s in r.sigmas if s != TRAIN]:
@@ -120,6 +121,7 @@ def evaluation(cfg: DictConfig, spec: dict, fabric: Fabric) -> Evaluation:
         world_size=fabric.world_size,
         calib_split=r.calib_split,
         data_spec=spec,
+        outcomes=bool(r.get("outcomes", False)),
     )
 
 
@@ -142,10 +144,13 @@ def evaluate(cfg: DictConfig):
 def evaluation_call(cfg: DictConfig, subjects: list[Subject], spec: dict) -> dict:
     """What the output folder's files depend on, as its ``evaluation.json`` records it: each
     checkpoint's contents, the test chip, the preset (grid and how chips are measured), the data,
-    the seed and the Hessian analysis when asked for; not where it runs or how it reports."""
+    the seed and the Hessian analysis when asked for; not where it runs or how it reports, nor
+    ``robustness.outcomes``: it adds a file that a resume fills in and changes no row."""
+    robustness = OmegaConf.to_container(cfg.robustness, resolve=True)
+    robustness.pop("outcomes", None)
     call = {
         "checkpoints": {s.ckpt: {"sha256": s.ckpt_sha256} for s in subjects},
-        "robustness": OmegaConf.to_container(cfg.robustness, resolve=True),
+        "robustness": robustness,
         "data": data_settings(spec),
         "seed": cfg.seed,
     }

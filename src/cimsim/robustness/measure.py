@@ -34,6 +34,7 @@ from cimsim.chip.convert import (
 )
 from cimsim.chip.noise import derive_seed
 from cimsim.robustness.grid import EvalSettings, Point, Read, RobustnessGrid, chip_seed
+from cimsim.robustness.outcomes import OutcomesFile, bits, outcome_cell
 from cimsim.robustness.rows import FaultRow, RobustnessResult, Row, RowsFile, TimedRow
 from cimsim.robustness.summary import summarize
 from cimsim.validation import ConfigError, check_int
@@ -42,8 +43,11 @@ from cimsim.validation import ConfigError, check_int
 
 
 @torch.no_grad()
-def _measure(model: nn.Module, test_loader: Iterable, max_batches: int | None) -> tuple:
-    """Top-1 accuracy, mean cross-entropy and sample count on the test batches."""
+def _measure(
+    model: nn.Module, test_loader: Iterable, max_batches: int | None, hits: list | None = None
+) -> tuple:
+    """Top-1 accuracy, mean cross-entropy and sample count on the test batches; each batch's
+    per-image right-or-not (a bool tensor) is appended to ``hits`` when given."""
     device = next(model.parameters()).device
     correct, loss_sum, n = 0, 0.0, 0
     for i, (x, y) in enumerate(test_loader):
@@ -52,7 +56,10 @@ def _measure(model: nn.Module, test_loader: Iterable, max_batches: int | None) -
         x, y = x.to(device), y.to(device)
         logits = model(x)  # (B, classes)
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(dim=1) == y).sum().item()
+        right = logits.argmax(dim=1) == y
+        correct += right.sum().item()
+        if hits is not None:
+            hits.append(right.cpu())
         n += y.shape[0]
     if n == 0:
         raise ValueError("the test loader gave no samples")
@@ -102,18 +109,20 @@ def _evaluate_chip(
     test_loader,
     settings: EvalSettings,
     grid: RobustnessGrid,
+    hits: dict | None = None,
 ) -> list[Row]:
     """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
     chip is moved to each read-out's time once (its weights are computed there, not per batch),
     a fault sweep's chip programmed again at each fault rate (its faults applied there once).
     The caller's random streams are left as they were: iterating a loader draws its base seed
     from the global RNG, and a training run's data order must not depend on its validation
-    chips (which a noise-free run does not program)."""
+    chips (which a noise-free run does not program). ``hits``, when given, receives the
+    per-image outcomes at the outcome cells (``{(read, point): bits}``; ``outcomes``)."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(
         devices=[device] if device.type == "cuda" else [], device_type=device.type
     ):
-        return _measure_cells(model, chip, seed, cells, test_loader, settings, grid)
+        return _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits)
 
 
 def _set_faults(model: nn.Module, faults: dict[str, float]) -> None:
@@ -122,7 +131,7 @@ def _set_faults(model: nn.Module, faults: dict[str, float]) -> None:
         layer.config = layer.config.override({"faults": faults})
 
 
-def _measure_cells(model, chip, seed, cells, test_loader, settings, grid) -> list[Row]:
+def _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits) -> list[Row]:
     program_chip(model, seed)
     model.eval()
     device = next(model.parameters()).device
@@ -133,20 +142,24 @@ def _measure_cells(model, chip, seed, cells, test_loader, settings, grid) -> lis
             program_chip(model, seed)
         elif read is not None:
             set_time(model, *read)
-        for _, (sigma, mean_shift, levels) in group:
+        for _, point in group:
+            sigma, mean_shift, levels = point
             # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
             set_noise(model, sigma=sigma, mean_shift=mean_shift)
             set_adc(model, levels, kind=adc_kind)
             if _needs_calibration(model):
                 _calibrate(model, settings, seed)
+            right = [] if hits is not None and outcome_cell(read, point) else None
             if _stochastic_reads(model):  # fresh noise per read, the same in every run
                 devices = [device] if device.type == "cuda" else []
                 with torch.random.fork_rng(devices=devices, device_type=device.type):
                     # each read-out (t, repetition) of a PCM chip redraws them too
                     torch.manual_seed(derive_seed("reads", seed, *(read or ())))
-                    acc, loss, n = _measure(model, test_loader, settings.max_batches)
+                    acc, loss, n = _measure(model, test_loader, settings.max_batches, right)
             else:
-                acc, loss, n = _measure(model, test_loader, settings.max_batches)
+                acc, loss, n = _measure(model, test_loader, settings.max_batches, right)
+            if right is not None:
+                hits[(read, point)] = bits(right)
             measured = (chip, seed, sigma, mean_shift, levels, acc, loss, n)
             if read is None:
                 rows.append(Row(*measured))
@@ -274,6 +287,7 @@ def evaluate_robustness(
     grid: RobustnessGrid,
     settings: EvalSettings | None = None,
     rows_file: RowsFile | None = None,
+    outcomes: OutcomesFile | None = None,
 ) -> RobustnessResult:
     """Measure ``model`` on ``grid.chips`` seeded chip instances at every grid point.
 
@@ -290,6 +304,9 @@ def evaluate_robustness(
         rows_file: where each chip's rows go as soon as it is done (``RowsFile``): its rows
             already measured with the same settings are read back, not recomputed, and the
             returned rows carry its subject and fingerprint.
+        outcomes: where each chip's per-image outcomes at test sigma 0 go, before its rows
+            (``OutcomesFile``, kept in step with ``rows_file``, which it needs): reused rows
+            without outcomes are measured again for them, not appended twice.
 
     Returns:
         The rows (sorted by chip, then read-out and grid order), their ``summarize``, and the
@@ -309,7 +326,12 @@ def evaluate_robustness(
             known["fault_kind"] = grid.fault_kind
         kind = FaultRow if grid.faulted else grid.timed
         done = rows_file.resume(model, known, expected, timed=kind)
-    todo = [(c, [cell for cell in cells if (c, *cell) not in done]) for c in chips]
+    if outcomes is not None and rows_file is None:
+        raise ValueError("outcomes need a rows_file: they carry its rows' fingerprint")
+    redo = set() if outcomes is None else outcomes.resume(done)
+    todo = [
+        (c, [cell for cell in cells if (c, *cell) not in done or (c, *cell) in redo]) for c in chips
+    ]
     todo = [(c, missing) for c, missing in todo if missing]
     rows = list(done.values())
     n = len(chips)
@@ -319,11 +341,17 @@ def evaluate_robustness(
     with bar, _preserved(model):
         for i, (c, missing) in enumerate(todo):
             start = time.perf_counter()
-            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid)
+            hits = None if outcomes is None else {}
+            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid, hits)
+            if outcomes is not None:  # before the rows: a reused row has its outcomes
+                outcomes.append(c, seeds[c], hits)
+                new = [r for r in new if (r.chip, r.read, r.point) not in done]
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
             if i == 0 and len(todo) > 1 and settings.progress:
                 _announce_cost(len(todo), len(missing), time.perf_counter() - start)
     rows = sort_rows(rows, grid)
+    if outcomes is not None:
+        outcomes.finish(grid)
     fingerprints = {} if rows_file is None else rows_file.fingerprints
     return RobustnessResult(rows=rows, summary=summarize(rows), fingerprints=fingerprints)

@@ -1,4 +1,5 @@
-"""The statistics of the robustness studies: means, Student-t CIs, paired differences, Holm."""
+"""The statistics of the robustness studies: means, Student-t CIs, paired differences, Holm,
+McNemar."""
 
 from __future__ import annotations
 
@@ -85,3 +86,16 @@ def holm(pvalues: dict, alpha: float = 0.05) -> dict:
         stop |= pvalues[key] > alpha / (len(ordered) - i)
         out[key] = not stop
     return out
+
+
+def mcnemar(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value of two classifiers scored on the same images: ``b``
+    images only the first got right, ``c`` only the second. Under the null (either is as likely
+    to win a discordant image), min(b, c) is binomial over the b + c discordant images at 1/2;
+    the p-value is twice its lower tail, at most 1 (1 with no discordant image). Computed in
+    integers, so it is exact up to the final rounding to a float."""
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got {b} and {c}")
+    n, k = b + c, min(b, c)
+    tail = sum(math.comb(n, i) for i in range(k + 1))
+    return min(1.0, 2 * tail / 2**n)

@@ -2,11 +2,12 @@
 
 Shared by ``evaluate.py`` and the end-of-training ``RobustnessMonitor`` so both write the same
 files: ``robustness_rows.csv`` (per chip, resumable; ``cimsim.robustness.rows``), its fingerprints
-in ``robustness_rows.fingerprints.json``, ``robustness_summary.csv``, ``robustness.json`` and
-``robustness.png`` (``cimsim.robustness.plots``). Each model's curves are named by its training
-recipe and its test chip. With several processes (DDP), each evaluates its share of the chips
-(``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0 merges them into
-exactly the files a single process would have written.
+in ``robustness_rows.fingerprints.json``, per-image outcomes at test sigma 0 when asked for
+(``robustness_rows.outcomes.csv``, ``cimsim.robustness.outcomes``), ``robustness_summary.csv``,
+``robustness.json`` and ``robustness.png`` (``cimsim.robustness.plots``). Each model's curves are
+named by its training recipe and its test chip. With several processes (DDP), each evaluates its
+share of the chips (``c = rank, rank + world, ...``) into its own resumable rows file, and rank 0
+merges them into exactly the files a single process would have written.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ from cimsim.robustness.fingerprints import record_fingerprints
 from cimsim.robustness.folders import PLOT_FILE
 from cimsim.robustness.grid import EvalSettings, RobustnessGrid, chip_settings
 from cimsim.robustness.measure import evaluate_robustness, sort_rows
+from cimsim.robustness.outcomes import (
+    OUTCOMES_FILE,
+    OutcomesFile,
+    ordered,
+    outcomes_path,
+    write_outcomes,
+)
 from cimsim.robustness.plots import plot_robustness, write_results
 from cimsim.robustness.rows import ROWS_FILE, RobustnessResult, Row, RowsFile, write_rows
 from cimsim.robustness.summary import summarize
@@ -63,7 +71,7 @@ class Evaluation:
     """How to run the sweeps: the test data, how chips are measured (``settings``; its
     ``chip_indices`` are replaced by this process's share), and this process's place among
     several. ``calib_split`` and ``data_spec`` only describe where the loaders come from, for the
-    rows' fingerprints."""
+    rows' fingerprints; ``outcomes`` adds the per-image outcomes file and changes no row."""
 
     test_loader: Iterable
     settings: EvalSettings = field(default_factory=EvalSettings)
@@ -71,6 +79,7 @@ class Evaluation:
     world_size: int = 1
     calib_split: str | None = None
     data_spec: dict | None = None
+    outcomes: bool = False  # keep per-image outcomes at test sigma 0 (``outcomes``)
 
 
 def _text(value: Any) -> str:
@@ -141,20 +150,35 @@ def evaluate_subjects(subjects: Sequence[Subject], ev: Evaluation, out: Path) ->
     name = (
         ROWS_FILE if ev.world_size == 1 else f"robustness_rows.rank{ev.rank}of{ev.world_size}.csv"
     )
-    mine, fingerprints = [], {}
+    mine, fingerprints, images = [], {}, []
     for s in subjects:
         rows_file = RowsFile(out / name, s.label, s.ckpt, known=_known_settings(s, ev))
-        result = evaluate_robustness(s.net, ev.test_loader, s.grid, _share(ev, s.grid), rows_file)
+        outcomes = OutcomesFile(outcomes_path(out / name), rows_file) if ev.outcomes else None
+        share = _share(ev, s.grid)
+        result = evaluate_robustness(s.net, ev.test_loader, s.grid, share, rows_file, outcomes)
         mine += result.rows
         fingerprints.update(result.fingerprints)
+        images += [] if outcomes is None else list(outcomes.entries.values())
     everyone = gather_rows(mine, ev.world_size)
+    if ev.outcomes and ev.world_size > 1:  # every rank gathers; rank 0 writes the merge
+        merged = gather_rows(images, ev.world_size)
+        if ev.rank == 0:
+            write_outcomes(
+                out / OUTCOMES_FILE,
+                [o for s in subjects for o in ordered(_of(merged, s), s.grid)],
+            )
     rows = []
     for s in subjects:
-        rows += sort_rows([r for r in everyone if (r.model, r.ckpt) == (s.label, s.ckpt)], s.grid)
+        rows += sort_rows(_of(everyone, s), s.grid)
     if ev.world_size > 1 and ev.rank == 0:
         write_rows(out / ROWS_FILE, rows)
         record_fingerprints(out / ROWS_FILE, fingerprints)
     return rows
+
+
+def _of(items: list, s: Subject) -> list:
+    """The rows or outcomes of subject ``s``."""
+    return [r for r in items if (r.model, r.ckpt) == (s.label, s.ckpt)]
 
 
 def run_study(
