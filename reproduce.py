@@ -3,9 +3,18 @@ Carlo study it needs, then the report from their rows (the plan and its sections
 
     python reproduce.py                              # digits, WRN-10-2 (~15-20 min on 2 CPUs)
     python reproduce.py --tiny                       # the smoke version (seconds per stage)
+    python reproduce.py --sections fig7,bias --seeds 5   # two sections, five training seeds
+    python reproduce.py --train-only                 # train now, measure and report later
     python reproduce.py --report-only                # the report again, from the rows on disk
+    python reproduce.py --report-only --from-published docs/results/evidence --report-dir /tmp/r
+                                                     # ... from its published evidence alone
     python reproduce.py experiment=paper_wrn28_10_cifar100 data.download=true --epochs 200
                                                      # paper scale (a GPU)
+
+Training seeds: every model is trained at seeds 42 + k for k < ``--seeds`` (default 3), in
+folders ``<run>`` (k = 0) and ``<run>.s<k>``; every study measures every seed on the same chips,
+and the report's means, CIs and verdicts are over seeds (each seed's mean over the chips, then a
+Student-t CI; comparisons paired by seed). The data split is the same for every seed.
 
 Where it writes: the trainings and studies under ``--out`` (default outputs/reproduce), the
 report into ``--report-dir`` (default the repository's docs/). ``--tiny`` is a smoke test, so it
@@ -34,78 +43,16 @@ import argparse
 import os
 import sys
 import time
-from pathlib import Path
 
 from cimsim import ConfigError
+from paper import options
 from paper.configs import compose_cfg  # noqa: F401  (tests/conftest.py composes with it)
-from paper.driver import report_only, run_plan, settle
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line, exit status 2 (``--help`` shows the usage)."""
-
-    def error(self, message: str):
-        print(f"config error: {message} (python reproduce.py --help)", file=sys.stderr)
-        sys.exit(2)
+from paper.driver import report_only, run_plan
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    """(options with their defaults resolved, the Hydra overrides). ``--tiny`` changes the
-    defaults (``--help`` lists them) and keeps its report out of docs/ unless ``--force``."""
-    parser = Parser(
-        description=__doc__.split("\n\n")[0],
-        epilog="Other arguments are Hydra overrides (KEY=VALUE), e.g. data=cifar100.",
-    )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="where the trainings and studies go (default outputs/reproduce; "
-        "--tiny: outputs/reproduce-tiny)",
-    )
-    parser.add_argument(
-        "--report-dir",
-        type=Path,
-        default=None,
-        help="where results.md and results/ go (default the repository's docs/; --tiny: "
-        "<out>/report, and docs/ only with --force)",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=None,
-        help="base epochs of every training (default 10; --tiny: 1)",
-    )
-    parser.add_argument(
-        "--chips", type=int, default=None, help="chips per grid point (default 20; --tiny: 2)"
-    )
-    parser.add_argument(
-        "--max-batches",
-        type=int,
-        default=None,
-        help="test batches per chip (default all; --tiny: 1)",
-    )
-    parser.add_argument(
-        "--tiny",
-        action="store_true",
-        help="a smoke test: 1 epoch of 2 batches, width 1, 2 chips, 1 test batch, short grids",
-    )
-    parser.add_argument(
-        "--report-only",
-        action="store_true",
-        help="re-render the report from the rows and records already under --out (trains "
-        "and measures nothing)",
-    )
-    parser.add_argument(
-        "--force",
-        action="store_true",
-        help="let a --tiny report replace the committed one (--report-dir docs)",
-    )
-    args, overrides = parser.parse_known_args(argv)
-    for o in overrides:
-        if o.startswith("-"):
-            parser.error(f"unknown option {o}")
-    return settle(args), overrides
+    """(options with their defaults resolved, the Hydra overrides): ``paper.options``."""
+    return options.parse(argv, __doc__)
 
 
 def reproduce(argv: list[str]) -> dict:

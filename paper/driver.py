@@ -11,8 +11,8 @@ from pathlib import Path
 from cimsim import ConfigError
 from paper.configs import ROOT, composed
 from paper.evidence import read_json
-from paper.plan import RUNS, STUDIES
-from paper.report import git_commit, machine, write_report
+from paper.plan import SEED0, planned_runs, selected
+from paper.report import git_commit, machine, render_published, write_report
 from paper.run import (
     Progress,
     check_study,
@@ -35,30 +35,48 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     tiny = args.tiny
     args.epochs = args.epochs if args.epochs is not None else (1 if tiny else 10)
     args.chips = args.chips if args.chips is not None else (2 if tiny else 20)
+    args.seeds = args.seeds if args.seeds is not None else (2 if tiny else 3)
     if args.max_batches is None and tiny:
         args.max_batches = 1
-    for key in ("epochs", "chips", "max_batches"):
+    try:
+        args.sections = selected(args.sections)
+    except ValueError as err:
+        raise ConfigError("--sections", ",".join(args.sections), str(err)) from None
+    for key in ("epochs", "chips", "max_batches", "seeds"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}", value, "must be an integer >= 1")
     args.out = args.out or Path("outputs/reproduce-tiny" if tiny else "outputs/reproduce")
     args.report_dir = args.report_dir or (args.out / "report" if tiny else DOCS)
-    if tiny and not args.force and args.report_dir.resolve().is_relative_to(DOCS.resolve()):
+    into_docs = args.report_dir.resolve().is_relative_to(DOCS.resolve())
+    if (tiny or args.from_published is not None) and into_docs and not args.force:
+        what = "--tiny report" if tiny else "report rendered from published evidence"
         why = (
-            "a --tiny report would replace the committed report in docs/ with smoke-test "
-            "numbers: give another folder, or add --force"
+            f"a {what} would replace the committed report in docs/ (and the README's excerpt): "
+            "give another --report-dir, or add --force"
         )
         raise ConfigError("--report-dir", str(args.report_dir), why)
     return args
 
 
+def plan_of(args) -> tuple[list, list]:
+    """(the trainings, the studies) of the options' sections and seeds."""
+    studies = [st for section in args.sections for st in section.studies]
+    return planned_runs(args.sections, args.seeds), studies
+
+
 def check_plan(args, train_over: list[str], eval_over: list[str], out: Path) -> None:
     """Compose and check every training's and study's config before the first training, so a
     bad override fails in seconds, naming itself, not after the trainings before it."""
-    for run in RUNS:
+    for o in train_over:
+        if o.split("=", 1)[0].lstrip("+~") == "seed":
+            why = f"reproduce.py trains seed {SEED0} + k for k < --seeds; give --seeds instead"
+            raise ConfigError("seed", o.split("=", 1)[1], why)
+    runs, studies = plan_of(args)
+    for run in runs:
         full = train_overrides(run, args, train_over, out)
         check_training(composed("train", out / "train" / run.name, full, train_over))
-    for study in STUDIES:
+    for study in studies:
         _, full = study_overrides(study, args, eval_over, out)
         check_study(composed("evaluate", out / "evaluate" / study.name, full, eval_over))
 
@@ -77,6 +95,8 @@ def scale_meta(args) -> dict:
         "commit": git_commit(ROOT),
         "machine": machine(),
         "chips": args.chips,
+        "seeds": args.seeds,
+        "sections": [s.name for s in args.sections],
         "scale": "tiny (smoke test)" if args.tiny else f"base epochs {args.epochs}",
     }
 
@@ -89,16 +109,20 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     check_plan(args, train_over, eval_over, out)
     scale = "--tiny, a smoke test: docs/ is left alone; " if args.tiny else ""
     print(f"[reproduce] {scale}runs under {out}/, report to {args.report_dir}/", flush=True)
-    progress = Progress(len(RUNS) + len(STUDIES) + 1)
+    runs, studies = plan_of(args)
+    progress = Progress(len(runs) + (0 if args.train_only else len(studies) + 1))
     records = {}
-    for run in RUNS:  # in order: the digital model (a distillation teacher) first
+    for run in runs:  # seed by seed, in order: the digital model (a teacher) first
         records[run.name] = train_run(run, args, train_over, out, progress)
         progress.done += 1
     runs = {name: {k: v for k, v in r.items() if k != "reused"} for name, r in records.items()}
     longest = max(runs.values(), key=lambda r: r["schedule"]["max_epochs"])
     write_json(out / "manifest.json", {"runs": runs, "schedule": longest["schedule"]})
+    if args.train_only:
+        progress("trained: --train-only, no studies (rerun without it to measure)")
+        return {"trained": sum(not r["reused"] for r in records.values())}
     studied = 0
-    for study in STUDIES:
+    for study in studies:
         studied += run_study(study, args, eval_over, out, progress)
         progress.done += 1
     progress("report")
@@ -107,7 +131,7 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
         "trained": sum(not r["reused"] for r in records.values()),
         "skipped": sum(r["reused"] for r in records.values()),
         "studied": studied,
-        "studies_reused": len(STUDIES) - studied,
+        "studies_reused": len(studies) - studied,
         **scale_meta(args),
     }
     write_json(out / REPORT_META, meta)
@@ -122,18 +146,36 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
     provenance of the command that measured them (``report.json``), or this command's."""
     if overrides:
         raise ConfigError("--report-only", shlex.join(overrides), "takes no Hydra overrides")
+    if args.from_published is not None:
+        return from_published(args.from_published, args.report_dir)
     out = args.out.resolve()
     if not (out / "manifest.json").is_file():
         why = "holds no trained plan (no manifest.json): run reproduce.py without --report-only"
         raise ConfigError("--out", str(args.out), why)
+    runs, studies = plan_of(args)
     meta = read_json(out / REPORT_META) or {
         **command_meta(args, argv, start),
         "trained": 0,
-        "skipped": len(RUNS),
+        "skipped": len(runs),
         "studied": 0,
-        "studies_reused": len(STUDIES),
+        "studies_reused": len(studies),
         **scale_meta(args),
     }
     report = write_report(out, args.report_dir, meta)
     print(f"[reproduce] wrote {report} and {args.report_dir / 'results'}/ from {out}/", flush=True)
     return meta
+
+
+def from_published(evidence: Path, report_dir: Path) -> dict:
+    """``--report-only --from-published EVIDENCE``: the report rendered from a published
+    evidence folder alone (``paper.publish``; no checkpoint, data or plan folder); returns the
+    record of the command that measured it."""
+    if not (evidence / REPORT_META).is_file():
+        why = (
+            f"holds no published evidence (no {REPORT_META}): give the results/evidence/ folder "
+            "that a report was written with, e.g. docs/results/evidence"
+        )
+        raise ConfigError("--from-published", str(evidence), why)
+    report = render_published(evidence, report_dir)
+    print(f"[reproduce] wrote {report} and {report_dir / 'results'}/ from {evidence}/", flush=True)
+    return read_json(evidence / REPORT_META)

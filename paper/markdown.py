@@ -8,7 +8,7 @@ from collections.abc import Iterable, Sequence
 
 from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import Diff, mean_ci
-from paper.evidence import Context, run_of
+from paper.evidence import Context, model_of
 from paper.plan import RUN, STUDY
 
 
@@ -32,13 +32,26 @@ def md_table(header: Sequence[str], body: Sequence[Sequence[str]], right: int = 
     return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
 
 
-def cell(rows: Iterable[Row], run: str, **point) -> dict[int, float]:
-    """Accuracy per chip of ``run`` at ``point`` (keys of ``Row``: sigma, mean_shift, ...)."""
-    out = {}
+def seed_cells(rows: Iterable[Row], run: str, **point) -> dict[int, dict[int, float]]:
+    """Accuracy per training seed and chip of the plan's ``run`` at ``point`` (keys of ``Row``:
+    sigma, mean_shift, ...): ``{seed index: {chip: accuracy}}``."""
+    out: dict[int, dict[int, float]] = {}
     for r in rows:
-        if run_of(r) == run and all(getattr(r, k) == v for k, v in point.items()):
-            out[r.chip] = r.acc
+        base, k = model_of(r)
+        if base == run and all(getattr(r, key) == v for key, v in point.items()):
+            out.setdefault(k, {})[r.chip] = r.acc
     return out
+
+
+def cell(rows: Iterable[Row], run: str, **point) -> dict[int, float]:
+    """The unit values of ``run`` at ``point`` that the report's means, CIs and paired
+    differences are over: with two or more training seeds, each seed's mean over its chips
+    (keyed by seed: runs pair by seed, the chips being common); with one seed, each chip's
+    accuracy (keyed by chip)."""
+    by_seed = seed_cells(rows, run, **point)
+    if len(by_seed) == 1:
+        return next(iter(by_seed.values()))
+    return {k: math.fsum(v.values()) / len(v) for k, v in sorted(by_seed.items())}
 
 
 def sigmas_of(rows: Iterable[Row]) -> list[float]:

@@ -5,12 +5,33 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from paper.runs import (  # noqa: F401  (re-exported: the plan is its runs and its studies)
+    BIAS_SIGMA,
+    BIASES,
+    FAULT_TRAIN,
+    FIG7_SIGMAS,
+    FIG9_SIGMAS,
+    L_EQUAL_PASSES,
+    L_PASSES,
+    L_STEPS,
+    L_VALUES,
+    MEAN_SHIFT,
+    MEAN_SHIFTS,
+    RRAM_T_TRAIN,
+    RUN,
+    RUNS,
+    SCALES,
+    SEED0,
+    Run,
+    base_of,
+    l_run,
+    mapping_run,
+    seed_name,
+)
+
 HURT_ADC_LEVELS = 8  # section 5's ADC: 8 levels (3 bits), mid-range of Fig. 9's 2..18
-MEAN_SHIFT = 0.01  # Fig. 8's training mean shifts: -MEAN_SHIFT, 0, +MEAN_SHIFT (at sigma 0.05)
 SIGMAS_FEW = "[0.0,0.05,0.1,0.15,0.2]"
-FAULT_TRAIN = 0.005  # the faults-in-the-loop model: 0.5 % of devices stuck off, 0.5 % on
 FAULT_TEST_SIGMA = 0.1  # section 8a: every model at this test sigma (HA-SGD's training sigma)
-RRAM_T_TRAIN = 86400.0  # the RRAM model is trained for the chip one day after programming
 RRAM_TIMES = "[0,1,86400,172800]"  # every time aihwkit's ReRAM model is fitted at (0: programmed)
 IR_DROP_STRONG = 100.0  # section 8c: 100x aihwkit's wire resistance scale, a visible drop
 IR_TILES = (None, 256, 64)  # rows per tile: one tile per layer (WRN-10-2: <= 576 rows), 256, 64
@@ -24,28 +45,6 @@ def pairs_factor(f: tuple[float, ...]) -> float:
 
 
 @dataclass(frozen=True)
-class Run:
-    """One training: ``train.py`` overrides, at ``epochs_factor`` x the base epochs (``{half}``
-    in an override becomes half the run's epochs); ``teacher``: the run whose ``last.ckpt``
-    this one distils from."""
-
-    name: str
-    title: str
-    overrides: tuple[str, ...]
-    epochs_factor: float = 1.0
-    teacher: str | None = None
-
-    def epochs(self, base: int) -> int:
-        return max(1, round(base * self.epochs_factor))
-
-    def resolved(self, base: int) -> list[str]:
-        """The overrides with the run's epochs (``trainer.max_epochs``) filled in."""
-        epochs = self.epochs(base)
-        extra = [o.format(half=epochs / 2) for o in self.overrides]
-        return [*extra, f"trainer.max_epochs={epochs}"]
-
-
-@dataclass(frozen=True)
 class Study:
     """One ``evaluate.py`` call over ``runs``' best checkpoints (``last``: their ``last.ckpt``,
     the fixed budget of the plan, instead); ``tiny``: its grid overrides in the tiny mode
@@ -56,6 +55,7 @@ class Study:
     overrides: tuple[str, ...]
     tiny: tuple[str, ...] = ()
     last: bool = False
+    chips: int | None = None  # at most this many chips per point (None: ``--chips``)
 
 
 @dataclass(frozen=True)
@@ -68,87 +68,18 @@ class Section:
     studies: tuple[Study, ...] = ()
 
 
-def _hasgd(sigma: float, L: int, factor: float = 1.0, **kw) -> Run:
-    ep = "" if factor == 1 else f", {factor:g}x epochs"
-    return Run(
-        f"sigma{sigma:g}_L{L}" + ("" if factor == 1 else f"_x{factor:g}ep"),
-        f"HA-SGD sigma={sigma:g}, L={L}{ep}",
-        (f"noise.sigma={sigma}", f"hasgd.L={L}"),
-        factor,
-        **kw,
-    )
-
-
-def _method(name: str, title: str, **kw) -> Run:
-    return Run(name, title, ("noise.sigma=0.1", f"method={name}"), **kw)
-
-
-RUNS: tuple[Run, ...] = (  # in training order: the digital model (a distillation teacher) first
-    Run("digital", "digital (sigma=0, L=1)", ("noise.sigma=0.0", "hasgd.L=1")),
-    _hasgd(0.05, 4),
-    _hasgd(0.1, 4),
-    _hasgd(0.15, 4),
-    Run(
-        f"mu_neg{MEAN_SHIFT:g}",
-        f"HA-SGD sigma=0.05, mu=-{MEAN_SHIFT:g}, L=4",
-        ("noise.sigma=0.05", f"noise.mean_shift=-{MEAN_SHIFT}", "hasgd.L=4"),
-    ),
-    Run(
-        f"mu_pos{MEAN_SHIFT:g}",
-        f"HA-SGD sigma=0.05, mu=+{MEAN_SHIFT:g}, L=4",
-        ("noise.sigma=0.05", f"noise.mean_shift={MEAN_SHIFT}", "hasgd.L=4"),
-    ),
-    _hasgd(0.1, 1),
-    _hasgd(0.1, 2),
-    _hasgd(0.1, 8),
-    _hasgd(0.1, 1, 4.0),
-    _hasgd(0.1, 2, 2.0),
-    _hasgd(0.1, 8, 0.5),
-    # experiment=pcm_digits's settings, spelled out: a second experiment= (the paper-scale
-    # command's) would replace it, and the base epochs apply as to every run.
-    Run(
-        "pcm",
-        "PCM, t_train=1 h, L=2",
-        ("noise=pcm", "noise.sigma=0.0", "noise.t_train=3600.0", "hasgd.L=2"),
-    ),
-    _method("antithetic", "HA-SGD L=4, antithetic pairs"),
-    Run(
-        "ramp",
-        "HA-SGD L=4, sigma ramped over half the epochs",
-        ("noise.sigma=0.1", "method=ramp", "noise.schedule.ramp_epochs={half}"),
-    ),
-    _method("overscaled", "HA-SGD L=4, 1.5x sigma"),
-    Run(
-        "distill",
-        "HA-SGD L=4, distilled from the digital model",
-        ("noise.sigma=0.1", "method=distill"),
-        teacher="digital",
-    ),
-    _method("sam", "HA-SGD L=4 after a SAM ascent (rho 0.05)"),
-    Run(
-        "faults",
-        f"HA-SGD sigma=0.1, L=4, faults {100 * FAULT_TRAIN:g} % off + {100 * FAULT_TRAIN:g} % on",
-        (
-            "noise.sigma=0.1",
-            "hasgd.L=4",
-            f"noise.faults.stuck_off={FAULT_TRAIN}",
-            f"noise.faults.stuck_on={FAULT_TRAIN}",
-        ),
-    ),
-    # noise=rram's settings spelled out as the pcm run's: trained for the chip 1 day on
-    Run(
-        "rram",
-        "RRAM, t_train=1 d, L=2",
-        ("noise=rram", "noise.sigma=0.0", f"noise.t_train={RRAM_T_TRAIN}", "hasgd.L=2"),
-    ),
-)
-RUN = {r.name: r for r in RUNS}
-
 _SIGMA_TINY = ("robustness.sigmas=[0.0,0.1,0.2]",)
 _TWO = ("digital", "sigma0.1_L4")
-_L_RUNS = tuple(
-    f"sigma0.1_L{L}" + s for s in ("", "_x4ep", "_x2ep", "_x0.5ep") for L in (1, 2, 4, 8)
-)
+_FIG7 = ("digital", *(f"sigma{s:g}_L4" for s in FIG7_SIGMAS))
+_FIG8 = ("sigma0.05_L4", *(f"mu_{n}{mu:g}" for mu in MEAN_SHIFTS for n in ("neg", "pos")))
+_FIG9 = ("digital", *(f"sigma{s:g}_L4" for s in FIG9_SIGMAS))
+# --tiny's Fig. 8 grid: mu = 0 and every trained shift (each model's window needs its own)
+_FIG8_MUS = sorted({0.0, *MEAN_SHIFTS, *(-m for m in MEAN_SHIFTS)})
+_FIG8_TINY_MUS = f"[{','.join(f'{m:g}' for m in _FIG8_MUS)}]"
+_MAPPINGS = tuple((sc, b) for sc in SCALES for b in BIASES)
+_MAPPED = ("digital", *(mapping_run(sc, b) for sc, b in _MAPPINGS))
+BIAS_SIGMAS = "[0.0,0.1,0.15]"
+BIAS_CHIPS = 10  # the 10 x 11-model mapping matrix: 10 chips per point
 
 
 def _variants(settings: list[str]) -> str:
@@ -174,6 +105,13 @@ _HURTS = (
     ("adc", (f"robustness.adc_levels=[{HURT_ADC_LEVELS}]",)),
 )
 
+# The Hessian section: Fig. 7's and the L study's equal-steps models, each checkpoint's trace from
+# HESSIAN_PROBES Rademacher probes (Hutchinson SE about 15 % of a checkpoint's trace) on the first
+# HESSIAN_BATCHES test batches (the whole digits test set at batch size 64)
+HESSIAN_SIGMAS = "[0.0,0.02,0.05,0.1,0.15,0.2]"
+HESSIAN_PROBES = 16
+HESSIAN_BATCHES = 5
+
 # The report, in order: each section's studies (one evaluate.py call each) run in this order.
 SECTIONS: tuple[Section, ...] = (
     Section(
@@ -182,7 +120,7 @@ SECTIONS: tuple[Section, ...] = (
         (
             Study(
                 "fig7",
-                ("digital", "sigma0.05_L4", "sigma0.1_L4", "sigma0.15_L4"),
+                _FIG7,
                 ("robustness=sigma_sweep",),
                 _SIGMA_TINY,
             ),
@@ -194,28 +132,41 @@ SECTIONS: tuple[Section, ...] = (
         (
             Study(
                 "fig8",
-                ("sigma0.05_L4", f"mu_neg{MEAN_SHIFT:g}", f"mu_pos{MEAN_SHIFT:g}"),
+                _FIG8,
                 ("robustness=mean_shift_sweep",),
-                (f"robustness.mean_shifts=[-{MEAN_SHIFT},0.0,{MEAN_SHIFT}]",),
+                (f"robustness.mean_shifts={_FIG8_TINY_MUS}",),
             ),
         ),
     ),
     Section(
         "fig9",
         "Fig. 9",
-        (Study("fig9", _TWO, ("robustness=adc_sweep",), ("robustness.adc_levels=[null,2,8]",)),),
+        (
+            Study(
+                "fig9",
+                _FIG9,
+                ("robustness=adc_sweep", "robustness.sigmas=[0.0,0.1]", "robustness.outcomes=true"),
+                ("robustness.adc_levels=[null,2,8]",),
+            ),
+        ),
     ),
     Section(
         "bias",
         "bi-scale ablation",
         tuple(
             Study(
-                f"bias_{b}",
-                _TWO,
-                ("robustness=sigma_sweep", f"robustness.sigmas={SIGMAS_FEW}", f"chip.bias={b}"),
+                f"bias_{sc}_{b}",
+                _MAPPED,
+                (
+                    "robustness=sigma_sweep",
+                    f"robustness.sigmas={BIAS_SIGMAS}",
+                    f"chip.scale={sc}",
+                    f"chip.bias={b}",
+                ),
                 _SIGMA_TINY,
+                chips=BIAS_CHIPS,
             )
-            for b in ("separate", "unscaled", "shared", "digital")
+            for sc, b in _MAPPINGS
         ),
     ),
     Section(
@@ -236,12 +187,33 @@ SECTIONS: tuple[Section, ...] = (
         (
             Study(
                 "lstudy",
-                tuple(r for r in _L_RUNS if r in RUN),
+                tuple(dict.fromkeys((*L_STEPS, *L_EQUAL_PASSES))),
                 (
                     "robustness=sigma_sweep",
                     "robustness.sigmas=[0.0,0.1,0.2]",
                     "robustness.target_sigma=0.1",
                 ),
+                last=True,
+            ),
+        ),
+    ),
+    Section(
+        "hessian",
+        "Hessian",
+        (
+            Study(
+                "hessian",
+                (*_FIG7, *L_STEPS),
+                (
+                    "robustness=sigma_sweep",
+                    f"robustness.sigmas={HESSIAN_SIGMAS}",
+                    "chip.analog_bn=false",
+                    "chip.identity_noise=false",
+                    "hessian=true",
+                    f"hessian_probes={HESSIAN_PROBES}",
+                    f"hessian_batches={HESSIAN_BATCHES}",
+                ),
+                (*_SIGMA_TINY, "hessian_probes=4", "hessian_batches=1"),
                 last=True,
             ),
         ),
@@ -345,3 +317,30 @@ SECTIONS: tuple[Section, ...] = (
 )
 STUDIES: tuple[Study, ...] = tuple(s for section in SECTIONS for s in section.studies)
 STUDY = {s.name: s for s in STUDIES}
+CORE = ("fig7", "bias", "hurts", "fig9")  # the core sections: a second dataset's report
+
+
+def selected(sections: tuple[str, ...] | None = None) -> tuple[Section, ...]:
+    """The report's sections named in ``sections`` (all when None), in the plan's order, and
+    the GPU-time estimate (``paper_scale``) always; a ValueError names an unknown one."""
+    if sections is None:
+        return SECTIONS
+    known = [s.name for s in SECTIONS if s.studies]
+    unknown = [s for s in sections if s not in known]
+    if unknown:
+        raise ValueError(f"no such section {', '.join(unknown)}; the plan's are {', '.join(known)}")
+    return tuple(s for s in SECTIONS if s.name in sections or not s.studies)
+
+
+def planned_runs(sections: tuple[Section, ...], seeds: int) -> list[Run]:
+    """Every training of ``sections``, training seed by seed (seed 0's runs first, so an
+    interrupted plan has whole seeds), each seed in the plan's order (a teacher first)."""
+    needed = {r for s in sections for st in s.studies for r in st.runs}
+    needed |= {RUN[r].teacher for r in needed if RUN[r].teacher}
+    base = [r for r in RUNS if r.name in needed]
+    return [r.seeded(k) for k in range(seeds) for r in base]
+
+
+def seeded_runs(study: Study, seeds: int) -> list[str]:
+    """The training folders ``study`` evaluates: each of its runs at every training seed."""
+    return [seed_name(r, k) for r in study.runs for k in range(seeds)]

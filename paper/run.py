@@ -24,7 +24,7 @@ from cimsim.training.methods import training_passes
 from cimsim.validation import check_int
 from paper.configs import ROOT, compose_cfg, composed, config_sha256, without_teacher
 from paper.evidence import STUDY_MARKER, read_json
-from paper.plan import RUN, Run, Study
+from paper.plan import RUN, Run, Study, base_of, seeded_runs
 from paper.report import git_commit, machine
 
 EVALUATE_KEYS = (
@@ -131,7 +131,7 @@ def train_overrides(run: Run, args, overrides: list[str], out: Path) -> list[str
     """Every override of ``run``'s training: the plan's, the run's own, --tiny's, the user's."""
     tiny = TINY_TRAIN if args.tiny else []
     full = [*TRAIN_DEFAULTS, *run.resolved(args.epochs), *tiny, *overrides]
-    if run.teacher:
+    if run.teacher:  # the teacher of the same training seed
         full.append(f"distill.teacher={out / 'train' / run.teacher / 'checkpoints' / 'last.ckpt'}")
     return full
 
@@ -200,15 +200,24 @@ def train_run(run: Run, args, overrides: list[str], out: Path, progress: Progres
         "last": str(last),
         "last_global_step": end.get("global_step"),
         "last_passes": training_passes(end.get("global_step", 0), cfg.hasgd.L, methods),
-        "schedule": {
-            "lr": cfg.hasgd.optimizer.lr,
-            "step_size": cfg.hasgd.scheduler.step_size,
-            "gamma": cfg.hasgd.scheduler.gamma,
-            "max_epochs": cfg.trainer.max_epochs,
-        },
+        "schedule": schedule_of(cfg),
     }
     write_json(marker, record)  # last: its presence means the training finished
     return {**record, "reused": False}
+
+
+def schedule_of(cfg: DictConfig) -> dict:
+    """A training's learning-rate schedule: the rate, the epochs and the scheduler's settings
+    (``scheduler``: its class name; StepLR's ``step_size``/``gamma``, cosine's ``T_max``)."""
+    sched = OmegaConf.to_container(cfg.hasgd.scheduler, resolve=True)
+    settings = {k: v for k, v in sched.items() if not k.startswith("_")}
+    return {
+        "lr": cfg.hasgd.optimizer.lr,
+        "scheduler": str(sched.get("_target_", "")).rsplit(".", 1)[-1],
+        "interval": cfg.hasgd.get("scheduler_interval", "epoch"),
+        **settings,
+        "max_epochs": cfg.trainer.max_epochs,
+    }
 
 
 def study_checkpoint(study: Study, run_dir: Path) -> Path:
@@ -220,8 +229,9 @@ def study_overrides(
     study: Study, args, overrides: list[str], out: Path
 ) -> tuple[dict[str, str], list[str]]:
     """({run: checkpoint}, every override of ``study``'s evaluate.py call)."""
-    ckpts = {r: str(study_checkpoint(study, out / "train" / r)) for r in study.runs}
-    limits = [f"robustness.chips={args.chips}"]
+    names = seeded_runs(study, args.seeds)
+    ckpts = {r: str(study_checkpoint(study, out / "train" / r)) for r in names}
+    limits = [f"robustness.chips={study_chips(study, args.chips)}"]
     if args.max_batches is not None:
         limits.append(f"robustness.max_batches={args.max_batches}")
     tiny = [*study.tiny, *TINY_EVALUATE] if args.tiny else []
@@ -237,12 +247,18 @@ def study_overrides(
     # the studies load their checkpoints' devices and methods from them.
     mine = [o for o in overrides if _key(o) in SHARED_KEYS]
     modules = plugin_modules(full)
-    for r in study.runs:
-        trained = plugin_modules(train_overrides(RUN[r], args, mine, out))
+    for r in names:
+        base, k = base_of(r)
+        trained = plugin_modules(train_overrides(RUN[base].seeded(k), args, mine, out))
         modules += [m for m in trained if m not in modules]
     if modules != plugin_modules(full):
         full.append(f"plugins=[{','.join(modules)}]")
     return ckpts, full
+
+
+def study_chips(study: Study, chips: int) -> int:
+    """The chips per point ``study`` measures: ``--chips``, at most the study's own cap."""
+    return chips if study.chips is None else min(chips, study.chips)
 
 
 def check_training(cfg: DictConfig) -> None:
@@ -275,7 +291,7 @@ def run_study(study: Study, args, overrides: list[str], out: Path, progress: Pro
         return False
     marker.unlink(missing_ok=True)
     before = rows.exists() and rows.stat().st_size > 0
-    progress(f"evaluate {study.name}: {len(study.runs)} models")
+    progress(f"evaluate {study.name}: {len(study.runs)} models x {args.seeds} seeds")
     cfg = composed("evaluate", study_dir, full, overrides)
     grid = OmegaConf.to_container(cfg.robustness, resolve=True)
     start = time.time()
@@ -286,7 +302,7 @@ def run_study(study: Study, args, overrides: list[str], out: Path, progress: Pro
         "sha256": sha,
         "grid": {k: grid.get(k) for k in ("sigmas", "mean_shifts", "adc_levels", "times")},
         "seed": cfg.seed,
-        "chips": args.chips,
+        "chips": study_chips(study, args.chips),
         "wall_s": time.time() - start,
         "resumed": before,  # rows there before: wall_s misses their time
         "commit": git_commit(ROOT),

@@ -20,6 +20,8 @@ def render(ctx: Context) -> str:
     rates = sorted({r.fault_rate for r in rows})
     sigmas = sorted({r.sigma for r in rows})
     trained = 2 * FAULT_TRAIN  # the grid's rate p: p / 2 stuck off, p / 2 on
+    seeds = ctx.seeds > 1
+    unit = "per-seed" if seeds else "per-chip"
 
     def at(run: str, p: float) -> dict[int, float]:
         return cell(rows, run, fault_rate=p)
@@ -42,10 +44,11 @@ def render(ctx: Context) -> str:
     if on_grid:
         primary = diffs[on_grid[0]]
         holds = primary.verdict == "better"
+        over = f"{primary.chips} training seeds" if seeds else f"{primary.chips} common chips"
         verdict = (
             f"**Verdict: {'holds' if holds else 'does not hold'} at this scale.** At its training "
             f"rate {_rate(trained)}, {RUN[f].title} minus {RUN[h].title}: "
-            f"{gain_text(primary, base(h, on_grid[0]))} over {primary.chips} common chips "
+            f"{gain_text(primary, base(h, on_grid[0]))} over {over} "
             f"({primary.verdict})."
         )
     else:
@@ -58,6 +61,9 @@ def render(ctx: Context) -> str:
         f"{_rate(p)}: {gain_text(paired(at(h, p), at(d, p)), base(d, p))}" for p in faulty
     )
     fig = ctx.figure("faults", rows, "fault_rate", "Accuracy vs fraction of stuck devices")
+    ckpt = (
+        "last checkpoint (`last.ckpt`)" if STUDY["faults"].last else "validation-chosen checkpoint"
+    )
     notes = [f"* HA-SGD minus digital, per rate (95 % CI, each alone): {hasgd}."]
     if clean is not None:
         notes.append(
@@ -74,14 +80,14 @@ def render(ctx: Context) -> str:
             f"**Measured.** Three models, {RUN[d].title}, {RUN[h].title} and {RUN[f].title} "
             "(HA-SGD with a fresh faulty chip per sample: its training rate is "
             f"{_rate(trained)}), all at test sigma {', '.join(f'{s:g}' for s in sigmas)} (HA-SGD's "
-            f"training sigma) on the same {ctx.chips} test chips per point and the whole test "
-            "set; each chip programmed at every fault rate p (p / 2 of the devices stuck off, "
-            "p / 2 on; the devices stuck at a lower rate stay stuck). Accuracy in %, mean ± 95 % "
-            "CI over chips.",
+            f"training sigma), each at its {ckpt}, on the same {ctx.study_chips('faults')} test "
+            "chips per point and the whole test set; each chip programmed at every fault rate p "
+            "(p / 2 of the devices stuck off, p / 2 on; the devices stuck at a lower rate stay "
+            f"stuck). Accuracy in %, {ctx.ci_text('faults')}.",
             md_table(["fault rate", RUN[d].title, RUN[h].title, RUN[f].title], body),
             fig,
             f"**Rule.** The faults-in-the-loop model beats HA-SGD at its training rate "
-            f"{_rate(trained)} when the 95 % CI of the per-chip difference (faults model minus "
+            f"{_rate(trained)} when the 95 % CI of the {unit} difference (faults model minus "
             "HA-SGD, same chips) lies above 0. Over every rate > 0 of the grid, the paired "
             "t-tests of that difference are Holm-corrected (family-wise 5 %) to say where else "
             "it is better or worse.",

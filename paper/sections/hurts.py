@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from cimsim.robustness.rows import Row
-from cimsim.robustness.stats import paired
+from cimsim.robustness.stats import mean_ci, paired
 from paper.evidence import Context, identity_shortcuts
-from paper.markdown import cell, md_table, sigmas_of, variant_table
+from paper.markdown import cell, gain_text, md_table, sigmas_of, variant_table
 from paper.plan import HURT_ADC_LEVELS, RUN, STUDY
 
 
@@ -26,8 +26,10 @@ def render(ctx: Context) -> str:
             drops = []
             for (a, _), (b, title) in zip(variants, variants[1:], strict=False):
                 before, after = cell(by[a], r, sigma=s), cell(by[b], r, sigma=s)
-                cost = {c: before[c] - after[c] for c in set(before) & set(after)}
-                drops.append((paired(before, after).mean, title, paired(before, after), cost))
+                cost = {u: before[u] - after[u] for u in set(before) & set(after)}
+                diff = paired(before, after)
+                base = mean_ci(list(before.values()))[0]
+                drops.append((diff.mean, title, gain_text(diff, base), cost))
             first, second = sorted(drops, key=lambda t: -t[0])[:2]
             gap = paired(first[3], second[3])
             which = (
@@ -38,6 +40,12 @@ def render(ctx: Context) -> str:
             )
             parts = "; ".join(f"{t} costs {d}" for _, t, d, _ in drops)
             steps.append(f"* {RUN[r].title}, sigma {s:g}: {parts}. Largest: {which}.")
+    unit = "per-seed" if ctx.seeds > 1 else "per-chip"
+    ckpt = (
+        "last checkpoint (`last.ckpt`)"
+        if STUDY["hurt_weights"].last
+        else "validation-chosen checkpoint"
+    )
     adc_override = next(
         (o for o in STUDY["hurt_adc"].overrides if o.startswith("robustness.adc_levels=")), ""
     )
@@ -47,14 +55,17 @@ def render(ctx: Context) -> str:
             "**Claim.** None in the paper's text: the authors' code models every layer on the chip "
             "(weights, BatchNorm as an analog affine layer, identity shortcuts, optionally ADCs) "
             "and does not separate their effects; this section does.",
-            "**Measured.** The same two models on chips with noise only in the conv/linear weights "
-            "(`chip.analog_bn=false chip.identity_noise=false`), then adding the analog BatchNorm, "
+            f"**Measured.** The same two models, each at its {ckpt}, on chips with noise only in "
+            "the conv/linear weights (`chip.analog_bn=false chip.identity_noise=false`), then "
+            "adding the analog BatchNorm, "
             f"then the identity-shortcut noise (the full chip), then {HURT_ADC_LEVELS}-level ADCs "
-            f"(`{adc_override}`), on the same chips.",
+            f"(`{adc_override}`), on the same {ctx.study_chips('hurt_weights')} chips per point "
+            f"and the whole test set; accuracy in %, {ctx.ci_text('hurt_weights')}.",
             md_table(["model", "chip", *(f"sigma {s:g}" for s in sigmas)], body, 2),
-            "**Rule.** Each step's cost is the paired per-chip accuracy before minus after adding "
-            "it (points, 95 % CI); the largest mean cost hurts most, unless the paired CI of its "
-            "difference with the second largest covers 0 (then: not significantly different).",
+            f"**Rule.** Each step's cost is the paired {unit} accuracy before minus after adding "
+            "it (points, 95 % CI; in % of the accuracy before it); the largest mean cost hurts "
+            "most, unless the paired CI of its difference with the second largest covers 0 "
+            "(then: not significantly different).",
             "\n".join(steps),
             _identity_note(by["hurt_identity"]),
         ]

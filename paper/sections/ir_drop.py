@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import holm, mean_ci, paired, paired_p
-from paper.evidence import Context
-from paper.markdown import acc_text, chip_value, gain_text, md_table
+from paper.evidence import Context, model_of, run_of
+from paper.markdown import acc_text, cell, chip_value, gain_text, md_table
 from paper.plan import IR_DROP_STRONG, IR_TILES, RUN, STUDY
 
 
@@ -15,15 +15,22 @@ def _tiles(rows: int | None) -> str:
     return "one per layer" if rows is None else f"{rows} rows"
 
 
+def label_of(row: Row) -> str:
+    """A row's model label without the `` (<training folder>)`` that evaluate.py appends when
+    several checkpoints (training seeds) share it: the recipe and the test chip."""
+    return row.model.removesuffix(f" ({run_of(row)})")
+
+
 def variant_cells(rows: Sequence[Row]) -> dict[tuple[int | None, float], dict[int, float]]:
-    """Per (tile rows, IR drop scale) test chip, as its label names them: accuracy per chip."""
-    out: dict[tuple[int | None, float], dict[int, float]] = {}
+    """Per (tile rows, IR drop scale) test chip, as its label names them: the unit values of
+    ``markdown.cell`` (accuracy per chip with one training seed, per seed's chip mean with more)."""
+    groups: dict[tuple[int | None, float], list[Row]] = {}
     for r in rows:
-        tiles = chip_value(r.model, "tile_rows")
-        ir = chip_value(r.model, "ir_drop")
+        tiles = chip_value(label_of(r), "tile_rows")
+        ir = chip_value(label_of(r), "ir_drop")
         key = (None if tiles in (None, "none") else int(tiles), float(ir or 0.0))
-        out.setdefault(key, {})[r.chip] = r.acc
-    return out
+        groups.setdefault(key, []).append(r)
+    return {key: cell(group, model_of(group[0])[0]) for key, group in groups.items()}
 
 
 def render(ctx: Context) -> str:
@@ -33,6 +40,8 @@ def render(ctx: Context) -> str:
     cells = variant_cells(rows)
     scales = sorted({ir for _, ir in cells})
     tiles = [n for n in IR_TILES if any(key[0] == n for key in cells)]
+    seeds = ctx.seeds > 1
+    by = "seed by seed" if seeds else "chip by chip"
 
     def base(key) -> float:
         return mean_ci(list(cells[key].values()))[0]
@@ -55,11 +64,12 @@ def render(ctx: Context) -> str:
     if None in strong and smallest is not None:
         soften = paired(drops[None], drops[smallest])
         holds = soften.verdict == "better"
+        over = f"{soften.chips} training seeds" if seeds else f"{soften.chips} common chips"
         verdict = (
             f"**Verdict: {'holds' if holds else 'does not hold'} at this scale.** The drop at "
             f"ir_drop {IR_DROP_STRONG:g} with one tile per layer minus the drop with "
-            f"{_tiles(smallest)}: {soften} points over {soften.chips} common chips "
-            f"({soften.verdict})."
+            f"{_tiles(smallest)}: {gain_text(soften, mean_ci(list(drops[None].values()))[0])} "
+            f"over {over} ({soften.verdict}; in % of the drop with one tile per layer)."
         )
     else:
         verdict = "**Verdict: not tested.** The grid lacks one of the tile sizes: no verdict."
@@ -72,6 +82,9 @@ def render(ctx: Context) -> str:
             f"({'hurts' if aihwkit.verdict == 'better' else 'not a significant loss'})."
         )
     header = ["tiles", *(f"ir_drop {ir:g}" for ir in scales)]
+    ckpt = (
+        "last checkpoint (`last.ckpt`)" if STUDY["ir_drop"].last else "validation-chosen checkpoint"
+    )
     return "\n\n".join(
         [
             "## 8c. IR drop vs tile size",
@@ -81,18 +94,19 @@ def render(ctx: Context) -> str:
             "a = n / ir_drop_g_ratio * sum |w| |x|, at most n^2 / 571429 at aihwkit's ratio.",
             f"**Measured.** {RUN[h].title} at test sigma {', '.join(f'{s:g}' for s in sigmas)} "
             "(its training sigma; one model only, as IR drop is the costliest periphery: two "
-            "more grouped products per tile), on the same "
-            f"{ctx.chips} test chips per setting and the whole test set, with the crossbar's tiles "
-            "alone (no DAC, ADC or output noise) at each tile size and IR drop scale: 0 (none), "
+            f"more grouped products per tile), at its {ckpt}, on the same "
+            f"{ctx.study_chips('ir_drop')} test chips per setting and the whole test set, with the "
+            "crossbar's tiles alone (no DAC, ADC or output noise) at each tile size and IR drop "
+            "scale: 0 (none), "
             f"1 (aihwkit's `StandardHWATrainingPreset`) and {IR_DROP_STRONG:g} (a wire "
             f"{IR_DROP_STRONG:g}x as resistive, to make the drop visible at this network's "
-            "<= 576 rows per layer). Accuracy in %, mean ± 95 % CI over chips; – = not measured.",
+            f"<= 576 rows per layer). Accuracy in %, {ctx.ci_text('ir_drop')}; – = not measured.",
             md_table(header, body),
             f"**Rule.** IR drop *hurts* at a tile size when the paired t-test of accuracy at "
-            f"ir_drop 0 minus at {IR_DROP_STRONG:g} (same chips) rejects with a positive mean, "
-            "Holm-corrected over the tile sizes (family-wise 5 %). Smaller tiles *soften* IR "
-            f"drop when the 95 % CI of (drop with one tile per layer minus drop with the "
-            "smallest tiles), chip by chip, lies above 0.",
+            f"ir_drop 0 minus at {IR_DROP_STRONG:g} (same chips, {by}) rejects with a positive "
+            "mean, Holm-corrected over the tile sizes (family-wise 5 %). Smaller tiles *soften* "
+            "IR drop when the 95 % CI of (drop with one tile per layer minus drop with the "
+            f"smallest tiles), {by}, lies above 0.",
             f"* Accuracy at ir_drop 0 minus at {IR_DROP_STRONG:g} (points, 95 % CI; in % of the "
             f"accuracy without IR drop; Holm-adjusted verdict): {per_tile}.",
             verdict,
@@ -102,5 +116,5 @@ def render(ctx: Context) -> str:
 
 
 def _drop(clean: dict[int, float], dropped: dict[int, float]) -> dict[int, float]:
-    """Per chip: accuracy without IR drop minus with it."""
+    """Per unit (chip, or training seed): accuracy without IR drop minus with it."""
     return {c: clean[c] - dropped[c] for c in set(clean) & set(dropped)}

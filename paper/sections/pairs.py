@@ -7,9 +7,10 @@ from collections.abc import Sequence
 
 from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import holm, mean_ci, paired, paired_p
-from paper.evidence import Context, run_of
-from paper.markdown import acc_text, chip_value, gain_text, md_table
+from paper.evidence import Context, model_of
+from paper.markdown import acc_text, cell, chip_value, gain_text, md_table
 from paper.plan import PAIRS_SIGMA, RUN, STUDY, pairs_factor
+from paper.sections.ir_drop import label_of
 
 ONE = (1.0,)
 
@@ -19,13 +20,15 @@ def _f(pairs: tuple[float, ...]) -> str:
 
 
 def pair_cells(rows: Sequence[Row]) -> dict[tuple[str, tuple[float, ...], float], dict[int, float]]:
-    """Per (run, pairs f, test sigma), as the label names f (none: one pair): accuracy per chip."""
-    out: dict[tuple[str, tuple[float, ...], float], dict[int, float]] = {}
+    """Per (the plan's run, pairs f, test sigma), as the label names f (none: one pair): the unit
+    values of ``markdown.cell`` (accuracy per chip with one training seed, per seed's chip mean
+    with more)."""
+    groups: dict[tuple[str, tuple[float, ...], float], list[Row]] = {}
     for r in rows:
-        text = chip_value(r.model, "pairs.f")
+        text = chip_value(label_of(r), "pairs.f")
         f = ONE if text is None else tuple(float(x) for x in text.strip("()[]").split(",") if x)
-        out.setdefault((run_of(r), f, r.sigma), {})[r.chip] = r.acc
-    return out
+        groups.setdefault((model_of(r)[0], f, r.sigma), []).append(r)
+    return {key: cell(group, key[0]) for key, group in groups.items()}
 
 
 def _sigma_of(cells, run: str, sigma: float) -> float | None:
@@ -43,6 +46,7 @@ def render(ctx: Context) -> str:
     pairs = list(dict.fromkeys(k[1] for k in cells if k[2] == PAIRS_SIGMA))
     pairs.sort(key=lambda f: (f != ONE, -pairs_factor(f)))
     more = [f for f in pairs if f != ONE]
+    by = "seed by seed" if ctx.seeds > 1 else "chip by chip"
 
     def base(key) -> float:
         return mean_ci(list(cells[key].values()))[0]
@@ -104,6 +108,9 @@ def render(ctx: Context) -> str:
     else:
         verdicts.append("**Verdict: not tested.** No pair setting beyond one pair: no verdict.")
     titles = [RUN[r].title for r in runs]
+    ckpt = (
+        "last checkpoint (`last.ckpt`)" if STUDY["pairs"].last else "validation-chosen checkpoint"
+    )
     header = [
         "pairs f",
         "sqrt(sum f^2) / sum f",
@@ -119,20 +126,21 @@ def render(ctx: Context) -> str:
             "faults and device pairs\"): on pairs of significance f, the relative device's "
             "weight error has std sigma r sqrt(sum f^2) / sum f, so a chip with pairs f at sigma "
             "is, weight for weight, a one-pair chip at sigma sqrt(sum f^2) / sum f.",
-            f"**Measured.** {' and '.join(titles)} on the same {ctx.chips} test chips per "
-            f"setting and the whole test set, at test sigma {PAIRS_SIGMA:g} with each pair "
-            "setting, and with one pair at the sigmas the closed form gives them. Only the "
-            "Conv/Linear weights are noisy (`chip.analog_bn=false chip.identity_noise=false "
-            "chip.bias=digital`), the only place pairs act, so the closed form is exact in "
-            "distribution. Accuracy in %, mean ± 95 % CI over chips; – = not measured.",
+            f"**Measured.** {' and '.join(titles)}, each at its {ckpt}, on the same "
+            f"{ctx.study_chips('pairs')} test chips per setting and the whole test set, at test "
+            f"sigma {PAIRS_SIGMA:g} with each pair setting, and with one pair at the sigmas the "
+            "closed form gives them. Only the Conv/Linear weights are noisy (`chip.analog_bn=false "
+            "chip.identity_noise=false chip.bias=digital`), the only place pairs act, so the "
+            "closed form is exact in distribution. Accuracy in %, "
+            f"{ctx.ci_text('pairs')}; – = not measured.",
             md_table(header, body, 1),
             "**Rules.** (1) Pairs f *help* a model when the paired t-test of its accuracy with "
-            f"f minus with one pair (sigma {PAIRS_SIGMA:g}, same chips) rejects with a positive "
-            "mean, Holm-corrected over the pair settings (family-wise 5 %). (2) The closed form "
-            f"*predicts* the accuracy with pairs f when the 95 % CI of (accuracy with f at sigma "
-            f"{PAIRS_SIGMA:g} minus with one pair at sigma {PAIRS_SIGMA:g} sqrt(sum f^2) / sum "
-            "f), chip by chip, contains 0 (the two are equal in distribution; each CI alone, "
-            "and its width is the resolution of the check).",
+            f"f minus with one pair (sigma {PAIRS_SIGMA:g}, same chips, {by}) rejects with a "
+            "positive mean, Holm-corrected over the pair settings (family-wise 5 %). (2) The "
+            "closed form *predicts* the accuracy with pairs f when the 95 % CI of (accuracy with "
+            f"f at sigma {PAIRS_SIGMA:g} minus with one pair at sigma {PAIRS_SIGMA:g} "
+            f"sqrt(sum f^2) / sum f), {by}, contains 0 (the two are equal in distribution; each "
+            "CI alone, and its width is the resolution of the check).",
             "\n".join(gains),
             "\n".join(closed),
             *verdicts,

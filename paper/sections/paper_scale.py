@@ -12,7 +12,7 @@ from cimsim.wide_resnet import WideResNet
 from paper.configs import CONF
 from paper.evidence import Context
 from paper.markdown import md_table
-from paper.plan import RUN, SECTIONS
+from paper.plan import RUN
 
 # NVIDIA H200 (SXM) dense tensor-core peaks, TFLOP/s (the datasheet's figures are with
 # sparsity, twice these): BF16/FP16 for mixed or half precision, TF32 for 32-bit training.
@@ -72,11 +72,11 @@ def render(ctx: Context) -> str:
     train_imgs, val_imgs, test_imgs = CIFAR100_IMAGES
     seen: set[str] = set()
     body, total = [], 0.0
-    for section in (s for s in SECTIONS if s.studies):
+    for section in (s for s in ctx.sections if s.studies):
         new = [r for s in section.studies for r in s.runs if r not in seen]
         new = list(dict.fromkeys(new))
         seen.update(new)
-        train = sum(
+        train = ctx.seeds * sum(
             3 * fwd * train_imgs * epochs * RUN[r].epochs_factor * ctx.compute_per_step(r)
             for r in new
         )
@@ -90,13 +90,13 @@ def render(ctx: Context) -> str:
         body.append(
             [
                 section.title,
-                str(len(new)),
+                str(len(new) * ctx.seeds),
                 f"{train / 1e18:.1f}",
                 f"{evals / 1e18:.2f}",
                 f"{hours:.1f}",
             ]
         )
-    body.append(["total", str(len(seen)), "", "", f"{total:.1f}"])
+    body.append(["total", str(len(seen) * ctx.seeds), "", "", f"{total:.1f}"])
     gpu = ctx.meta.get("gpu")
     if gpu:
         why = (
@@ -123,9 +123,9 @@ def render(ctx: Context) -> str:
             "image, SAM one more, distillation a third more (the teacher's forward). L per run, "
             f"as its training recorded it: {Ls}.",
             f"* {epochs} epochs x the plan's epoch factors, over {train_imgs} training "
-            "images; "
-            f"every evaluated row (chip x grid point, as measured here, {ctx.chips} chips per "
-            f"point) is one pass over {test_imgs} test images, plus one over {val_imgs} validation "
+            f"images, each model at {ctx.seeds} training seed(s); "
+            "every evaluated row (chip x grid point x training seed, as measured here) is one "
+            f"pass over {test_imgs} test images, plus one over {val_imgs} validation "
             "images to calibrate ADCs where a row has them.",
             f"* Assumed sustained rate: {100 * ASSUMED_UTILIZATION:.0f} % of one H200's dense "
             f"{peak_name} peak ({peak:g} TFLOP/s, the peak of precision `{exp['precision']}`), "

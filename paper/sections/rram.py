@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 from cimsim.robustness.rows import TimedRow
 from cimsim.robustness.stats import holm, mean_ci, paired, paired_p
 from cimsim.robustness.summary import format_time
-from paper.evidence import Context, run_of
+from paper.evidence import Context, model_of
 from paper.markdown import acc_text, gain_text, md_table
 from paper.plan import RRAM_T_TRAIN, RUN, STUDY
 
 
-def chip_means(rows: Sequence[TimedRow], run: str, t: float) -> dict[int, float]:
-    """Per chip: its mean accuracy over the read-outs of ``run`` at time ``t``."""
-    per: dict[int, list[float]] = {}
+def read_cell(rows: Iterable[TimedRow]) -> dict[int, float]:
+    """The unit values of one model's time-sweep rows at one point and time, a chip's accuracy
+    being its mean over its read-outs (they share its programming): with two or more training
+    seeds, each seed's mean of its chips' (keyed by seed, as ``markdown.cell``); with one seed,
+    each chip's (keyed by chip)."""
+    per: dict[int, dict[int, list[float]]] = {}
     for r in rows:
-        if run_of(r) == run and r.t_inference == t:
-            per.setdefault(r.chip, []).append(r.acc)
-    return {c: math.fsum(v) / len(v) for c, v in per.items()}
+        per.setdefault(model_of(r)[1], {}).setdefault(r.chip, []).append(r.acc)
+    chips = {k: {c: math.fsum(v) / len(v) for c, v in by.items()} for k, by in per.items()}
+    if len(chips) == 1:
+        return next(iter(chips.values()))
+    return {k: math.fsum(m.values()) / len(m) for k, m in sorted(chips.items())}
 
 
 def render(ctx: Context) -> str:
@@ -27,7 +32,13 @@ def render(ctx: Context) -> str:
     d, m = STUDY["rram"].runs
     times = sorted({r.t_inference for r in rows})
     reads = max(r.repetition for r in rows) + 1
-    at = {(run, t): chip_means(rows, run, t) for run in (d, m) for t in times}
+    at = {
+        (run, t): read_cell(r for r in rows if model_of(r)[0] == run and r.t_inference == t)
+        for run in (d, m)
+        for t in times
+    }
+    seeds = ctx.seeds > 1
+    unit = "per-seed" if seeds else "per-chip"
 
     def base(run: str, t: float) -> float:
         return mean_ci(list(at[run, t].values()))[0]
@@ -61,11 +72,12 @@ def render(ctx: Context) -> str:
     if trained:
         primary = gains[trained[0]]
         holds = primary.verdict == "better"
+        over = f"{primary.chips} training seeds" if seeds else f"{primary.chips} common chips"
         verdict = (
             f"**Verdict: {'holds' if holds else 'does not hold'} at this scale.** At "
             f"t = {format_time(trained[0])} (the training time), {RUN[m].title} minus "
-            f"{RUN[d].title}: {gain_text(primary, base(d, trained[0]))} over {primary.chips} "
-            f"common chips ({primary.verdict})."
+            f"{RUN[d].title}: {gain_text(primary, base(d, trained[0]))} over {over} "
+            f"({primary.verdict})."
         )
     else:
         verdict = "**Verdict: not tested.** The training time is not on this grid: no verdict."
@@ -73,6 +85,7 @@ def render(ctx: Context) -> str:
     fall = ", ".join(
         f"{RUN[run].title}: {'falls' if fell[run] else 'no significant fall'}" for run in (d, m)
     )
+    ckpt = "last checkpoint (`last.ckpt`)" if STUDY["rram"].last else "validation-chosen checkpoint"
     return "\n\n".join(
         [
             "## 8b. An RRAM chip at 0 s, 1 s, 1 day and 2 days",
@@ -82,17 +95,17 @@ def render(ctx: Context) -> str:
             f"**Measured.** {RUN[m].title} (`noise=rram noise.sigma=0 noise.t_train="
             f"{RRAM_T_TRAIN:g}`: HA-SGD against the chip one day after programming, "
             f"L = {ctx.run_L(m)}) and {RUN[d].title} converted to the same RRAM chip "
-            "(`chip.device=rram`), on the same "
-            f"{ctx.chips} test chips, each programmed once and read {reads} times at each time "
-            "(t = 0: the programmed chip; later: a fresh draw of aihwkit's model per read-out), "
-            "global drift compensation, the whole test set. A chip's accuracy is its mean over "
-            "its read-outs; mean ± 95 % CI over chips, in %.",
+            f"(`chip.device=rram`), each at its {ckpt}, on the same "
+            f"{ctx.study_chips('rram')} test chips, each programmed once and read {reads} times "
+            "at each time (t = 0: the programmed chip; later: a fresh draw of aihwkit's model per "
+            "read-out), global drift compensation, the whole test set. A chip's accuracy is its "
+            f"mean over its read-outs; accuracy in %, {ctx.ci_text('rram')}.",
             md_table(["t", RUN[d].title, RUN[m].title], body),
             fig,
-            "**Rules.** (1) A model's accuracy *falls over time* when the 95 % CI of its per-chip "
+            f"**Rules.** (1) A model's accuracy *falls over time* when the 95 % CI of its {unit} "
             f"accuracy at {format_time(times[-1])} minus at {format_time(times[0])} lies below "
             "0. (2) HA-SGD against the RRAM chip *pays off* when, at its training time "
-            f"{format_time(RRAM_T_TRAIN)}, the 95 % CI of the per-chip difference (RRAM-trained "
+            f"{format_time(RRAM_T_TRAIN)}, the 95 % CI of the {unit} difference (RRAM-trained "
             "minus digital, same chips) lies above 0; at every time, those paired t-tests are "
             "also Holm-corrected (family-wise 5 %) over the times.",
             "\n".join(drops),

@@ -113,7 +113,8 @@ def test_ir_drop_reads_the_tile_size_and_scale_from_the_labels(tmp_path):
     small = accs("64", None) - accs("64", strong)  # none
     assert f"one per layer: {ci_text(one)} points" in text and "(hurts)" in text
     assert f"64 rows: {ci_text(small)} points" in text
-    assert f"{ci_text(one - small)} points over {FAKE_CHIPS} common chips (better)" in text
+    rel = f"{100 * (one - small).mean() / one.mean():+.1f} %"
+    assert f"{ci_text(one - small)} points ({rel}) over {FAKE_CHIPS} common chips (better" in text
 
 
 def test_pairs_table_states_the_closed_form_beside_the_measurement(tmp_path):

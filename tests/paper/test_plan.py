@@ -118,7 +118,7 @@ def test_the_plan_checks_a_training_and_a_study_with_their_plugins(plugin, tmp_p
 def test_a_study_gets_the_plugins_its_runs_trained_with(monkeypatch, tmp_path):
     over = ["plugins=[mod_a]", "hasgd.L=2", "chip.bias=shared"]
     assert split_overrides(over) == (over[:2], [over[0], over[2]])  # the user's: both
-    args = Namespace(tiny=False, epochs=1, chips=2, max_batches=None)
+    args = Namespace(tiny=False, epochs=1, chips=2, max_batches=None, seeds=1)
     study = Study("s", ("digital",), ("robustness=sigma_sweep",))
 
     def plugins(overrides: list[str]) -> list[str]:
