@@ -263,8 +263,27 @@ def render_report(ctx: Context) -> str:
     """The report's text: the header, then each of ``ctx.sections``, with ``ctx``'s facts the
     store that ``ckpt_info`` and ``identity_shortcuts`` use."""
     with ctx.store.active():
-        parts = [header(ctx), *(render_section(s.name, ctx) for s in ctx.sections)]
+        parts = [header(ctx)]
+        for section in ctx.sections:
+            text = render_section(section.name, ctx)
+            if section.studies and text.startswith("## "):  # each section says what it ran on
+                heading, _, rest = text.partition("\n")
+                text = f"{heading}\n\n{scope_line(ctx)}\n{rest}"
+            parts.append(text)
     return "\n\n".join(parts) + "\n"
+
+
+def scope_line(ctx: Context) -> str:
+    """One line under each section's heading: its data, model and training seeds."""
+    facts = ran_on(ctx)
+    data = "; ".join(
+        f"{d.get('dataset', 'data not recorded')}"
+        + (f" ({d['test']} test images)" if "test" in d else "")
+        for d in facts["data"]
+    )
+    models = "; ".join(_model_text(m) for m in facts["models"])
+    seeds = f"{ctx.seeds} training seed{'s' * (ctx.seeds > 1)} per model"
+    return f"*Ran on: {data}; {models}; {seeds}.*"
 
 
 def _save(report_dir: Path, text: str) -> Path:
