@@ -313,6 +313,7 @@ class Context:
     written: list[Path] = field(default_factory=list)
     store: Facts = field(default_factory=Facts)
     used: dict[str, list[Row]] = field(default_factory=dict)  # study -> its rows, as read
+    section: Section | None = None  # the section being rendered (its studies' seeds)
 
     def rows(self, study: str) -> list[Row]:
         rows = study_rows(self.eval_dir, STUDY[study], self.study_chips(study), self.manifest)
@@ -337,8 +338,11 @@ class Context:
 
     @property
     def seeds(self) -> int:
-        """Training seeds per model (the command's ``--seeds``; 1 for an older plan)."""
-        return int(self.meta.get("seeds") or 1)
+        """Training seeds per model: the command's ``--seeds`` (1 for an older plan), at most
+        the cap of the section being rendered (``Study.seeds``)."""
+        seeds = int(self.meta.get("seeds") or 1)
+        caps = [st.seeds for st in self.section.studies if st.seeds] if self.section else []
+        return min([seeds, *caps])
 
     def ci_text(self, study: str) -> str:
         """What a table's ``mean ± CI`` covers in ``study``."""

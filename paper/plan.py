@@ -56,6 +56,7 @@ class Study:
     tiny: tuple[str, ...] = ()
     last: bool = False
     chips: int | None = None  # at most this many chips per point (None: ``--chips``)
+    seeds: int | None = None  # at most this many training seeds of its runs (None: ``--seeds``)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ _FIG8_TINY_MUS = f"[{','.join(f'{m:g}' for m in _FIG8_MUS)}]"
 _MAPPINGS = tuple((sc, b) for sc in SCALES for b in BIASES)
 _MAPPED = ("digital", *(mapping_run(sc, b) for sc, b in _MAPPINGS))
 BIAS_SIGMAS = "[0.0,0.1,0.15]"
+ONE_SEED = 1  # sections 7-8 (methods, devices): one training seed, for this machine's budget
 BIAS_CHIPS = 10  # the 10 x 11-model mapping matrix: 10 chips per point
 
 
@@ -227,6 +229,7 @@ SECTIONS: tuple[Section, ...] = (
                 ("pcm",),
                 ("robustness=drift_sweep",),
                 ("robustness.times=[0,3600,31536000]", "robustness.repetitions=2"),
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -252,6 +255,7 @@ SECTIONS: tuple[Section, ...] = (
                     "robustness.target_sigma=0.1",
                 ),
                 _SIGMA_TINY,
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -264,6 +268,7 @@ SECTIONS: tuple[Section, ...] = (
                 ("digital", "sigma0.1_L4", "faults"),
                 ("robustness=fault_sweep", f"robustness.sigmas=[{FAULT_TEST_SIGMA}]"),
                 ("robustness.fault_rates=[0.0,0.001,0.01,0.1]",),
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -281,6 +286,7 @@ SECTIONS: tuple[Section, ...] = (
                     "chip.device=rram",
                 ),
                 ("robustness.repetitions=2",),
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -292,6 +298,7 @@ SECTIONS: tuple[Section, ...] = (
                 "ir_drop",
                 ("sigma0.1_L4",),
                 ("robustness=sigma_sweep", "robustness.sigmas=[0.1]", _variants(_IR_VARIANTS)),
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -310,6 +317,7 @@ SECTIONS: tuple[Section, ...] = (
                     "chip.bias=digital",
                     _variants(_PAIRS_VARIANTS),
                 ),
+                seeds=ONE_SEED,
             ),
         ),
     ),
@@ -334,13 +342,24 @@ def selected(sections: tuple[str, ...] | None = None) -> tuple[Section, ...]:
 
 def planned_runs(sections: tuple[Section, ...], seeds: int) -> list[Run]:
     """Every training of ``sections``, training seed by seed (seed 0's runs first, so an
-    interrupted plan has whole seeds), each seed in the plan's order (a teacher first)."""
-    needed = {r for s in sections for st in s.studies for r in st.runs}
-    needed |= {RUN[r].teacher for r in needed if RUN[r].teacher}
-    base = [r for r in RUNS if r.name in needed]
-    return [r.seeded(k) for k in range(seeds) for r in base]
+    interrupted plan has whole seeds), each seed in the plan's order (a teacher first); a run
+    at the most seeds any of its studies measures (``Study.seeds``)."""
+    need: dict[str, int] = {}
+    for st in (st for s in sections for st in s.studies):
+        for r in st.runs:
+            need[r] = max(need.get(r, 0), study_seeds(st, seeds))
+    for r, n in list(need.items()):
+        if RUN[r].teacher:
+            need[RUN[r].teacher] = max(need.get(RUN[r].teacher, 0), n)
+    base = [r for r in RUNS if r.name in need]
+    return [r.seeded(k) for k in range(seeds) for r in base if k < need[r.name]]
+
+
+def study_seeds(study: Study, seeds: int) -> int:
+    """The training seeds ``study`` measures: ``--seeds``, at most the study's cap."""
+    return seeds if study.seeds is None else min(seeds, study.seeds)
 
 
 def seeded_runs(study: Study, seeds: int) -> list[str]:
-    """The training folders ``study`` evaluates: each of its runs at every training seed."""
-    return [seed_name(r, k) for r in study.runs for k in range(seeds)]
+    """The training folders ``study`` evaluates: each of its runs at each of its seeds."""
+    return [seed_name(r, k) for r in study.runs for k in range(study_seeds(study, seeds))]

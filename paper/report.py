@@ -178,8 +178,21 @@ def training_text(ctx: Context) -> str:
     return (
         f"base epochs {', '.join(map(str, base)) or 'not recorded'} (a run's epochs are its "
         f"epoch factor x this); {ctx.seeds} training seed{'s' * (ctx.seeds > 1)} per model "
-        f"(seed {', '.join(seeds) or 'not recorded'}); the studies evaluate {chosen}"
+        f"(seed {', '.join(seeds) or 'not recorded'}){_capped(ctx)}; the studies evaluate "
+        f"{chosen}"
     )
+
+
+def _capped(ctx: Context) -> str:
+    """The sections whose studies measure fewer training seeds than ``--seeds``."""
+    fewer = {
+        sec.title: min(st.seeds for st in sec.studies if st.seeds)
+        for sec in ctx.sections
+        if any(st.seeds and st.seeds < ctx.seeds for st in sec.studies)
+    }
+    if not fewer:
+        return ""
+    return ", except " + ", ".join(f"{t} ({n} seed{'s' * (n > 1)})" for t, n in fewer.items())
 
 
 def _factor(training: str) -> float | None:
@@ -265,7 +278,9 @@ def render_report(ctx: Context) -> str:
     with ctx.store.active():
         parts = [header(ctx)]
         for section in ctx.sections:
+            ctx.section = section
             text = render_section(section.name, ctx)
+            ctx.section = None
             if section.studies and text.startswith("## "):  # each section says what it ran on
                 heading, _, rest = text.partition("\n")
                 text = f"{heading}\n\n{scope_line(ctx)}\n{rest}"
