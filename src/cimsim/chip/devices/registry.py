@@ -47,7 +47,7 @@ RESERVED_VARIANTS = frozenset(
     {
         "sigmas", "mean_shifts", "adc_levels", "chips", "times", "repetitions", "adc_kind",
         "name", "x", "max_batches", "calib_split", "calib_batches", "calib_momentum",
-        "target_sigma", "variants", "defaults", "fault_rates", "fault_kind",
+        "target_sigma", "variants", "defaults", "fault_rates", "fault_kind", "outcomes",
     }
 )  # fmt: skip
 
