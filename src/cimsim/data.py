@@ -247,6 +247,8 @@ class ImageFolderDataModule(_SplitDataModule):
             held out as the test set, in (0, 1). Unused when ``root/test/`` exists.
         seed: seed of that held-out test split; keep it the same for runs that are compared, so
             that they share one test set.
+        name: how reports (``reproduce.py``) name this dataset, e.g. where the images come
+            from; ``None``: by the root folder's name. Stored in the checkpoint, loads nothing.
 
     ``train/`` needs at least 2 class folders. ``val/`` selects the best checkpoint and
     calibrates the ADCs, so it is never the test set.
@@ -269,9 +271,12 @@ class ImageFolderDataModule(_SplitDataModule):
         augment: bool = True,
         test_fraction: float = 0.1,
         seed: int = 0,
+        name: str | None = None,
     ):
         super().__init__()
         check_int("image_size", image_size, minimum=4)
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigError("name", name, "must be a non-empty string or null")
         check_choice("channels", channels, (1, 3))
         _check_loader_args(batch_size, num_workers)
         _check_bool("augment", augment)
