@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import shlex
 import time
 from datetime import datetime
@@ -11,7 +12,7 @@ from pathlib import Path
 from cimsim import ConfigError
 from paper.configs import ROOT, composed
 from paper.evidence import read_json
-from paper.plan import SEED0, planned_runs, selected
+from paper.plan import SEED0, planned_runs, restricted, selected
 from paper.report import git_commit, machine, render_published, write_report
 from paper.run import (
     Progress,
@@ -42,6 +43,13 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
         args.sections = selected(args.sections)
     except ValueError as err:
         raise ConfigError("--sections", ",".join(args.sections), str(err)) from None
+    try:
+        args.sections = restricted(args.sections, args.models)
+    except ValueError as err:
+        raise ConfigError("--models", ",".join(args.models), str(err)) from None
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.report_name):
+        why = "must be a file name of letters, digits, _ and - (the report is <report-dir>/NAME.md)"
+        raise ConfigError("--report-name", args.report_name, why)
     for key in ("epochs", "chips", "max_batches", "seeds"):
         value = getattr(args, key)
         if value is not None and value < 1:
@@ -97,6 +105,8 @@ def scale_meta(args) -> dict:
         "chips": args.chips,
         "seeds": args.seeds,
         "sections": [s.name for s in args.sections],
+        "models": None if args.models is None else list(args.models),
+        "report_name": args.report_name,
         "scale": "tiny (smoke test)" if args.tiny else f"base epochs {args.epochs}",
     }
 
@@ -137,7 +147,7 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     write_json(out / REPORT_META, meta)
     report = write_report(out, args.report_dir, meta)
     progress.done += 1
-    progress(f"wrote {report} and {args.report_dir / 'results'}/")
+    progress(f"wrote {report} and {args.report_dir / args.report_name}/")
     return meta
 
 
@@ -161,8 +171,9 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
         "studies_reused": len(studies),
         **scale_meta(args),
     }
+    meta = {**meta, "report_name": args.report_name}  # this command's name for the report
     report = write_report(out, args.report_dir, meta)
-    print(f"[reproduce] wrote {report} and {args.report_dir / 'results'}/ from {out}/", flush=True)
+    print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {out}/", flush=True)
     return meta
 
 
@@ -177,5 +188,5 @@ def from_published(evidence: Path, report_dir: Path) -> dict:
         )
         raise ConfigError("--from-published", str(evidence), why)
     report = render_published(evidence, report_dir)
-    print(f"[reproduce] wrote {report} and {report_dir / 'results'}/ from {evidence}/", flush=True)
+    print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {evidence}/", flush=True)
     return read_json(evidence / REPORT_META)

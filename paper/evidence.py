@@ -45,7 +45,7 @@ from cimsim.robustness.summary import summarize, summarize_times
 from cimsim.training.methods import passes_per_step, training_passes
 from cimsim.validation import ConfigError
 from paper.configs import planned_training
-from paper.plan import RUN, SECTIONS, STUDY, Section, Study, base_of, seed_name
+from paper.plan import RUN, SECTIONS, STUDY, Section, Study, base_of, restricted, seed_name
 from paper.publish import ROWS_GZ, STUDY_MARKER, read_rows_gz, relative_text, roots_of
 
 
@@ -109,8 +109,7 @@ def ci_text(seeds: int, chips: int) -> str:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON file's object, ``{}`` when there is none."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return json.loads(path.read_text()) if path.is_file() else {}  # {} when there is none
 
 
 def study_checkpoints(eval_dir: Path, study: Study, manifest: dict) -> dict[str, str]:
@@ -316,7 +315,7 @@ class Context:
     section: Section | None = None  # the section being rendered (its studies' seeds)
 
     def rows(self, study: str) -> list[Row]:
-        rows = study_rows(self.eval_dir, STUDY[study], self.study_chips(study), self.manifest)
+        rows = study_rows(self.eval_dir, self.study(study), self.study_chips(study), self.manifest)
         self.used[study] = rows  # what the published evidence holds (``paper.publish``)
         return rows
 
@@ -328,9 +327,17 @@ class Context:
 
     @property
     def sections(self) -> tuple[Section, ...]:
-        """The sections this report renders: the command's (``meta["sections"]``), else all."""
+        """The sections this report renders: the command's (``meta["sections"]``), else all,
+        their studies cut to the command's ``--models`` (``meta["models"]``)."""
         names = self.meta.get("sections")
-        return SECTIONS if not names else tuple(s for s in SECTIONS if s.name in names)
+        chosen = SECTIONS if not names else tuple(s for s in SECTIONS if s.name in names)
+        models = self.meta.get("models")
+        return restricted(chosen, None if models is None else tuple(models))
+
+    def study(self, name: str) -> Study:
+        """The study ``name`` as this report ran it: its runs cut to ``--models``."""
+        ran = {st.name: st for sec in self.sections for st in sec.studies}
+        return ran.get(name) or STUDY[name]
 
     def study_chips(self, study: str) -> int:
         """Chips per point of ``study`` (its marker's record; ``--chips`` at most)."""
@@ -381,7 +388,7 @@ class Context:
     def evaluated(self, study: str, run: str) -> dict:
         """The checkpoint ``study`` evaluated for ``run``: its path, epochs trained, the run's
         max epochs, global step and forward-backward passes."""
-        path = study_checkpoints(self.eval_dir, STUDY[study], self.manifest)[run]
+        path = study_checkpoints(self.eval_dir, self.study(study), self.manifest)[run]
         info = ckpt_info(path)
         step = info.get("global_step")
         return {

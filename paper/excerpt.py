@@ -1,4 +1,5 @@
-"""The README's results excerpt: lines of docs/results.md picked by a fixed rule, written in."""
+"""The README's results excerpts: lines of each committed report (docs/<name>.md) picked by a
+fixed rule, written between the README's markers for that report."""
 
 from __future__ import annotations
 
@@ -7,7 +8,13 @@ from pathlib import Path
 
 from cimsim.files import atomic_write
 
-BEGIN, END = "<!-- results-excerpt:begin -->", "<!-- results-excerpt:end -->"
+
+def markers(name: str = "results") -> tuple[str, str]:
+    """The README's comments around the excerpt of report ``name`` (docs/<name>.md)."""
+    return f"<!-- {name}-excerpt:begin -->", f"<!-- {name}-excerpt:end -->"
+
+
+BEGIN, END = markers()
 HEADER = ("* command:", "* date:", "* machine:", "* wall time of this command alone:", "* scale:")
 TABLES = ("1.",)  # sections whose "Measured." line and first table are quoted whole
 VERDICTS = ("1.", "3.", "4.", "6.")  # sections whose first claim and verdict are quoted
@@ -38,11 +45,12 @@ def _table(lines: list[str]) -> list[str]:
 
 
 def excerpt(report: str) -> list[str]:
-    """The excerpt of ``report`` (docs/results.md's text): its provenance lines, section 1's
-    measurement and table, and the claim and verdict of the sections in ``VERDICTS``."""
+    """The excerpt of ``report`` (a report's text): its provenance lines, section 1's
+    measurement and table, and the claim and verdict of the sections in ``VERDICTS`` that the
+    report has."""
     lines, parts = report.splitlines(), sections(report)
     out = [line for line in lines if line.startswith(HEADER)]
-    for number in dict.fromkeys(TABLES + VERDICTS):
+    for number in (n for n in dict.fromkeys(TABLES + VERDICTS) if n in parts):
         body = parts[number]
         block = _first(body, "**Claim")
         if number in TABLES:
@@ -51,16 +59,22 @@ def excerpt(report: str) -> list[str]:
     return out
 
 
-def block(readme: str) -> list[str]:
-    """The lines between the README's markers."""
+def block(readme: str, name: str = "results") -> list[str]:
+    """The lines between the README's markers of report ``name``."""
+    begin, end = markers(name)
     lines = readme.splitlines()
-    return lines[lines.index(BEGIN) + 1 : lines.index(END)]
+    return lines[lines.index(begin) + 1 : lines.index(end)]
 
 
-def update_readme(readme: Path, report: Path) -> None:
-    """Write ``report``'s excerpt between the markers of ``readme`` (the rest untouched)."""
+def update_readme(readme: Path, report: Path, name: str = "results") -> None:
+    """Write ``report``'s excerpt between the markers of report ``name`` in ``readme`` (the rest
+    untouched); a README without them quotes no excerpt of that report, and is left alone."""
+    begin, end = markers(name)
     text = readme.read_text()
-    head, rest = text.split(BEGIN + "\n", 1)
-    _, tail = rest.split(END, 1)
+    if begin + "\n" not in text or end not in text:
+        print(f"[reproduce] {readme.name} has no {begin} ... {end}: no excerpt written")
+        return
+    head, rest = text.split(begin + "\n", 1)
+    _, tail = rest.split(end, 1)
     body = "\n".join(excerpt(report.read_text())).strip("\n")
-    atomic_write(readme, f"{head}{BEGIN}\n{body}\n{END}{tail}")
+    atomic_write(readme, f"{head}{begin}\n{body}\n{end}{tail}")

@@ -80,7 +80,7 @@ def variant_table(ctx: Context, studies: Sequence[tuple[str, str]], sigmas: Sequ
     for study, title in studies:
         rows = ctx.rows(study)
         by[study] = rows
-        for r in STUDY[study].runs:
+        for r in ctx.study(study).runs:
             body.append([RUN[r].title, title, *(acc_text(cell(rows, r, sigma=s)) for s in sigmas)])
     return body, by
 
@@ -97,3 +97,12 @@ def gain_text(diff: Diff, base: float) -> str:
     """A paired difference in points with its CI, and in percent of ``base`` (a mean)."""
     rel = "n/a" if base == 0 else f"{100 * diff.mean / base:+.1f} %"
     return f"{diff} points ({rel})"
+
+
+def not_trained(ctx: Context, study: str) -> str:
+    """A sentence naming the plan's models of ``study`` that this report did not train
+    (``reproduce.py --models``), or ``""``."""
+    left = [RUN[r].title for r in STUDY[study].runs if r not in ctx.study(study).runs]
+    if not left:
+        return ""
+    return f" Not trained for this report (`--models`, its compute budget): {'; '.join(left)}."

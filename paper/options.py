@@ -39,6 +39,13 @@ def parse(argv: list[str], doc: str) -> tuple[argparse.Namespace, list[str]]:
         "<out>/report, and docs/ only with --force)",
     )
     parser.add_argument(
+        "--report-name",
+        default="results",
+        help="the report's name: <report-dir>/NAME.md, its figures and evidence in "
+        "<report-dir>/NAME/ (default results; another report of the repository, e.g. on other "
+        "data, takes another name)",
+    )
+    parser.add_argument(
         "--epochs",
         type=int,
         default=None,
@@ -59,6 +66,14 @@ def parse(argv: list[str], doc: str) -> tuple[argparse.Namespace, list[str]]:
         default=None,
         help="only these sections (comma-separated, e.g. fig7,bias,hurts,fig9) and the "
         "trainings they need (default: all)",
+    )
+    parser.add_argument(
+        "--models",
+        type=lambda text: tuple(t for t in text.split(",") if t),
+        default=None,
+        help="only these of the sections' models (the plan's run names, comma-separated, e.g. "
+        "digital,sigma0.1_L4): a smaller plan; each study measures those of its models it "
+        "names, and a section says what it could not measure (default: all)",
     )
     parser.add_argument(
         "--train-only",

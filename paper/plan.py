@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from paper.runs import (  # noqa: F401  (re-exported: the plan is its runs and its studies)
     BIAS_SIGMA,
@@ -338,6 +338,32 @@ def selected(sections: tuple[str, ...] | None = None) -> tuple[Section, ...]:
     if unknown:
         raise ValueError(f"no such section {', '.join(unknown)}; the plan's are {', '.join(known)}")
     return tuple(s for s in SECTIONS if s.name in sections or not s.studies)
+
+
+def restricted(
+    sections: tuple[Section, ...], models: tuple[str, ...] | None
+) -> tuple[Section, ...]:
+    """``sections`` with each study's runs cut to ``models`` (plan run names; None: all), a
+    study left without one dropped: a smaller plan for a slower machine or larger data. A
+    ValueError names a model the plan does not know or the sections do not measure, or a
+    section left without a study."""
+    if models is None:
+        return sections
+    measured = {r for s in sections for st in s.studies for r in st.runs}
+    unknown = [m for m in models if m not in measured]
+    if unknown:
+        known = ", ".join(r.name for r in RUNS if r.name in measured)
+        raise ValueError(f"{', '.join(unknown)} not measured by these sections (theirs: {known})")
+    out = []
+    for sec in sections:
+        studies = tuple(
+            replace(st, runs=tuple(r for r in st.runs if r in models)) for st in sec.studies
+        )
+        kept = tuple(st for st in studies if st.runs)
+        if sec.studies and not kept:
+            raise ValueError(f"they leave section {sec.name} no model to measure")
+        out.append(replace(sec, studies=kept))
+    return tuple(out)
 
 
 def planned_runs(sections: tuple[Section, ...], seeds: int) -> list[Run]:

@@ -1,4 +1,4 @@
-"""The report: its provenance header, then every section of the plan, into ``results.md``."""
+"""The report: its provenance header, then every section of the plan, into ``<name>.md``."""
 
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def dataset_name(spec: dict) -> str:
     if target == "CIFARDataModule":
         return str(spec.get("name"))
     if target == "ImageFolderDataModule":
-        return f"image folder `{Path(str(spec.get('root'))).name}`"
+        folder = f"image folder `{Path(str(spec.get('root'))).name}`"
+        return f"{spec['name']} ({folder})" if spec.get("name") else folder
     return target
 
 
@@ -245,6 +246,7 @@ def header(ctx: Context) -> str:
             f"* data: {_counted(facts['data'], _data_text)}",
             f"* model: {_counted(facts['models'], _model_text)}",
             f"* training: {training_text(ctx)}",
+            *_models_line(meta),
             f"* command: `{meta.get('command', '?')}`",
             f"* date: {meta.get('date', '?')}",
             f"* machine: {meta.get('machine') or env['machine']}, torch threads {env['threads']}",
@@ -265,6 +267,16 @@ def header(ctx: Context) -> str:
             "same",
         ]
     )
+
+
+def _models_line(meta: dict) -> list[str]:
+    """The header's line on ``--models``: which of the plan's models this report trained."""
+    if meta.get("models") is None:
+        return []
+    return [
+        f"* models: only {', '.join(f'`{m}`' for m in meta['models'])} of these sections' models "
+        "(`--models`, this report's compute budget); each section names those it lacks"
+    ]
 
 
 def render_section(name: str, ctx: Context) -> str:
@@ -301,37 +313,48 @@ def scope_line(ctx: Context) -> str:
     return f"*Ran on: {data}; {models}; {seeds}.*"
 
 
-def _save(report_dir: Path, text: str) -> Path:
-    report = atomic_write(report_dir / "results.md", text)
-    if report_dir.resolve() == (ROOT / "docs").resolve():  # the committed report: README quotes it
-        update_readme(ROOT / "README.md", report)
+def report_name(meta: dict) -> str:
+    """The report's name (``--report-name``): ``<report dir>/<name>.md`` and ``<name>/``."""
+    return str(meta.get("report_name") or "results")
+
+
+def _save(report_dir: Path, name: str, text: str) -> Path:
+    report = atomic_write(report_dir / f"{name}.md", text)
+    if report_dir.resolve() == (ROOT / "docs").resolve():  # a committed report: README quotes it
+        update_readme(ROOT / "README.md", report, name)
     return report
 
 
 def write_report(out: Path, report_dir: Path, meta: dict) -> Path:
-    """Build ``<report_dir>/results.md`` and ``<report_dir>/results/*`` from the rows under
-    ``<out>/evaluate``, the studies' markers, the trainings' ``<out>/manifest.json`` and their
-    checkpoints; publish its evidence in ``<report_dir>/results/evidence/`` (``paper.publish``)."""
+    """Build ``<report_dir>/<name>.md`` and ``<report_dir>/<name>/*`` (``report_name``) from the
+    rows under ``<out>/evaluate``, the studies' markers, the trainings' ``<out>/manifest.json``
+    and their checkpoints; publish its evidence in ``<report_dir>/<name>/evidence/``
+    (``paper.publish``)."""
     manifest = json.loads((out / "manifest.json").read_text())
     meta = {"gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **meta}
-    figures = report_dir / "results"
-    ctx = Context(out / "evaluate", figures, int(meta["chips"]), manifest, meta, store=Facts(out))
-    report = _save(report_dir, render_report(ctx))
+    name = report_name(meta)
+    figures = report_dir / name
+    ctx = Context(
+        out / "evaluate", figures, int(meta["chips"]), manifest, meta, name, store=Facts(out)
+    )
+    report = _save(report_dir, name, render_report(ctx))
     size = publish(ctx, out, figures / EVIDENCE)
     print(f"[reproduce] published its evidence: {figures / EVIDENCE}/ ({size / 1e3:.0f} kB)")
     return report
 
 
 def render_published(evidence: Path, report_dir: Path) -> Path:
-    """Build ``<report_dir>/results.md`` and its figures from published evidence alone (the
+    """Build ``<report_dir>/<name>.md`` and its figures from published evidence alone (the
     folder ``write_report`` published): no checkpoint, data or plan folder is read."""
     meta, manifest, facts = read_published(evidence)
+    name = report_name(meta)
     ctx = Context(
         evidence / "evaluate",
-        report_dir / "results",
+        report_dir / name,
         int(meta["chips"]),
         manifest,
         meta,
+        name,
         store=Facts(stored=facts),
     )
-    return _save(report_dir, render_report(ctx))
+    return _save(report_dir, name, render_report(ctx))

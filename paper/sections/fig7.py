@@ -11,10 +11,11 @@ from paper.markdown import (
     first_from,
     gain_text,
     md_table,
+    not_trained,
     pp,
     sigmas_of,
 )
-from paper.plan import RUN, STUDY
+from paper.plan import RUN
 
 CLAIM_DIGITAL = (
     '"Simulation results show that the DNNs trained for high-precision digital computing '
@@ -35,7 +36,7 @@ CLAIM_GAIN = (
 
 def render(ctx: Context) -> str:
     rows = ctx.rows("fig7")
-    runs = STUDY["fig7"].runs
+    runs = ctx.study("fig7").runs
     sigmas = sigmas_of(rows)
     body = [[f"{s:g}", *(acc_text(cell(rows, r, sigma=s)) for r in runs)] for s in sigmas]
     table = md_table(["test sigma", *(RUN[r].title for r in runs)], body)
@@ -114,7 +115,7 @@ def render(ctx: Context) -> str:
             f'little of zero-noise inference accuracy." And: {CLAIM_GAIN}',
             f"**Measured.** Models trained at sigma 0 (digital) and {trained} (HA-SGD, L = 4), "
             "each tested on the same chips at every test sigma, at its validation-chosen "
-            f"checkpoint; accuracy in %, {ctx.ci_text('fig7')}.",
+            f"checkpoint; accuracy in %, {ctx.ci_text('fig7')}.{not_trained(ctx, 'fig7')}",
             table,
             fig,
             "**Rule.** A model is *better* than the digital one at a test sigma when the 95 % CI "

@@ -18,7 +18,7 @@ from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import Diff, holm, mcnemar, mean_ci, paired, paired_p
 from paper.evidence import Context, ckpt_info, model_of
 from paper.markdown import acc_text, cell, gain_text, md_table, sigmas_of
-from paper.plan import RUN, STUDY
+from paper.plan import RUN
 from paper.sections.fig7 import CLAIM_GAIN
 
 ALPHA = 0.05  # family-wise level of each Holm family
@@ -45,7 +45,7 @@ def discordant(ctx: Context, rows: Sequence[Row]) -> list[dict]:
     ``c`` only the HA-SGD model, and ``deterministic``: every chip of both models gave the same
     outcomes (chip 0's are counted). From the outcomes file, for the rows' checkpoints and
     fingerprints; empty when the study kept no outcomes."""
-    d, *hs = STUDY["fig9"].runs
+    d, *hs = ctx.study("fig9").runs
     chips = ctx.study_chips("fig9")
 
     def compute() -> list[dict]:
@@ -158,7 +158,7 @@ def _seed(t: dict) -> int:
 def _zero_noise(ctx, rows, tests, floor, levels) -> tuple[list[str], dict[str, bool]]:
     """The test-sigma-0 part: the McNemar table (its caption first) and, per HA-SGD model, its
     reading, and whether the claim holds there (``tests`` empty: no outcomes kept, no test)."""
-    d, *hs = STUDY["fig9"].runs
+    d, *hs = ctx.study("fig9").runs
     adc = [n for n in levels if n is not None]
     if not tests:
         drops = "; ".join(
@@ -233,11 +233,11 @@ def drop_tests(tests: Sequence[dict]) -> dict[int, str]:
     return out
 
 
-def _noisy(rows, s, floor, adc) -> tuple[list[str], dict[str, bool], list]:
+def _noisy(ctx, rows, s, floor, adc) -> tuple[list[str], dict[str, bool], list]:
     """The verdicts at test sigma ``s`` > 0, paired over seeds: per HA-SGD model, the Holm-
     corrected paired t-tests of (digital's drop - its drop) over the above-floor ADC levels;
     and its lead over digital (HA-SGD minus digital accuracy) at each ADC level."""
-    d, *hs = STUDY["fig9"].runs
+    d, *hs = ctx.study("fig9").runs
     lines, holds, leads = [], {}, []
     for h in hs:
         above = [n for n in adc if not floor(s, n, (d, h))]
@@ -274,7 +274,7 @@ def _noisy(rows, s, floor, adc) -> tuple[list[str], dict[str, bool], list]:
 
 def render(ctx: Context) -> str:
     rows = ctx.rows("fig9")
-    study = STUDY["fig9"]
+    study = ctx.study("fig9")
     d, *hs = study.runs
     sigmas = sigmas_of(rows)
     levels = sorted({r.adc_levels for r in rows}, key=lambda n: -1 if n is None else n)
@@ -308,7 +308,7 @@ def render(ctx: Context) -> str:
             holds[h].append(ok[h])
     noisy, leads = [], []
     for s in (s for s in sigmas if s > 0):
-        lines, ok, found = _noisy(rows, s, floor, adc)
+        lines, ok, found = _noisy(ctx, rows, s, floor, adc)
         noisy += lines
         leads += found
         for h in hs:

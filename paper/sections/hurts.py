@@ -8,7 +8,7 @@ from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import mean_ci, paired
 from paper.evidence import Context, identity_shortcuts
 from paper.markdown import cell, gain_text, md_table, sigmas_of, variant_table
-from paper.plan import HURT_ADC_LEVELS, RUN, STUDY
+from paper.plan import HURT_ADC_LEVELS, RUN
 
 
 def render(ctx: Context) -> str:
@@ -21,7 +21,7 @@ def render(ctx: Context) -> str:
     sigmas = [s for s in sigmas_of(ctx.rows("hurt_weights")) if s > 0]
     body, by = variant_table(ctx, variants, sigmas)
     steps = []
-    for r in STUDY["hurt_weights"].runs:
+    for r in ctx.study("hurt_weights").runs:
         for s in sigmas:
             drops = []
             for (a, _), (b, title) in zip(variants, variants[1:], strict=False):
@@ -43,11 +43,11 @@ def render(ctx: Context) -> str:
     unit = "per-seed" if ctx.seeds > 1 else "per-chip"
     ckpt = (
         "last checkpoint (`last.ckpt`)"
-        if STUDY["hurt_weights"].last
+        if ctx.study("hurt_weights").last
         else "validation-chosen checkpoint"
     )
     adc_override = next(
-        (o for o in STUDY["hurt_adc"].overrides if o.startswith("robustness.adc_levels=")), ""
+        (o for o in ctx.study("hurt_adc").overrides if o.startswith("robustness.adc_levels=")), ""
     )
     return "\n\n".join(
         [

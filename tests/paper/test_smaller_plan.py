@@ -1,0 +1,133 @@
+"""A smaller plan and a second report: ``--models`` cuts each study to some of its models,
+``--report-name`` writes another report beside docs/results.md, and an image folder's ``name``
+is how its report names the data."""
+
+from __future__ import annotations
+
+import pytest
+
+from cimsim import ConfigError
+from cimsim.data import ImageFolderDataModule
+from paper.excerpt import excerpt, markers, update_readme
+from paper.plan import CORE, STUDY, base_of, planned_runs, restricted, selected
+from paper.report import dataset_name
+from reproduce import parse
+
+SUBSET = ("digital", "sigma0.05_L4", "sigma0.1_L4", "sigma0.15_L4")
+
+
+def test_models_cut_every_study_to_the_models_named():
+    cut = restricted(selected(CORE), SUBSET)
+    studies = {st.name: st for sec in cut for st in sec.studies}
+    assert studies["fig7"].runs == SUBSET  # the plan's order, 0.02 and 0.2 left out
+    assert STUDY["fig7"].runs == (
+        "digital",
+        *(f"sigma{s}_L4" for s in (0.02, 0.05, 0.1, 0.15, 0.2)),
+    )
+    for name, st in studies.items():
+        assert set(st.runs) <= set(SUBSET) and st.runs, name
+        assert st.overrides == STUDY[name].overrides  # only the models change
+    assert studies["bias_abs_max_unscaled"].runs == ("digital", "sigma0.1_L4")
+    runs = planned_runs(cut, 3)
+    assert [r.name for r in runs[:4]] == list(SUBSET)  # seed 0's models first, in plan order
+    assert sorted(base_of(r.name) for r in runs) == sorted((m, k) for m in SUBSET for k in range(3))
+    assert restricted(selected(CORE), None) == selected(CORE)
+
+
+def test_models_the_sections_do_not_measure_or_leaving_a_section_empty_are_refused():
+    with pytest.raises(ValueError, match="pcm not measured by these sections"):
+        restricted(selected(("fig7",)), ("digital", "pcm"))
+    with pytest.raises(ValueError, match="nope not measured"):
+        restricted(selected(CORE), ("nope",))
+    with pytest.raises(ValueError, match="leave section fig7 no model"):
+        restricted(selected(("fig7", "bias")), ("map_abs_max_shared",))
+    with pytest.raises(ConfigError, match="--models.*pcm not measured"):
+        parse(["--tiny", "--sections", "fig7", "--models", "digital,pcm"])
+    args, _ = parse(["--tiny", "--sections", "fig7", "--models", "digital,sigma0.1_L4"])
+    assert [st.runs for sec in args.sections for st in sec.studies] == [("digital", "sigma0.1_L4")]
+
+
+def test_a_report_name_must_be_a_file_name():
+    assert parse(["--tiny"])[0].report_name == "results"
+    assert parse(["--tiny", "--report-name", "results_cifar10_subset"])[0].report_name == (
+        "results_cifar10_subset"
+    )
+    for bad in ("a/b", "../results", "", "x.md"):
+        with pytest.raises(ConfigError, match="--report-name"):
+            parse(["--tiny", "--report-name", bad])
+
+
+def test_an_image_folder_is_named_by_its_name_else_its_folder(tmp_path):
+    spec = {"_target_": "cimsim.data.ImageFolderDataModule", "root": "/data/cifar10-subset"}
+    assert dataset_name(spec) == "image folder `cifar10-subset`"
+    assert dataset_name({**spec, "name": None}) == "image folder `cifar10-subset`"
+    named = dataset_name({**spec, "name": "CIFAR-10 subset: batches 1-4"})
+    assert named == "CIFAR-10 subset: batches 1-4 (image folder `cifar10-subset`)"
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / split / c).mkdir(parents=True)
+    for bad in ("", "  ", 3):
+        with pytest.raises(ConfigError, match="name"):
+            ImageFolderDataModule(str(tmp_path), num_workers=0, name=bad)
+    dm = ImageFolderDataModule(str(tmp_path), num_workers=0, name="mine")
+    assert dm.hparams["name"] == "mine"  # the checkpoint records it: the report reads it there
+
+
+REPORT = """# Results
+
+* command: `python reproduce.py x`
+* date: today
+
+## 1. Fig. 7: accuracy
+
+**Claim.** one.
+
+**Measured.** m.
+
+| a | b |
+|---|---|
+| 1 | 2 |
+
+**Verdict: holds at this scale.**
+
+## 3. Fig. 9: ADC
+
+**Claim.** three.
+
+**Verdict: does not hold at this scale.**
+"""
+
+
+def test_the_excerpt_quotes_the_sections_a_report_has_under_its_own_markers(tmp_path):
+    lines = excerpt(REPORT)  # sections 4 and 6 are not in this report: left out, no error
+    assert lines == [
+        "* command: `python reproduce.py x`",
+        "* date: today",
+        "",
+        "**Claim.** one.",
+        "",
+        "**Measured.** m.",
+        "",
+        "| a | b |",
+        "|---|---|",
+        "| 1 | 2 |",
+        "",
+        "**Verdict: holds at this scale.**",
+        "",
+        "**Claim.** three.",
+        "",
+        "**Verdict: does not hold at this scale.**",
+    ]
+    report = tmp_path / "second.md"
+    report.write_text(REPORT)
+    (first_begin, first_end), (begin, end) = markers(), markers("second")
+    readme = tmp_path / "README.md"
+    text = f"top\n{first_begin}\nkept\n{first_end}\nmid\n{begin}\nold\n{end}\nbottom\n"
+    readme.write_text(text)
+    update_readme(readme, report, "second")
+    body = "\n".join(lines).strip("\n")
+    assert readme.read_text() == (
+        f"top\n{first_begin}\nkept\n{first_end}\nmid\n{begin}\n{body}\n{end}\nbottom\n"
+    )
+    update_readme(readme, report, "third")  # no markers for it: the README is left alone
+    assert readme.read_text().count("kept") == 1 and "third" not in readme.read_text()
