@@ -11,6 +11,8 @@ Carlo study it needs, then the report from their rows (the plan and its sections
                                                      # ... from its published evidence alone
     python reproduce.py experiment=paper_wrn28_10_cifar100 data.download=true --epochs 200
                                                      # paper scale (a GPU)
+    python reproduce.py --report-name results_cifar10_subset --models digital,sigma0.1_L4 \
+        --sections fig7,hurts data=image_folder data.root=...   # a second report, a cut plan
 
 Training seeds: every model is trained at seeds 42 + k for k < ``--seeds`` (default 3), in
 folders ``<run>`` (k = 0) and ``<run>.s<k>``; every study measures every seed on the same chips,

@@ -47,7 +47,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
         args.sections = restricted(args.sections, args.models)
     except ValueError as err:
         raise ConfigError("--models", ",".join(args.models), str(err)) from None
-    if not re.fullmatch(r"[A-Za-z0-9_-]+", args.report_name):
+    if args.report_name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.report_name):
         why = "must be a file name of letters, digits, _ and - (the report is <report-dir>/NAME.md)"
         raise ConfigError("--report-name", args.report_name, why)
     for key in ("epochs", "chips", "max_batches", "seeds"):
@@ -64,7 +64,23 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
             "give another --report-dir, or add --force"
         )
         raise ConfigError("--report-dir", str(args.report_dir), why)
+    if args.models is not None and into_docs and (args.report_name or "results") == "results":
+        if not args.force and not args.report_only:
+            why = (
+                "a plan cut by --models would replace the committed report docs/results.md: "
+                "give it its own --report-name (or --report-dir), or add --force"
+            )
+            raise ConfigError("--models", ",".join(args.models), why)
     return args
+
+
+def check_report_name(report_dir: Path, name: str, force: bool) -> None:
+    """Refuse a report name that would overwrite a file of ``report_dir`` that is not a report
+    (a guide such as docs/model.md): a report has its published evidence beside it."""
+    page, record = report_dir / f"{name}.md", report_dir / name / "evidence" / REPORT_META
+    if page.is_file() and not record.is_file() and not force:
+        why = f"{page} exists and is not a report (no {record}): choose another name"
+        raise ConfigError("--report-name", name, why)
 
 
 def plan_of(args) -> tuple[list, list]:
@@ -116,6 +132,8 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     what was trained/reused."""
     train_over, eval_over = split_overrides(overrides)
     out = args.out.resolve()
+    args.report_name = args.report_name or "results"
+    check_report_name(args.report_dir, args.report_name, args.force)
     check_plan(args, train_over, eval_over, out)
     scale = "--tiny, a smoke test: docs/ is left alone; " if args.tiny else ""
     print(f"[reproduce] {scale}runs under {out}/, report to {args.report_dir}/", flush=True)
@@ -171,7 +189,16 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
         "studies_reused": len(studies),
         **scale_meta(args),
     }
-    meta = {**meta, "report_name": args.report_name}  # this command's name for the report
+    recorded = meta.get("report_name") or "results"
+    name = args.report_name or recorded
+    if name != recorded and not args.force:
+        why = (
+            f"{out} was measured for the report {recorded!r}: --report-only writes that one "
+            "(leave --report-name out), or add --force to write it under another name"
+        )
+        raise ConfigError("--report-name", name, why)
+    check_report_name(args.report_dir, name, args.force)
+    meta = {**meta, "report_name": name}
     report = write_report(out, args.report_dir, meta)
     print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {out}/", flush=True)
     return meta

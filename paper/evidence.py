@@ -337,7 +337,7 @@ class Context:
     def study(self, name: str) -> Study:
         """The study ``name`` as this report ran it: its runs cut to ``--models``."""
         ran = {st.name: st for sec in self.sections for st in sec.studies}
-        return ran.get(name) or STUDY[name]
+        return ran[name] if self.meta.get("models") is not None else ran.get(name, STUDY[name])
 
     def study_chips(self, study: str) -> int:
         """Chips per point of ``study`` (its marker's record; ``--chips`` at most)."""

@@ -40,10 +40,10 @@ def parse(argv: list[str], doc: str) -> tuple[argparse.Namespace, list[str]]:
     )
     parser.add_argument(
         "--report-name",
-        default="results",
+        default=None,
         help="the report's name: <report-dir>/NAME.md, its figures and evidence in "
-        "<report-dir>/NAME/ (default results; another report of the repository, e.g. on other "
-        "data, takes another name)",
+        "<report-dir>/NAME/ (default results; --report-only: the name the plan was measured "
+        "for). A report on other data or a smaller plan (--models) takes its own name",
     )
     parser.add_argument(
         "--epochs",

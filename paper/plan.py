@@ -57,6 +57,8 @@ class Study:
     last: bool = False
     chips: int | None = None  # at most this many chips per point (None: ``--chips``)
     seeds: int | None = None  # at most this many training seeds of its runs (None: ``--seeds``)
+    needs: tuple[str, ...] = ()  # runs its section cannot do without (``--models``), besides
+    # its first (the baseline every other run is compared with)
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,7 @@ SECTIONS: tuple[Section, ...] = (
                 ),
                 _SIGMA_TINY,
                 chips=BIAS_CHIPS,
+                needs=(mapping_run(*_MAPPINGS[0]),),  # the authors' model
             )
             for sc, b in _MAPPINGS
         ),
@@ -343,12 +346,16 @@ def selected(sections: tuple[str, ...] | None = None) -> tuple[Section, ...]:
 def restricted(
     sections: tuple[Section, ...], models: tuple[str, ...] | None
 ) -> tuple[Section, ...]:
-    """``sections`` with each study's runs cut to ``models`` (plan run names; None: all), a
-    study left without one dropped: a smaller plan for a slower machine or larger data. A
-    ValueError names a model the plan does not know or the sections do not measure, or a
-    section left without a study."""
+    """``sections`` with each study's runs cut to ``models`` (plan run names; None: all): a
+    smaller plan for a slower machine or larger data, for the core sections (``CORE``), whose
+    renderers read the runs a report has. A ValueError names a model the sections do not
+    measure, a section outside the core, or a study left without its baseline (its first run),
+    a run it ``needs`` or a second run to compare with."""
     if models is None:
         return sections
+    other = [s.name for s in sections if s.studies and s.name not in CORE]
+    if other:
+        raise ValueError(f"only the core sections ({','.join(CORE)}) take --models, not {other}")
     measured = {r for s in sections for st in s.studies for r in st.runs}
     unknown = [m for m in models if m not in measured]
     if unknown:
@@ -359,10 +366,12 @@ def restricted(
         studies = tuple(
             replace(st, runs=tuple(r for r in st.runs if r in models)) for st in sec.studies
         )
-        kept = tuple(st for st in studies if st.runs)
-        if sec.studies and not kept:
-            raise ValueError(f"they leave section {sec.name} no model to measure")
-        out.append(replace(sec, studies=kept))
+        for st, cut in zip(sec.studies, studies, strict=True):
+            lacking = [r for r in (st.runs[0], *st.needs) if r not in cut.runs]
+            if lacking or len(cut.runs) < 2:
+                why = f"lacks {', '.join(lacking)}" if lacking else "keeps one model only"
+                raise ValueError(f"section {sec.name}'s study {st.name} {why}: it compares models")
+        out.append(replace(sec, studies=studies))
     return tuple(out)
 
 

@@ -85,6 +85,8 @@ def data_facts(spec: dict) -> dict:
     except (ConfigError, HydraException, OSError, RuntimeError, ValueError) as err:
         return {**facts, "missing": str(err).splitlines()[0] if str(err) else type(err).__name__}
     sizes = {k: len(getattr(dm, f"{k}_set")) for k in ("train", "val", "test")}
+    if getattr(dm, "carve_test", True) is False:  # an image folder's own test/: no split drawn
+        facts["split_seed"] = None
     return {**facts, "image_size": dm.image_size, "channels": dm.in_channels,
             "classes": dm.num_classes, **sizes}  # fmt: skip
 
@@ -141,7 +143,7 @@ def _counted(items: list[dict], text) -> str:
 def _data_text(d: dict) -> str:
     if "missing" in d and "dataset" not in d:
         return f"not recorded ({d['missing']})"
-    split = f"split seed {d['split_seed']}"
+    split = "its own test/ folder" if d["split_seed"] is None else f"split seed {d['split_seed']}"
     if "missing" in d:
         return f"{d['dataset']} ({split}; image counts not available here: {d['missing']})"
     colour = {1: "grayscale", 3: "RGB"}.get(d["channels"], f"{d['channels']} channels")

@@ -123,7 +123,8 @@ def render(ctx: Context) -> str:
             "every HA-SGD model is better at every grid test sigma from some sigma > 0 on, to the "
             "end of the grid, without a gap (sigma 0, deterministic, is left out).",
             "\n".join(verdicts),
-            f"**Verdict: {'holds' if holds else 'does not hold'} at this scale.** {gain}",
+            f"**Verdict: {'holds' if holds else 'does not hold'} at this scale"
+            f"{', for the models trained here' if not_trained(ctx, 'fig7') else ''}.** {gain}",
             "\n".join(subs),
         ]
     )

@@ -17,7 +17,7 @@ from cimsim.robustness.plots import write_table
 from cimsim.robustness.rows import Row
 from cimsim.robustness.stats import Diff, holm, mcnemar, mean_ci, paired, paired_p
 from paper.evidence import Context, ckpt_info, model_of
-from paper.markdown import acc_text, cell, gain_text, md_table, sigmas_of
+from paper.markdown import acc_text, cell, gain_text, md_table, not_trained, sigmas_of
 from paper.plan import RUN
 from paper.sections.fig7 import CLAIM_GAIN
 
@@ -348,7 +348,7 @@ def render(ctx: Context) -> str:
             f"{' and '.join(f'{s:g}' for s in sigmas)}, with ADCs of {span} levels "
             "(`conf/robustness/adc_sweep.yaml`; ranges calibrated on the validation split after "
             'programming each chip); "none" = no ADC; "floor": every model within 5 points of '
-            f"chance. Accuracy in %, {ctx.ci_text('fig9')}.",
+            f"chance. Accuracy in %, {ctx.ci_text('fig9')}.{not_trained(ctx, 'fig9')}",
             *tables,
             fig,
             "**Rule.** *Test sigma 0* (ADC quantization alone): every chip is the same network "

@@ -12,7 +12,7 @@ from cimsim.wide_resnet import WideResNet
 from paper.configs import CONF
 from paper.evidence import Context
 from paper.markdown import md_table
-from paper.plan import RUN
+from paper.plan import RUN, SECTIONS
 
 # NVIDIA H200 (SXM) dense tensor-core peaks, TFLOP/s (the datasheet's figures are with
 # sparsity, twice these): BF16/FP16 for mixed or half precision, TF32 for 32-bit training.
@@ -113,7 +113,7 @@ def render(ctx: Context) -> str:
         [
             "## Paper scale: an ESTIMATE of GPU time (not a measurement)",
             f"`python reproduce.py experiment={PAPER_EXPERIMENT} data.download=true --epochs "
-            f"{epochs}` runs the same plan at the paper's scale "
+            f"{epochs}{_plan_options(ctx)}` runs the same plan at the paper's scale "
             f"(`conf/experiment/{PAPER_EXPERIMENT}.yaml`: WRN-28-10 on CIFAR-100, precision "
             f"`{exp['precision']}`, batch size {exp['batch_size']}, learning rate {exp['lr']}). "
             f"{why}: FLOPs counted, divided by an assumed sustained rate.",
@@ -147,3 +147,12 @@ def render(ctx: Context) -> str:
             ),
         ]
     )
+
+
+def _plan_options(ctx: Context) -> str:
+    """The options that cut this report's plan (``--sections``, ``--models``), as typed."""
+    names = [s.name for s in ctx.sections if s.studies]
+    every = [s.name for s in SECTIONS if s.studies]
+    out = "" if names == every else f" --sections {','.join(names)}"
+    models = ctx.meta.get("models")
+    return out + ("" if models is None else f" --models {','.join(models)}")

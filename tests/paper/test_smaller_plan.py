@@ -8,10 +8,11 @@ import pytest
 
 from cimsim import ConfigError
 from cimsim.data import ImageFolderDataModule
+from paper.driver import check_report_name
 from paper.excerpt import excerpt, markers, update_readme
 from paper.plan import CORE, STUDY, base_of, planned_runs, restricted, selected
 from paper.report import dataset_name
-from reproduce import parse
+from reproduce import parse, reproduce
 
 SUBSET = ("digital", "sigma0.05_L4", "sigma0.1_L4", "sigma0.15_L4")
 
@@ -34,27 +35,53 @@ def test_models_cut_every_study_to_the_models_named():
     assert restricted(selected(CORE), None) == selected(CORE)
 
 
-def test_models_the_sections_do_not_measure_or_leaving_a_section_empty_are_refused():
+def test_models_a_study_cannot_compare_without_are_refused():
     with pytest.raises(ValueError, match="pcm not measured by these sections"):
         restricted(selected(("fig7",)), ("digital", "pcm"))
     with pytest.raises(ValueError, match="nope not measured"):
         restricted(selected(CORE), ("nope",))
-    with pytest.raises(ValueError, match="leave section fig7 no model"):
-        restricted(selected(("fig7", "bias")), ("map_abs_max_shared",))
+    with pytest.raises(ValueError, match="study fig7 lacks digital"):  # the baseline
+        restricted(selected(("fig7",)), ("sigma0.1_L4", "sigma0.2_L4"))
+    with pytest.raises(ValueError, match="study fig7 keeps one model only"):
+        restricted(selected(("fig7",)), ("digital",))
+    with pytest.raises(ValueError, match="study bias_half_range_separate lacks sigma0.1_L4"):
+        restricted(selected(("bias",)), ("digital", "map_abs_max_shared"))  # the authors' model
+    with pytest.raises(ValueError, match="study hurt_weights keeps one model only"):
+        restricted(selected(("hurts",)), ("digital",))
+    with pytest.raises(ValueError, match=r"only the core sections .* not \['methods'\]"):
+        restricted(selected(("fig7", "methods")), ("digital", "sigma0.1_L4"))
     with pytest.raises(ConfigError, match="--models.*pcm not measured"):
         parse(["--tiny", "--sections", "fig7", "--models", "digital,pcm"])
     args, _ = parse(["--tiny", "--sections", "fig7", "--models", "digital,sigma0.1_L4"])
     assert [st.runs for sec in args.sections for st in sec.studies] == [("digital", "sigma0.1_L4")]
 
 
-def test_a_report_name_must_be_a_file_name():
-    assert parse(["--tiny"])[0].report_name == "results"
-    assert parse(["--tiny", "--report-name", "results_cifar10_subset"])[0].report_name == (
-        "results_cifar10_subset"
-    )
-    for bad in ("a/b", "../results", "", "x.md"):
-        with pytest.raises(ConfigError, match="--report-name"):
-            parse(["--tiny", "--report-name", bad])
+def test_a_cut_plan_or_a_name_never_overwrites_a_committed_page(tmp_path):
+    models = ["--sections", "fig7", "--models", "digital,sigma0.1_L4"]
+    with pytest.raises(ConfigError, match="--models.*would replace the committed report"):
+        parse(models)  # into docs/ as results.md: refused
+    assert parse([*models, "--report-name", "mine"])[0].report_name == "mine"
+    assert parse([*models, "--force"])[0].models == ("digital", "sigma0.1_L4")
+    (tmp_path / "guide.md").write_text("a guide")
+    with pytest.raises(ConfigError, match="--report-name.*guide.md exists and is not a report"):
+        check_report_name(tmp_path, "guide", force=False)
+    check_report_name(tmp_path, "guide", force=True)
+    check_report_name(tmp_path, "new", force=False)  # nothing there yet
+    (tmp_path / "old" / "evidence").mkdir(parents=True)
+    (tmp_path / "old.md").write_text("a report")
+    (tmp_path / "old" / "evidence" / "report.json").write_text("{}")
+    check_report_name(tmp_path, "old", force=False)  # a report: written again
+
+
+def test_report_only_writes_the_report_the_plan_was_measured_for(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_text('{"runs": {}}')
+    (out / "report.json").write_text('{"report_name": "sub", "chips": 2}')
+    dest = ["--report-only", "--out", str(out), "--report-dir", str(tmp_path / "d")]
+    with pytest.raises(ConfigError, match="--report-name.*measured for the report 'sub'"):
+        reproduce([*dest, "--report-name", "other"])
+    assert not (tmp_path / "d").exists()  # refused before anything is written
 
 
 def test_an_image_folder_is_named_by_its_name_else_its_folder(tmp_path):
@@ -129,5 +156,6 @@ def test_the_excerpt_quotes_the_sections_a_report_has_under_its_own_markers(tmp_
     assert readme.read_text() == (
         f"top\n{first_begin}\nkept\n{first_end}\nmid\n{begin}\n{body}\n{end}\nbottom\n"
     )
+    before = readme.read_text()
     update_readme(readme, report, "third")  # no markers for it: the README is left alone
-    assert readme.read_text().count("kept") == 1 and "third" not in readme.read_text()
+    assert readme.read_text() == before
