@@ -25,6 +25,7 @@ from reproduce import reproduce
 
 SECTIONS = "fig7,pcm"  # the tiny plan: a seeded table of verdicts and a time sweep
 DOCS = ROOT / "docs"
+COMMITTED = ("results",)  # docs/<name>.md with docs/<name>/evidence/
 
 
 def verdicts(text: str) -> list[str]:
@@ -201,15 +202,15 @@ def test_a_changed_published_row_changes_the_table(tiny, tmp_path, no_checkpoint
 # ----------------------------------------------------------------- the committed report
 
 
-def test_the_committed_report_follows_from_its_committed_evidence(tmp_path, no_checkpoints):
-    evidence = DOCS / "results" / EVIDENCE
-    if not (evidence / "report.json").is_file():
-        pytest.skip(
-            f"{evidence.relative_to(ROOT)} is not published yet: `python reproduce.py` writes it "
-            "with docs/results.md"
-        )
-    committed = (DOCS / "results.md").read_text()
+@pytest.mark.parametrize("name", COMMITTED)
+def test_each_committed_report_follows_from_its_committed_evidence(name, tmp_path, no_checkpoints):
+    evidence = DOCS / name / EVIDENCE
+    assert (evidence / "report.json").is_file(), (
+        f"docs/{name}.md is committed without its evidence: `python reproduce.py` publishes "
+        f"{evidence.relative_to(ROOT)} with it"
+    )
+    committed = (DOCS / f"{name}.md").read_text()
     report.render_published(evidence, tmp_path)
-    again = (tmp_path / "results.md").read_text()
+    again = (tmp_path / f"{name}.md").read_text()
     assert verdicts(again) == verdicts(committed)
     assert sum("**Verdict" in li for li in verdicts(committed)) >= 1
