@@ -38,6 +38,17 @@ def test_draws_are_splitmix64_and_box_muller(key):
     torch.testing.assert_close(z.flatten(), expected.float(), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape", [(3, 5, 7, 11), (2, 1, 4), (13,), ()])
+@pytest.mark.parametrize("key", [0, 2**63 + 17, 2**64 - 1])
+def test_compiled_counters_are_splitmix64s_counters(shape, key):
+    """Compiled, the counter ``key + (i + 1) * gamma`` is a sum of one term per dimension: the
+    same 64-bit values as the row-major index's, wrapping included."""
+    got = draws._counters(draws.stream(key), torch.Size(shape), "cpu").flatten().tolist()
+    n = math.prod(shape)
+    expected = [(key + (i + 1) * 0x9E3779B97F4A7C15) & _M64 for i in range(n)]
+    assert [v & _M64 for v in got] == expected
+
+
 def test_draws_follow_the_logical_index_not_the_memory_layout():
     key = draws.stream(3)
     dense = draws.normal_like(torch.empty(2, 6, 4, 5), key)
@@ -106,14 +117,23 @@ def _tail_reference(y, unit, key, out_noise, bound, levels, alpha):
     return (q * alpha).sum(dim=1), inside
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("levels", [None, 15, 16])
-def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(levels, compiled, monkeypatch):
+def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
+    levels, compiled, channels_last, monkeypatch
+):
+    """Also on a conv's partial sums, channels-last ``(B, T*C, H, W)`` viewed as ``(B, T, C, H,
+    W)``: the tail then runs in that memory order, with the same values."""
     if not compiled:
         monkeypatch.setenv("CIMSIM_COMPILE", "0")
     g = torch.Generator().manual_seed(1)
     shape = (16, 3, 8, 6, 6) if not compiled else (64, 3, 16, 24, 24)  # above COMPILE_MIN
     y = torch.randn(shape, generator=g) * 3
+    if channels_last:  # the same values, laid out (B, H, W, T, C)
+        flat = y.flatten(1, 2).contiguous(memory_format=torch.channels_last)
+        y, logical = flat.view(shape), y
+        assert y.stride(2) == 1 and torch.equal(y, logical)
     unit = torch.rand(shape[0], shape[1], 1, *shape[3:], generator=g) + 0.1
     alpha = torch.rand(1, shape[1], shape[2], 1, 1, generator=g) + 0.5
     key = draws.stream(99)

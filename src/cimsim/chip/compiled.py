@@ -26,6 +26,12 @@ COMPILE_MIN = 1 << 18
 # Each layer's tiling is a distinct graph (its tile sizes are part of it): more than torch's
 # default of 8 recompilations per function in a deep network.
 _RECOMPILE_LIMIT = 64
+# Inductor stores an elementwise result in a buffer of its own once its expression exceeds 50
+# operations (its CPU default). The tile tail's noisy partial sums (the draws alone are about 40)
+# would then be written out and read back by the sum over the tiles: kept fused, they stay in
+# registers. (It still stores them when they have two users, as with the tail's count of clipped
+# values in training: an expression with a log is not computed twice.)
+_OPTIONS = {"realize_opcount_threshold": 1000}
 
 _COMPILED: dict[Callable, Callable] = {}
 _FAILED: list[str] = []
@@ -49,7 +55,7 @@ def run(fn: Callable, like: torch.Tensor, *args, **kwargs):
     compilation off for the process, with a warning."""
     if enabled(like):
         if fn not in _COMPILED:
-            _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True)
+            _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
         try:
             with dynamo_config.patch(recompile_limit=_RECOMPILE_LIMIT):  # this function's only
                 return _COMPILED[fn](*args, **kwargs)

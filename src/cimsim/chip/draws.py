@@ -12,7 +12,11 @@ Box-Muller draw. So
 * the draws are an elementwise expression of the index: ``torch.compile`` fuses them into the
   pass that uses them (``cimsim.chip.fused``), computed in registers and never stored; small
   tensors, other devices and machines where compilation fails run the same expression eagerly
-  (the same values).
+  (the same values). Compiled, SplitMix64's counter ``key + (i + 1) * gamma`` is written as
+  ``key + gamma`` plus one term ``j_d * (s_d * gamma)`` per dimension ``d`` (``j_d`` the
+  element's coordinate, ``s_d`` the row-major stride): the same 64-bit value, since the
+  counter is linear in ``i`` modulo 2^64, but a pass that runs in another memory order
+  (channels-last) then computes it with vector arithmetic instead of a scalar index per element.
 
 The key of each call comes from the global generator of the tensor's device (one draw), so a run
 is reproducible from its seed like any ``torch.randn``.
@@ -47,37 +51,44 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def _bits(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's output for counter ``index`` of stream ``key`` (int64, wrapping). ``key`` is
-    ``(2,)``: the stream's key and gamma (a tensor, so that a compiler cannot fold the wrapping
-    product into its 64-bit index arithmetic)."""
-    z = key[0] + (index + 1) * key[1]
+def _counters(key: torch.Tensor, shape: torch.Size, device) -> torch.Tensor:
+    """SplitMix64's counters ``key + (i + 1) * gamma`` of the row-major ``shape`` (int64,
+    wrapping), as a broadcast sum of one term per dimension (see the module docstring). ``key``
+    is ``(2,)``: the stream's key and gamma (a tensor, so that a compiler cannot fold the
+    wrapping products into its 64-bit index arithmetic)."""
+    z, stride = (key[0] + key[1]).reshape((1,) * len(shape)), 1
+    for d in reversed(range(len(shape))):
+        term = torch.arange(shape[d], device=device, dtype=torch.int64) * (key[1] * stride)
+        z = z + term.reshape([-1 if e == d else 1 for e in range(len(shape))])
+        stride = stride * shape[d]
+    return z
+
+
+def _box_muller(z: torch.Tensor) -> torch.Tensor:
+    """The standard normal draw of each SplitMix64 counter ``z``, float32: SplitMix64's mix gives
+    64 bits, Box-Muller turns their high 32 bits (``u1`` in ``(0, 1]``) and low 32 bits (``u2``
+    in ``[0, 1)``) into ``sqrt(-2 ln u1) cos(2 pi u2)``."""
     z = (z ^ _shr(z, 30)) * _MIX1
     z = (z ^ _shr(z, 27)) * _MIX2
-    return z ^ _shr(z, 31)
+    z = z ^ _shr(z, 31)
+    u1 = (_shr(z, 32) + 1).to(torch.float32) * 2.0**-32
+    u2 = (z & _LOW32).to(torch.float32) * 2.0**-32
+    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
 
 
 def _gaussian(key: torch.Tensor, shape: torch.Size, device, dtype=torch.float32) -> torch.Tensor:
     """Standard normal draws of stream ``key``, element ``i`` of the row-major ``shape`` from
-    counter ``i``: Box-Muller on the high 32 bits (``u1`` in ``(0, 1]``) and the low 32 bits
-    (``u2`` in ``[0, 1)``) of its SplitMix64 output. Run eagerly, large draws go in chunks of
-    ``EAGER_CHUNK`` (the same values; the int64 intermediates stay small)."""
+    counter ``i``. Compiled, an expression of the element's coordinates (fused into the pass
+    that uses it, in that pass's memory order); eagerly, in chunks of ``EAGER_CHUNK`` draws
+    along the row-major index (the same values; the int64 intermediates stay small)."""
+    if torch.compiler.is_compiling():
+        return _box_muller(_counters(key, shape, device)).to(dtype)
     count = math.prod(shape)
-    if count <= EAGER_CHUNK or torch.compiler.is_compiling():
-        return _box_muller(key, 0, count, device).view(shape).to(dtype)
     out = torch.empty(count, device=device, dtype=dtype)
     for start in range(0, count, EAGER_CHUNK):
-        n = min(EAGER_CHUNK, count - start)
-        out[start : start + n] = _box_muller(key, start, n, device)
+        index = torch.arange(start, min(start + EAGER_CHUNK, count), device=device)
+        out[start : start + index.numel()] = _box_muller(key[0] + (index + 1) * key[1])
     return out.view(shape)
-
-
-def _box_muller(key: torch.Tensor, start: int, count: int, device) -> torch.Tensor:
-    """Draws ``start .. start + count - 1`` of stream ``key``, float32."""
-    z = _bits(key, torch.arange(start, start + count, device=device, dtype=torch.int64))
-    u1 = (_shr(z, 32) + 1).to(torch.float32) * 2.0**-32
-    u2 = (z & _LOW32).to(torch.float32) * 2.0**-32
-    return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(_TWO_PI * u2)
 
 
 def new_key(device: torch.device | str = "cpu") -> torch.Tensor:

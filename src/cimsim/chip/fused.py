@@ -4,7 +4,10 @@ vectors' scales) and outputs (output noise, ADC, the digital gain and the sum ov
 Every tile's partial sums ``(B, T, C_out, ...)`` get output noise (``cimsim.chip.draws``'
 counter-based draws, computed in the pass), are clipped or digitized by the tile's ADC, scaled
 by the drift compensation and summed over the tiles: one elementwise expression over the
-``T``-times larger tensor, compiled into one pass where it pays (``cimsim.chip.compiled``).
+``T``-times larger tensor, compiled into one pass where it pays (``cimsim.chip.compiled``). The
+pass runs in the partial sums' memory order (a conv's are channels-last: ``(B, H, W, T, C)``),
+so it reads them once, in order, and writes the sum in the same layout; the draws still follow
+the logical index.
 """
 
 from __future__ import annotations
@@ -23,30 +26,44 @@ def _grid(y, b, levels: int):
     return (k - c) / c * b
 
 
-def _noisy(y, unit, key, out_noise, bound):
-    """``y`` plus its output noise, and the ADC's bound ``b = bound * unit``."""
-    if key is not None:
-        y = y + _gaussian(key, y.shape, y.device, y.dtype) * (unit * out_noise)
+def _noisy(y, unit, key, out_noise, bound, order: tuple):
+    """``y`` plus its output noise and the ADC's bound ``b = bound * unit``, both with their dims
+    in ``order`` (``y``'s memory order: ``y.permute(order)`` is contiguous)."""
+    noise = None if key is None else _gaussian(key, y.shape, y.device, y.dtype).permute(order)
+    y, unit = y.permute(order), unit.permute(order)
+    if noise is not None:
+        y = y + noise * (unit * out_noise)
     return y, (unit * bound).clamp_min(torch.finfo(torch.float32).tiny)
 
 
-def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool):
+def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tuple):
     """The tile tail as one expression: ``y`` (B, T, ...) plus ``out_noise * unit * xi``,
     clipped to ``[-b, b]`` with ``b = bound * unit`` and, with ``levels``, on its grid (see
     ``cimsim.chip.periphery.quantize_``), times ``alpha``, summed over the tiles (dim 1);
-    with ``count``, also how many of each output's partial sums fell outside ``[-b, b]``."""
-    y, b = _noisy(y, unit, key, out_noise, bound)
+    with ``count``, also how many of each output's partial sums fell outside ``[-b, b]``.
+    Computed in the memory order ``order`` of ``y``; the results are views in logical order."""
+    y, b = _noisy(y, unit, key, out_noise, bound, order)
     q = torch.minimum(torch.maximum(y, -b), b) if levels is None else _grid(y, b, levels)
     if alpha is not None:
-        q = q * alpha
-    outside = ((y < -b) | (y > b)).to(torch.float32).sum(dim=1) if count else None
-    return q.sum(dim=1), outside
+        q = q * alpha.permute(order)
+    tiles = order.index(1)
+    rest = [d - (d > 1) for d in order if d != 1]  # the output's dims in memory order
+    back = [rest.index(d) for d in range(len(rest))]  # their inverse permutation
+    outside = ((y < -b) | (y > b)).to(torch.float32).sum(dim=tiles) if count else None
+    return q.sum(dim=tiles).permute(back), None if outside is None else outside.permute(back)
 
 
-def _inside(y, unit, key, out_noise, bound):
-    """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws)."""
-    y, b = _noisy(y, unit, key, out_noise, bound)
-    return (y >= -b) & (y <= b)
+def _inside(y, unit, key, out_noise, bound, order: tuple):
+    """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws), in
+    logical order (a view of ``y``'s layout)."""
+    y, b = _noisy(y, unit, key, out_noise, bound, order)
+    back = [order.index(d) for d in range(len(order))]
+    return ((y >= -b) & (y <= b)).permute(back)
+
+
+def _memory_order(y: torch.Tensor) -> tuple[int, ...]:
+    """``y``'s dims from the outermost to the innermost in memory."""
+    return tuple(sorted(range(y.dim()), key=lambda d: -y.stride(d)))
 
 
 @torch.no_grad()
@@ -84,11 +101,19 @@ def fused_tail(
     if out_noise > 0:
         noise_key = new_key(y.device) if key is None else key.to(y.device)
     work = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    args = (work, unit.to(work.dtype), noise_key, float(out_noise), float(bound), levels)
-    alpha = None if alpha is None else alpha.to(work.dtype)
-    out, outside = compiled.run(_tail, work, *args, alpha, mask)
-    inside = compiled.run(_inside, work, *args[:5]) if mask and bool(outside.any()) else None
+    order = _memory_order(work)
+    unit = _to_rank(unit.to(work.dtype), work.dim())
+    alpha = None if alpha is None else _to_rank(alpha.to(work.dtype), work.dim())
+    args = (work, unit, noise_key, float(out_noise), float(bound))
+    out, outside = compiled.run(_tail, work, *args, levels, alpha, mask, order)
+    inside = compiled.run(_inside, work, *args, order) if mask and bool(outside.any()) else None
     return out.to(y.dtype), inside
+
+
+def _to_rank(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """``t`` with leading size-1 dims up to ``dims`` (broadcasting's alignment, explicit so that
+    it can be permuted with ``y``)."""
+    return t.reshape((1,) * (dims - t.dim()) + tuple(t.shape))
 
 
 def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
