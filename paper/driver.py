@@ -34,6 +34,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     """The options with their defaults resolved: ``--tiny`` changes them, and keeps its report
     out of docs/ unless ``--force``."""
     tiny = args.tiny
+    args.given = {k for k in ("epochs", "chips", "seeds", "sections", "models") if getattr(args, k)}
     args.epochs = args.epochs if args.epochs is not None else (1 if tiny else 10)
     args.chips = args.chips if args.chips is not None else (2 if tiny else 20)
     args.seeds = args.seeds if args.seeds is not None else (2 if tiny else 3)
@@ -114,10 +115,11 @@ def command_meta(args, argv: list[str], start: float) -> dict:
     }
 
 
-def scale_meta(args) -> dict:
+def scale_meta(args, provenance: bool = True) -> dict:
+    """The plan's scale for the report's header (with the commit and machine: ``provenance``)."""
+    where = {"commit": git_commit(ROOT), "machine": machine()} if provenance else {}
     return {
-        "commit": git_commit(ROOT),
-        "machine": machine(),
+        **where,
         "chips": args.chips,
         "seeds": args.seeds,
         "sections": [s.name for s in args.sections],
@@ -175,7 +177,7 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
     if overrides:
         raise ConfigError("--report-only", shlex.join(overrides), "takes no Hydra overrides")
     if args.from_published is not None:
-        return from_published(args.from_published, args.report_dir)
+        return from_published(args, args.from_published, args.report_dir)
     out = args.out.resolve()
     if not (out / "manifest.json").is_file():
         why = "holds no trained plan (no manifest.json): run reproduce.py without --report-only"
@@ -189,6 +191,7 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
         "studies_reused": len(studies),
         **scale_meta(args),
     }
+    check_recorded(args, meta, out)
     recorded = meta.get("report_name") or "results"
     name = args.report_name or recorded
     if name != recorded and not args.force:
@@ -204,7 +207,22 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
     return meta
 
 
-def from_published(evidence: Path, report_dir: Path) -> dict:
+def check_recorded(args, meta: dict, out: Path) -> None:
+    """``--report-only`` measures nothing: refuse a plan option that differs from the one the
+    rows under ``out`` were measured with, rather than report them under it silently."""
+    now = {**scale_meta(args, provenance=False), "epochs": f"base epochs {args.epochs}"}
+    for key in sorted(args.given):
+        recorded = meta.get("scale" if key == "epochs" else key)
+        if now[key] != recorded and recorded is not None:
+            show = [",".join(v) if isinstance(v, list) else str(v) for v in (recorded, now[key])]
+            why = (
+                f"the rows under {out} were measured with {show[0]}: --report-only reports "
+                f"what was measured (leave --{key} out, or rerun without --report-only)"
+            )
+            raise ConfigError(f"--{key}", show[1] if isinstance(now[key], list) else now[key], why)
+
+
+def from_published(args, evidence: Path, report_dir: Path) -> dict:
     """``--report-only --from-published EVIDENCE``: the report rendered from a published
     evidence folder alone (``paper.publish``; no checkpoint, data or plan folder); returns the
     record of the command that measured it."""
@@ -214,6 +232,7 @@ def from_published(evidence: Path, report_dir: Path) -> dict:
             "that a report was written with, e.g. docs/results/evidence"
         )
         raise ConfigError("--from-published", str(evidence), why)
+    check_recorded(args, read_json(evidence / REPORT_META), evidence)
     report = render_published(evidence, report_dir)
     print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {evidence}/", flush=True)
     return read_json(evidence / REPORT_META)

@@ -4,11 +4,14 @@ is how its report names the data."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from cimsim import ConfigError
 from cimsim.data import ImageFolderDataModule
-from paper.driver import check_report_name
+from paper.driver import check_recorded, check_report_name
 from paper.excerpt import excerpt, markers, update_readme
 from paper.plan import CORE, STUDY, base_of, planned_runs, restricted, selected
 from paper.report import dataset_name
@@ -82,6 +85,21 @@ def test_report_only_writes_the_report_the_plan_was_measured_for(tmp_path):
     with pytest.raises(ConfigError, match="--report-name.*measured for the report 'sub'"):
         reproduce([*dest, "--report-name", "other"])
     assert not (tmp_path / "d").exists()  # refused before anything is written
+
+    sections = [s.name for s in parse(["--sections", "fig7"])[0].sections]
+    recorded = {"report_name": "sub", "chips": 2, "seeds": 3, "sections": sections}
+    (out / "report.json").write_text(json.dumps(recorded))
+    for option, value in (("--chips", "5"), ("--seeds", "1"), ("--sections", "fig7,hurts")):
+        with pytest.raises(ConfigError, match=f"^{option}=.* were measured with .*leave {option}"):
+            reproduce([*dest, option, value])
+    assert not (tmp_path / "d").exists()
+    args = parse([*dest, "--chips", "2", "--seeds", "3", "--sections", "fig7"])[0]
+    check_recorded(args, recorded, out)  # the recorded values: accepted
+    evidence = tmp_path / "evidence"  # --from-published checks its record alike
+    shutil.copytree(out, evidence)
+    published = ["--report-only", "--from-published", str(evidence), "--report-dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match="^--chips=5 is invalid: the rows under .*evidence"):
+        reproduce([*published, "--chips", "5", "--force"])
 
 
 def test_an_image_folder_is_named_by_its_name_else_its_folder(tmp_path):
