@@ -140,7 +140,7 @@ def _counted(items: list[dict], text) -> str:
     return "; ".join(f"{text(d)} ({d['runs']} trainings)" for d in items)
 
 
-def _data_text(d: dict) -> str:
+def data_text(d: dict) -> str:
     if "missing" in d and "dataset" not in d:
         return f"not recorded ({d['missing']})"
     split = "its own test/ folder" if d["split_seed"] is None else f"split seed {d['split_seed']}"
@@ -245,7 +245,7 @@ def header(ctx: Context) -> str:
             "CI and verdict stands alone: no correction for multiple comparisons is applied, "
             "except where a rule says Holm.",
             "",
-            f"* data: {_counted(facts['data'], _data_text)}",
+            f"* data: {_counted(facts['data'], data_text)}",
             f"* model: {_counted(facts['models'], _model_text)}",
             f"* training: {training_text(ctx)}",
             *_models_line(meta),
@@ -305,14 +305,17 @@ def render_report(ctx: Context) -> str:
 def scope_line(ctx: Context) -> str:
     """One line under each section's heading: its data, model and training seeds."""
     facts = ran_on(ctx)
-    data = "; ".join(
-        f"{d.get('dataset', 'data not recorded')}"
-        + (f" ({d['test']} test images)" if "test" in d else "")
-        for d in facts["data"]
-    )
+    data = "; ".join(scope_data(d) for d in facts["data"])
     models = "; ".join(_model_text(m) for m in facts["models"])
     seeds = f"{ctx.seeds} training seed{'s' * (ctx.seeds > 1)} per model"
     return f"*Ran on: {data}; {models}; {seeds}.*"
+
+
+def scope_data(d: dict) -> str:
+    """A dataset's name and its test-image count, unless the name already gives the count."""
+    name = d.get("dataset", "data not recorded")
+    given = "test" not in d or any(f"{n} test" in name for n in (d["test"], f"{d['test']:,}"))
+    return name if given else f"{name} ({d['test']} test images)"
 
 
 def report_name(meta: dict) -> str:

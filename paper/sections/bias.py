@@ -121,10 +121,11 @@ def _rule(acc, noisy: list[float], trained: bool) -> tuple[list[str], dict[str, 
     return lines, holds
 
 
-def _cross_test(mx: Matrix, noisy: list[float], runs: tuple[str, ...]) -> tuple[str, list[str]]:
+def _cross_test(mx: Matrix, noisy: list[float], runs: tuple[str, ...], every: bool):
     """4b: the matrix at the training sigma (a row per trained model of ``runs``); the digital
-    model's (the old ablation) and the authors' model's differences between tested mappings;
-    what training under the tested mapping adds over the authors' model (all trained)."""
+    model's (the old ablation) and the authors' model's differences between tested mappings
+    (the latter are 4a's rule lines unless ``every`` mapping trained a model); what training
+    under the tested mapping adds over the authors' model (``every``)."""
     trained = {"digital": "digital model", **{mapping_run(*m): name_of(m) for m in MAPPINGS}}
     trained = {r: title for r, title in trained.items() if r in runs}
     body = [
@@ -133,8 +134,9 @@ def _cross_test(mx: Matrix, noisy: list[float], runs: tuple[str, ...]) -> tuple[
     ]
     codes = [f"{SHORT[sc]}/{SHORT[b]}" for sc, b in MAPPINGS]
     table = md_table(["trained under (row), tested under (column)", *codes], body)
-    lines = []
-    for run, who in (("digital", "digital model"), (mapping_run(*AUTHORS), "authors' model")):
+    lines = [] if every else ["* The authors' model: 4a's lines above."]
+    whose = [("digital", "digital model"), (mapping_run(*AUTHORS), "authors' model")]
+    for run, who in whose if every else whose[:1]:
         for sc in SCALES:
             for other in ("unscaled", "per_tensor"):
                 gains = [
@@ -223,7 +225,7 @@ def render(ctx: Context) -> str:
         diag_table, rule_lines, holds = _train_and_test(mx, noisy)
     else:  # the authors' model under every mapping (the design of a plan without those models)
         rule_lines, holds = _rule(lambda m, s: mx.acc(authors, m, s), noisy, trained=False)
-    cross_table, cross_lines = _cross_test(mx, noisy, runs)
+    cross_table, cross_lines = _cross_test(mx, noisy, runs, every)
     ckpt = (
         "its last checkpoint" if ctx.study(study).last else "its validation-chosen best checkpoint"
     )

@@ -14,7 +14,7 @@ from cimsim.data import ImageFolderDataModule
 from paper.driver import check_recorded, check_report_name
 from paper.excerpt import excerpt, markers, update_readme
 from paper.plan import CORE, STUDY, base_of, planned_runs, restricted, selected
-from paper.report import dataset_name
+from paper.report import dataset_name, scope_data
 from reproduce import parse, reproduce
 
 SUBSET = ("digital", "sigma0.05_L4", "sigma0.1_L4", "sigma0.15_L4")
@@ -108,6 +108,9 @@ def test_an_image_folder_is_named_by_its_name_else_its_folder(tmp_path):
     assert dataset_name({**spec, "name": None}) == "image folder `cifar10-subset`"
     named = dataset_name({**spec, "name": "CIFAR-10 subset: batches 1-4"})
     assert named == "CIFAR-10 subset: batches 1-4 (image folder `cifar10-subset`)"
+    counted = "sub: 2,728 train / 1,500 test images"  # the scope line adds a count the name lacks
+    assert scope_data({"dataset": counted, "test": 1500}) == counted
+    assert scope_data({"dataset": "digits", "test": 270}) == "digits (270 test images)"
     for split in ("train", "val"):
         for c in ("a", "b"):
             (tmp_path / split / c).mkdir(parents=True)
