@@ -20,7 +20,7 @@ from paper.excerpt import markers
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 REPORT = ROOT / "docs" / "results.md"
-REPORTS = ("results",)  # docs/<name>.md, each quoted in the README
+REPORTS = ("results", "results_cifar10_subset")  # docs/<name>.md, each quoted in the README
 MAX_LINES = 250
 BEGIN, END = "<!-- results-excerpt:begin -->", "<!-- results-excerpt:end -->"
 MARKER = re.compile(r"<!-- ([A-Za-z0-9_-]+)-excerpt:(begin|end) -->")
@@ -35,6 +35,7 @@ ALLOWED = (
     "WRN-28-10",
     "CIFAR-100",  # ... and datasets' names
     "CIFAR-10",
+    "results_cifar10_subset",  # the second report's name (docs/results_cifar10_subset.md)
     "Fig. 5",  # the paper's figure numbers
     "Fig. 7",
     "Fig. 8",

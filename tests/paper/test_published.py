@@ -25,7 +25,7 @@ from reproduce import reproduce
 
 SECTIONS = "fig7,pcm"  # the tiny plan: a seeded table of verdicts and a time sweep
 DOCS = ROOT / "docs"
-COMMITTED = ("results",)  # docs/<name>.md with docs/<name>/evidence/
+COMMITTED = ("results", "results_cifar10_subset")  # docs/<name>.md with docs/<name>/evidence/
 
 
 def verdicts(text: str) -> list[str]:
