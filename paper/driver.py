@@ -210,10 +210,14 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
 def check_recorded(args, meta: dict, out: Path) -> None:
     """``--report-only`` measures nothing: refuse a plan option that differs from the one the
     rows under ``out`` were measured with, rather than report them under it silently."""
-    now = {**scale_meta(args, provenance=False), "epochs": f"base epochs {args.epochs}"}
+    now = scale_meta(args, provenance=False)
+    now["epochs"] = now["scale"]  # "base epochs N", or a --tiny plan's scale
     for key in sorted(args.given):
         recorded = meta.get("scale" if key == "epochs" else key)
-        if now[key] != recorded and recorded is not None:
+        if recorded is None:
+            continue
+        same = sorted(now[key]) == sorted(recorded) if key == "models" else now[key] == recorded
+        if not same:
             show = [",".join(v) if isinstance(v, list) else str(v) for v in (recorded, now[key])]
             why = (
                 f"the rows under {out} were measured with {show[0]}: --report-only reports "

@@ -95,6 +95,11 @@ def test_report_only_writes_the_report_the_plan_was_measured_for(tmp_path):
     assert not (tmp_path / "d").exists()
     args = parse([*dest, "--chips", "2", "--seeds", "3", "--sections", "fig7"])[0]
     check_recorded(args, recorded, out)  # the recorded values: accepted
+    models = {**recorded, "models": ["digital", "sigma0.1_L4"]}
+    cut = ["--sections", "fig7", "--models", "sigma0.1_L4,digital", "--report-name", "m"]
+    check_recorded(parse([*dest, *cut])[0], models, out)  # the same models in another order
+    tiny = {**recorded, "scale": "tiny (smoke test)"}
+    check_recorded(parse([*dest, "--tiny", "--epochs", "1", "--force"])[0], tiny, out)
     evidence = tmp_path / "evidence"  # --from-published checks its record alike
     shutil.copytree(out, evidence)
     published = ["--report-only", "--from-published", str(evidence), "--report-dir", str(tmp_path)]
