@@ -140,7 +140,7 @@ def _counted(items: list[dict], text) -> str:
     return "; ".join(f"{text(d)} ({d['runs']} trainings)" for d in items)
 
 
-def data_text(d: dict) -> str:
+def _data_text(d: dict) -> str:
     if "missing" in d and "dataset" not in d:
         return f"not recorded ({d['missing']})"
     split = "its own test/ folder" if d["split_seed"] is None else f"split seed {d['split_seed']}"
@@ -245,7 +245,7 @@ def header(ctx: Context) -> str:
             "CI and verdict stands alone: no correction for multiple comparisons is applied, "
             "except where a rule says Holm.",
             "",
-            f"* data: {_counted(facts['data'], data_text)}",
+            f"* data: {_counted(facts['data'], _data_text)}",
             f"* model: {_counted(facts['models'], _model_text)}",
             f"* training: {training_text(ctx)}",
             *_models_line(meta),
