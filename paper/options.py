@@ -95,7 +95,8 @@ def parse(argv: list[str], doc: str) -> tuple[argparse.Namespace, list[str]]:
         "--report-only",
         action="store_true",
         help="re-render the report from the rows and records already under --out (trains "
-        "and measures nothing)",
+        "and measures nothing; --epochs/--chips/--seeds/--sections/--models, if given, must be "
+        "those the rows were measured with)",
     )
     parser.add_argument(
         "--from-published",
