@@ -152,6 +152,41 @@ def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
     assert (out - ref).abs().max().item() <= shape[1] * step + 1e-4
 
 
+def test_no_draw_is_larger_than_z_max():
+    """The tail skips the mask where ``|y| <= b - Z_MAX * out_noise * unit``: that needs every
+    draw within ``Z_MAX``. Box-Muller's radius is largest at the smallest ``u1`` (``2^-32``), and
+    the largest of a million draws is, as it must be, well inside."""
+    assert math.sqrt(-2.0 * math.log(2.0**-32)) < draws.Z_MAX < 6.67
+    assert draws.normal_like(torch.empty(1 << 20), draws.stream(5)).abs().max() < draws.Z_MAX
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_mask_is_skipped_only_where_no_draw_can_clip(compiled, monkeypatch):
+    """Partial sums ``2 sigma`` inside the range's end clip only through their noise (about
+    2 % of them): the tail must still return the exact mask. Partial sums more than ``Z_MAX``
+    noise stds inside can never clip: no mask (the dense gradient)."""
+    if not compiled:
+        monkeypatch.setenv("CIMSIM_COMPILE", "0")
+    g = torch.Generator().manual_seed(3)
+    shape = (64, 3, 16, 24, 24) if compiled else (8, 3, 8, 6, 6)  # above COMPILE_MIN or not
+    sign = torch.randint(0, 2, shape, generator=g) * 2.0 - 1
+    unit = torch.rand(shape[0], shape[1], 1, *shape[3:], generator=g) + 0.5
+    sigma, bound, key = 0.04, 2.0, draws.stream(7)
+    near = sign * unit * (bound - 2 * sigma)
+    _, inside = fused.fused_tail(near.clone(), unit, out_noise=sigma, bound=bound, levels=255,
+                                 key=key)  # fmt: skip
+    _, ref_inside = _tail_reference(near, unit, key, sigma, bound, 255, torch.ones(1))
+    assert 0.01 < 1 - ref_inside.float().mean().item() < 0.04  # P(xi > 2) = 2.3 %
+    assert inside is not None and (inside != ref_inside).float().mean().item() < 1e-4
+    far = near * (bound - 6.7 * sigma) / (bound - 2 * sigma)
+    _, inside = fused.fused_tail(far.clone(), unit, out_noise=sigma, bound=bound, levels=255,
+                                 key=key)  # fmt: skip
+    assert inside is None
+    assert _tail_reference(far, unit, key, sigma, bound, 255, torch.ones(1))[1].all()
+    if compiled:
+        assert fused._tail in cmp._COMPILED
+
+
 def test_rows_of_noisy_reads_name_their_generator():
     """Rows measured with another noise generator must not mix with these: the row settings of
     a chip that draws output or read noise name the generator (``readout_draws``)."""

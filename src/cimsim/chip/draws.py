@@ -43,6 +43,9 @@ _MIX1 = _signed(0xBF58476D1CE4E5B9)
 _MIX2 = _signed(0x94D049BB133111EB)
 _LOW32 = (1 << 32) - 1
 _TWO_PI = 2.0 * math.pi
+# No draw exceeds this in magnitude: Box-Muller's radius is at most sqrt(-2 ln 2^-32), since
+# u1 >= 2^-32 (6.6604...; the cosine's factor is at most 1, and float32 rounding adds < 1e-6).
+Z_MAX = 6.661
 EAGER_CHUNK = 1 << 20  # draws per eager chunk (a compiled pass computes them in registers)
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from cimsim.chip import compiled
-from cimsim.chip.draws import _gaussian, new_key
+from cimsim.chip.draws import Z_MAX, _gaussian, new_key
 
 
 def _grid(y, b, levels: int):
@@ -40,16 +40,24 @@ def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tup
     """The tile tail as one expression: ``y`` (B, T, ...) plus ``out_noise * unit * xi``,
     clipped to ``[-b, b]`` with ``b = bound * unit`` and, with ``levels``, on its grid (see
     ``cimsim.chip.periphery.quantize_``), times ``alpha``, summed over the tiles (dim 1);
-    with ``count``, also how many of each output's partial sums fell outside ``[-b, b]``.
-    Computed in the memory order ``order`` of ``y``; the results are views in logical order."""
-    y, b = _noisy(y, unit, key, out_noise, bound, order)
-    q = torch.minimum(torch.maximum(y, -b), b) if levels is None else _grid(y, b, levels)
+    with ``count``, also how many of each output's partial sums may have fallen outside
+    ``[-b, b]``: those with ``|y| > b - Z_MAX * out_noise * unit`` (no draw is larger than
+    ``Z_MAX``; less a relative 2^-20 for rounding), a bound computed from ``y`` alone, so that
+    the noisy partial sums have one user and stay in registers. Computed in the memory order
+    ``order`` of ``y``; the results are views in logical order."""
+    noisy, b = _noisy(y, unit, key, out_noise, bound, order)
+    q = torch.minimum(torch.maximum(noisy, -b), b) if levels is None else _grid(noisy, b, levels)
     if alpha is not None:
         q = q * alpha.permute(order)
     tiles = order.index(1)
     rest = [d - (d > 1) for d in order if d != 1]  # the output's dims in memory order
     back = [rest.index(d) for d in range(len(rest))]  # their inverse permutation
-    outside = ((y < -b) | (y > b)).to(torch.float32).sum(dim=tiles) if count else None
+    outside = None
+    if count:
+        margin = b * (1 - 2**-20)  # and float32 rounding of the noisy sum
+        if key is not None:
+            margin = margin - unit.permute(order) * (Z_MAX * out_noise)
+        outside = (y.permute(order).abs() > margin).to(torch.float32).sum(dim=tiles)
     return q.sum(dim=tiles).permute(back), None if outside is None else outside.permute(back)
 
 
@@ -93,9 +101,10 @@ def fused_tail(
             mask): computed only when some value clipped.
 
     Returns:
-        ``(sum over tiles, inside)``: ``inside`` is None when nothing clipped or ``mask`` is
-        false. The mask, when needed, is a second pass over the same draws (a counter-based
-        stream replays exactly), so the common case writes nothing ``T`` times larger.
+        ``(sum over tiles, inside)``: ``inside`` is None when nothing can have clipped (no
+        partial sum within ``Z_MAX`` noise stds of the range's ends) or ``mask`` is false. The
+        mask, when needed, is a second pass over the same draws (a counter-based stream replays
+        exactly), so the common case writes nothing ``T`` times larger.
     """
     noise_key = None
     if out_noise > 0:
