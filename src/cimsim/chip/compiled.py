@@ -29,8 +29,8 @@ _RECOMPILE_LIMIT = 64
 # Inductor stores an elementwise result in a buffer of its own once its expression exceeds 50
 # operations (its CPU default). The tile tail's noisy partial sums (the draws alone are about 40)
 # would then be written out and read back by the sum over the tiles: kept fused, they stay in
-# registers. (It still stores them when they have two users, as with the tail's count of clipped
-# values in training: an expression with a log is not computed twice.)
+# registers. (It would still store them if they had two users: an expression with a log is not
+# computed twice. That is why the tail's count of possibly clipped values reads the clean sums.)
 _OPTIONS = {"realize_opcount_threshold": 1000}
 
 _COMPILED: dict[Callable, Callable] = {}
