@@ -50,18 +50,23 @@ def by_hand(layer: nn.Module, x: torch.Tensor, tile_rows: int, dac: int, adc: in
             big = x[:, sl].abs().amax(dim=(1, 2, 3), keepdim=True)
             big = torch.where(big > 0, big, torch.ones_like(big))
             xq[:, sl] = quantize(x[:, sl] / big, torch.tensor(1.0), dac) * big
-        x, dac = xq, None
-        patches = F.unfold(x, w.shape[2:], padding=layer.padding, stride=layer.stride)
-        rows = [slice(sl.start * k, sl.stop * k) for sl in chans]  # (B, C k k, L): channel-major
-        vectors = patches.transpose(1, 2)  # (B, L, C k k)
-        weights = w.flatten(1)
+        raw, x, dac = x, xq, None
+
+        def unfold(t):  # (B, L, C k k): each output position's patch, channel-major
+            return F.unfold(t, w.shape[2:], padding=layer.padding, stride=layer.stride).mT
+
+        rows = [slice(sl.start * k, sl.stop * k) for sl in chans]
+        vectors, raw_vectors, weights = unfold(x), unfold(raw), w.flatten(1)
     else:
         chans = rows = tiles_of(w.shape[1], tile_rows)
         vectors, weights = x.unsqueeze(1), w  # (N, 1, C)
+        raw_vectors = vectors
     out = 0
     for sl, r in zip(chans, rows, strict=True):
         v = vectors[..., r]
-        s = v.abs().amax(dim=-1, keepdim=True)
+        # The unit's scale: the vector's max |x| before the DAC (aihwkit's abs_max divides the
+        # raw vector); for a conv, not the max of the image-quantized patch.
+        s = raw_vectors[..., r].abs().amax(dim=-1, keepdim=True)
         s = torch.where(s > 0, s, torch.ones_like(s))
         w_t = weights[:, r]
         w_max = w_t.abs().max()

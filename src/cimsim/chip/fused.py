@@ -126,14 +126,16 @@ def _to_rank(t: torch.Tensor, dims: int) -> torch.Tensor:
 
 
 def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
-    """``group_inputs`` as one expression."""
-    width, parts, start = max(sizes), [], 0
-    dims = tuple(range(1, x.dim()))
+    """``group_inputs`` as one expression: one read of ``x`` for each pixel's max ``|x|`` per
+    tile (the vector's, for a Linear), another for the grouped, quantized inputs."""
+    width, parts, pixels, start = max(sizes), [], [], 0
     for size in sizes:
         part = x.narrow(1, start, size)
         start += size
-        if levels is not None:  # the per-vector DAC: each vector's own max |x| over the tile
-            b = part.abs().amax(dim=dims, keepdim=True)
+        pixel = part.abs().amax(dim=1, keepdim=True)  # (B, 1, ...): each pixel's max |x|
+        pixels.append(pixel)
+        if levels is not None:  # the per-vector DAC: the image's (vector's) max |x| in the tile
+            b = pixel.amax(dim=tuple(range(2, x.dim())), keepdim=True) if x.dim() > 2 else pixel
             part = _grid(part, torch.where(b > 0, b, torch.ones_like(b)), levels)
         if size < width:
             part = F.pad(part, [0, 0] * (x.dim() - 2) + [0, width - size])
@@ -143,11 +145,11 @@ def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
         xg = xg.contiguous(memory_format=torch.channels_last)
     if not peaks:
         return xg, None
-    m = xg.abs().unflatten(1, (len(sizes), width))
-    m = m.amax(dim=2) if pool is not None else m.amax(dim=2, keepdim=True)
+    m = torch.cat(pixels, dim=1) if len(pixels) > 1 else pixels[0]  # (B, T, ...)
     if pool is not None:  # a conv's vector: the patch of one output position (zeros padded)
         kernel, stride, pads, dilation = pool
-        m = F.max_pool2d(F.pad(m, pads), kernel, stride, 0, dilation).unsqueeze(2)
+        m = F.max_pool2d(F.pad(m, pads), kernel, stride, 0, dilation)
+    m = m.unsqueeze(2)
     return xg, torch.where(m > 0, m, torch.ones_like(m))
 
 
@@ -171,11 +173,12 @@ def group_inputs(
         pool: a conv's ``(kernel, stride, pads, dilation)`` (``pads`` as ``F.pad``'s, the last
             dim first): the scale of each output position's patch is the max over its window of
             the zero-padded input; None for a Linear.
-        peaks: whether to return the scales.
+        peaks: whether to return the scales (each vector's max ``|x|`` before the DAC, as
+            aihwkit's ``abs_max`` noise management divides it).
         channels_last: lay the grouped conv input out channels-last.
 
     Returns:
-        ``(xg, s)``: ``xg`` ``(B, T*w, ...)``; ``s`` each vector's max ``|x|`` per tile after
+        ``(xg, s)``: ``xg`` ``(B, T*w, ...)``; ``s`` each vector's max ``|x|`` per tile before
         the DAC, ``(B, T, 1, ...)`` (zeros read as 1), or None.
     """
     return compiled.run(_group, x, x, tuple(sizes), levels, pool, peaks, channels_last)
