@@ -70,6 +70,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -425,6 +426,21 @@ def print_report(summary: dict, times: dict, memory: dict, meta: dict) -> None:
     print(f"\naihwkit-lightning: {meta['aihwkit_lightning']}\ncimsim measured: {meta['cimsim']}")
 
 
+def _commit(where: Path) -> str:
+    """The measured checkout's commit (``+dirty`` with uncommitted changes), or ``unknown``."""
+    try:
+
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=where, capture_output=True, text=True,
+                                  check=True, timeout=30).stdout.strip()  # fmt: skip
+
+        return git("rev-parse", "--short", "HEAD") + (
+            "+dirty" if git("status", "--porcelain") else ""
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
 def describe(args, ahl_status: str) -> dict:
     """The workload in words and the environment, for the table and the JSON."""
     threads = f", torch.set_num_threads({args.threads})" if args.device == "cpu" else ""
@@ -436,6 +452,8 @@ def describe(args, ahl_status: str) -> dict:
         ),
         "aihwkit_lightning": ahl_status,
         "cimsim": str(Path(cimsim.__file__).parent),  # which checkout was measured
+        "commit": _commit(Path(cimsim.__file__).parent),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.processor() or platform.machine(),
@@ -445,6 +463,7 @@ def describe(args, ahl_status: str) -> dict:
 
 
 def main(argv=None) -> dict:
+    start = time.perf_counter()
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available")
@@ -468,6 +487,8 @@ def main(argv=None) -> dict:
     memory["digital"] = step_memory(bench, bench.digital, 1)
     summary = summarize(times, memory, args)
     print_report(summary, times, memory, meta)
+    meta["wall_s"] = time.perf_counter() - start
+    meta["argv"] = list(sys.argv[1:] if argv is None else argv)
     result = {**meta, **summary, "peak_step_bytes": memory, "seconds": times}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
