@@ -22,6 +22,7 @@ from torch import nn
 
 from cimsim.chip.convert import analog_layers
 from cimsim.chip.noise import noise_scales
+from cimsim.training.checkpoint import load_module
 from cimsim.training.classifier import AnalogClassifier
 from paper.markdown import md_table
 
@@ -122,7 +123,7 @@ def layer_ranges(net: nn.Module, scale: str) -> list[LayerRanges]:
 @functools.lru_cache(maxsize=16)
 def checkpoint_ranges(path: str, scale: str) -> tuple[LayerRanges, ...]:
     """``layer_ranges`` of a ``train.py`` checkpoint's network (loaded as evaluate.py does)."""
-    model = AnalogClassifier.load_from_checkpoint(path, map_location="cpu", weights_only=True)
+    model = load_module(AnalogClassifier, path, map_location="cpu", weights_only=True)
     return tuple(layer_ranges(model.net.eval(), scale))
 
 

@@ -520,3 +520,22 @@ def test_wandb_curves_are_the_figures_lines(checkpoints, tmp_path):
             line = expected.setdefault((s["model"], float(s["sigma"])), [])
             line.append((int(s["adc_levels"]), float(s["acc_mean"])))
     assert sorted(series.values()) == sorted(expected.values())
+
+
+def test_checkpoints_load_without_walking_the_call_stack(checkpoints, monkeypatch):
+    """``load_module`` is ``load_from_checkpoint`` (the same weights and chip) without
+    Lightning's instance guard, whose ``inspect.stack()`` reads every frame's source file."""
+    from cimsim.training.checkpoint import load_module
+
+    ref = AnalogClassifier.load_from_checkpoint(checkpoints[1], weights_only=True)
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("inspect.stack() was called")
+
+    monkeypatch.setattr("inspect.stack", no_stack)
+    got = load_module(AnalogClassifier, checkpoints[1], weights_only=True)
+    assert got.chip == ref.chip
+    for (name, a), (_, b) in zip(got.state_dict().items(), ref.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with pytest.raises(AssertionError, match="inspect.stack"):
+        AnalogClassifier.load_from_checkpoint(checkpoints[1], weights_only=True)

@@ -16,6 +16,7 @@ from cimsim.cli.chip import check_variant_devices, chip_variants, override_chip
 from cimsim.robustness.grid import RobustnessGrid
 from cimsim.robustness.measure import check_fault_sweep, check_time_sweep
 from cimsim.robustness.study import Subject
+from cimsim.training.checkpoint import load_module
 from cimsim.training.classifier import AnalogClassifier
 from cimsim.training.methods import model_subject
 from cimsim.validation import config_scope
@@ -77,9 +78,7 @@ def load_subject(
 
     def load(**chip) -> AnalogClassifier:
         stream = io.BytesIO(data)
-        return AnalogClassifier.load_from_checkpoint(
-            stream, map_location=device, weights_only=True, **chip
-        )
+        return load_module(AnalogClassifier, stream, map_location=device, weights_only=True, **chip)
 
     try:
         model = load()

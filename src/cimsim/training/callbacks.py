@@ -14,7 +14,7 @@ from cimsim.robustness.measure import evaluate_robustness
 from cimsim.robustness.study import Evaluation, run_study
 from cimsim.robustness.summary import format_summary
 from cimsim.tracking import log_robustness
-from cimsim.training.checkpoint import datamodule_spec
+from cimsim.training.checkpoint import datamodule_spec, load_module
 from cimsim.training.hessian import clean_hessian_traces
 from cimsim.training.methods import model_subject
 from cimsim.validation import check_int
@@ -119,9 +119,7 @@ class RobustnessMonitor(pl.Callback):
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         module = (
-            type(pl_module).load_from_checkpoint(
-                best, map_location=pl_module.device, weights_only=True
-            )
+            load_module(type(pl_module), best, map_location=pl_module.device, weights_only=True)
             if best
             else pl_module
         )

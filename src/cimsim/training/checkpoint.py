@@ -25,6 +25,15 @@ from omegaconf import OmegaConf
 
 from cimsim.validation import ConfigError
 
+
+def load_module(cls: type[pl.LightningModule], source, **kwargs) -> pl.LightningModule:
+    """``cls.load_from_checkpoint(source, **kwargs)``, without Lightning's guard against calls on
+    an instance: to tell whether TorchScript is compiling, that guard runs ``inspect.stack()``,
+    which reads the source file of every frame of the call stack at every load (0.1 s and more
+    under a deep stack; a report loads hundreds of checkpoints). Here it is always a class."""
+    return cls.load_from_checkpoint.__func__(cls, source, **kwargs)
+
+
 RUN = "run"  # the checkpoint key of the run record
 # Keys a resume may change without resume_overrides=allow: where to resume from, how long to
 # train, Hydra's own settings, where files go, and whether W&B is online.

@@ -16,6 +16,7 @@ from cimsim.chip.config import AnalogConfig
 from cimsim.chip.noise import antithetic as antithetic_draws
 from cimsim.robustness.grid import RobustnessGrid
 from cimsim.robustness.study import Subject, subject_label
+from cimsim.training.checkpoint import load_module
 from cimsim.training.distill import distillation_loss
 from cimsim.training.hasgd import frozen_running_stats, sam_ascent
 from cimsim.training.method import (
@@ -326,8 +327,8 @@ class Distill(TrainingMethod):
 
     def on_fit_start(self, m, module):
         if m.teacher and module.__dict__.get("teacher") is None:
-            teacher = type(module).load_from_checkpoint(
-                m.teacher, map_location=module.device, weights_only=True
+            teacher = load_module(
+                type(module), m.teacher, map_location=module.device, weights_only=True
             )
             module.__dict__["teacher"] = teacher.net.eval().requires_grad_(False)  # no chip
 
