@@ -435,7 +435,7 @@ def _commit(where: Path) -> str:
                                   check=True, timeout=30).stdout.strip()  # fmt: skip
 
         return git("rev-parse", "--short", "HEAD") + (
-            "+dirty" if git("status", "--porcelain") else ""
+            "+dirty" if git("status", "--porcelain", "--untracked-files=no") else ""
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
