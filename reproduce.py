@@ -48,7 +48,6 @@ import sys
 import time
 
 from cimsim import ConfigError
-from cimsim.memory import retain_freed_memory
 from paper import options
 from paper.configs import compose_cfg  # noqa: F401  (tests/conftest.py composes with it)
 from paper.driver import report_only, run_plan
@@ -71,7 +70,6 @@ def reproduce(argv: list[str]) -> dict:
 
 def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
-    retain_freed_memory()
     try:
         reproduce(sys.argv[1:])
     except ConfigError as err:

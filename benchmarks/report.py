@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -22,11 +23,12 @@ GUIDE = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 
 def render(result: dict) -> str:
     """The command, machine, date and wall time; the variants' times; the ratios and targets."""
-    command = " ".join(["python benchmarks/run.py", *result.get("argv", [])])
+    command = shlex.join(["python", "benchmarks/run.py", *result.get("argv", [])])
     lines = [
-        f"`{command}` on {result['cpu_count']} CPUs ({result['machine']}), {result['date']}, "
-        f"commit {result['commit']}, torch {result['torch']}; wall time "
-        f"{result['wall_s'] / 60:.1f} min. {result['workload']}; {result['malloc']}. "
+        f"`{command}` on {result['cpu_count']} CPUs ({result['machine']}), "
+        f"{result.get('date', 'date not recorded')}, "
+        f"commit {result.get('commit', 'unknown')}, torch {result['torch']}; wall time "
+        f"{result.get('wall_s', float('nan')) / 60:.1f} min. {result['workload']}. "
         f"aihwkit-lightning: {result['aihwkit_lightning']}.",
         "",
         "| variant | median ms | min ms | max ms |",

@@ -53,10 +53,6 @@ trace carries on its ``[memory]`` events; the peak is its largest value minus it
 the first event. With L samples the gradients of the first sample stay allocated while
 the next one runs, so L > 1 costs one set of gradients more than L = 1, and no more.
 
-Memory: the run keeps freed memory for reuse, as the entry points do (``cimsim.memory``;
-``CIMSIM_MALLOC=system`` measures with glibc's defaults, where every large tensor faults its
-pages in again); the JSON's ``malloc`` says which.
-
 Noise: the machine may be shared. Min and max are printed next to the median; a ratio that
 misses its target by a few percent with a wide min-max spread is worth a second run.
 """
@@ -83,7 +79,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import cimsim
-from cimsim.memory import retain_freed_memory
 from cimsim.training.hasgd import hasgd_backward
 from cimsim.training.hessian import hessian_traces
 from cimsim.training.schedule import NoiseSchedule
@@ -469,7 +464,6 @@ def main(argv=None) -> dict:
         sys.exit("--device cuda: no CUDA device is available")
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    retained = retain_freed_memory()  # as the entry points do; every variant in this one process
     bench = Bench(args)
     variants = bench.variants()
     ahl_status = "skipped (--no-aihwkit)"
@@ -481,7 +475,6 @@ def main(argv=None) -> dict:
             if tiled is not None:
                 variants["aihwkit-lightning tiled step"] = tiled
     meta = describe(args, ahl_status)
-    meta["malloc"] = "freed memory retained (cimsim.memory)" if retained else "glibc's defaults"
     times = time_interleaved(variants, bench.device, args.repeats, args.warmup)
     memory = {f"analog L={L}": step_memory(bench, bench.analog, L) for L in args.L}
     memory["digital"] = step_memory(bench, bench.digital, 1)

@@ -15,7 +15,6 @@ SRC = ROOT / "src"
 LAYERS = {
     "cimsim.validation": 0,
     "cimsim.files": 0,
-    "cimsim.memory": 0,
     "cimsim.data": 0,
     "cimsim": 1,
     "cimsim.chip": 1,

@@ -154,10 +154,35 @@ def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
 
 def test_no_draw_is_larger_than_z_max():
     """The tail skips the mask where ``|y| <= b - Z_MAX * out_noise * unit``: that needs every
-    draw within ``Z_MAX``. Box-Muller's radius is largest at the smallest ``u1`` (``2^-32``), and
-    the largest of a million draws is, as it must be, well inside."""
-    assert math.sqrt(-2.0 * math.log(2.0**-32)) < draws.Z_MAX < 6.67
-    assert draws.normal_like(torch.empty(1 << 20), draws.stream(5)).abs().max() < draws.Z_MAX
+    draw within ``Z_MAX``. Box-Muller's largest draw is at counter 0 (SplitMix64's mix keeps 0:
+    ``u1 = 2^-32``, ``u2 = 0``), eager and compiled, and no larger than ``Z_MAX``."""
+    zero = torch.zeros(1 << 18, dtype=torch.int64)  # COMPILE_MIN elements
+    eager = draws._box_muller(zero)
+    compiled_ = torch.compile(draws._box_muller)(zero)
+    largest = math.sqrt(-2.0 * math.log(2.0**-32))
+    for got in (eager, compiled_):
+        assert got.max().item() == pytest.approx(largest, rel=1e-6)
+        assert got.max().item() < draws.Z_MAX < 6.67
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_the_largest_draw_decides_the_mask_at_the_bound(compiled, monkeypatch):
+    """The stream whose element 0 gets counter 0 draws the largest value there. A partial sum
+    just inside ``b - (largest - 1e-3) sigma u`` clips through it: the mask is returned, that
+    element outside; one just inside ``b - Z_MAX sigma u`` cannot clip: no mask."""
+    if not compiled:
+        monkeypatch.setenv("CIMSIM_COMPILE", "0")
+    shape = (64, 3, 16, 24, 24) if compiled else (8, 3, 8, 6, 6)
+    key = draws.stream((-draws._GAMMA) % 2**64)  # counter of element i: (i + 1) gamma + key
+    largest = math.sqrt(-2.0 * math.log(2.0**-32))
+    unit, sigma, bound = torch.ones(shape[0], shape[1], 1, *shape[3:]), 0.04, 2.0
+    y = torch.zeros(shape)  # every other partial sum far inside
+    y.view(-1)[0] = bound - (largest - 1e-3) * sigma
+    _, inside = fused.fused_tail(y, unit, out_noise=sigma, bound=bound, levels=255, key=key)
+    assert inside is not None and not inside.reshape(-1)[0] and inside.reshape(-1)[1:].all()
+    y.view(-1)[0] = bound - 6.6615 * sigma
+    _, inside = fused.fused_tail(y, unit, out_noise=sigma, bound=bound, levels=255, key=key)
+    assert inside is None
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -98,7 +98,7 @@ def fused_tail(
         alpha: a gain on each digitized partial sum (drift compensation), broadcastable.
         key: the stream of the output noise (a fresh one from the global generator when None).
         mask: also say where the noisy partial sums were inside the range (the gradient's
-            mask): computed only when some value clipped.
+            mask): computed only when some value may have clipped.
 
     Returns:
         ``(sum over tiles, inside)``: ``inside`` is None when nothing can have clipped (no

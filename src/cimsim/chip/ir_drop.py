@@ -4,7 +4,9 @@ The steady-state voltage drop along each output wire of a tile, as aihwkit 1.2.0
 pass models it (``src/rpucuda/rpu_forward_backward_pass.cpp``, ``applyIrDrop``, called from
 ``applyNonIdealities`` right after the analog product, before the weight read noise, the output
 noise and the ADC). In the tile's normalized units (weights over the tile's ``w_max = max |W|``,
-inputs over their scale ``s_x``, both in ``[-1, 1]``), for output ``i`` of an ``n``-row tile:
+inputs over their scale ``s_x``; the weights in ``[-1, 1]``, the inputs too except on a conv, whose
+DAC grid is its image's and ``s_x`` its patch's raw max, so a rounded-up input can exceed 1 by
+half a DAC step over ``s_x``), for output ``i`` of an ``n``-row tile:
 
     a_i = n / g_ratio * sum_j |w_ij| |x_j|                  (the output's total input current)
     c_i = a_i (a_i (0.05 a_i - 0.2) + 0.5)                  (aihwkit's fit of the drop to it)

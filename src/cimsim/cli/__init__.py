@@ -9,7 +9,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from cimsim.memory import retain_freed_memory
 from cimsim.validation import ConfigError, discard_failed_run
 
 
@@ -31,9 +30,7 @@ def register() -> None:
 
 def run(task: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """``task(cfg)``; a ``ConfigError`` ends the process with one line on stderr and exit status
-    2, and a run that never started leaves no empty folder behind. Freed memory is kept for
-    reuse first (``cimsim.memory``)."""
-    retain_freed_memory()
+    2, and a run that never started leaves no empty folder behind."""
     try:
         return task(cfg)
     except ConfigError as err:

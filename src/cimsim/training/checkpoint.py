@@ -13,8 +13,9 @@ its code.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytorch_lightning as pl
@@ -25,13 +26,17 @@ from omegaconf import OmegaConf
 
 from cimsim.validation import ConfigError
 
+M = TypeVar("M", bound=pl.LightningModule)
 
-def load_module(cls: type[pl.LightningModule], source, **kwargs) -> pl.LightningModule:
+
+def load_module(cls: type[M], source, **kwargs) -> M:
     """``cls.load_from_checkpoint(source, **kwargs)``, without Lightning's guard against calls on
     an instance: to tell whether TorchScript is compiling, that guard runs ``inspect.stack()``,
-    which reads the source file of every frame of the call stack at every load (0.1 s and more
-    under a deep stack; a report loads hundreds of checkpoints). Here it is always a class."""
-    return cls.load_from_checkpoint.__func__(cls, source, **kwargs)
+    which looks up the source line of every frame of the call stack at every load (0.1 s and
+    more under a deep stack; a report loads hundreds of checkpoints). Here it is always a class.
+    The method is read from the class statically: a classmethod (Lightning's guarded subclass
+    included) keeps the plain function in ``__func__``."""
+    return inspect.getattr_static(cls, "load_from_checkpoint").__func__(cls, source, **kwargs)
 
 
 RUN = "run"  # the checkpoint key of the run record
