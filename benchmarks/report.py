@@ -62,11 +62,12 @@ def publish(result_path: Path, target: Path, guide: Path = GUIDE) -> None:
     found = block(text, target.stem)
     if found is None:
         raise SystemExit(f"{guide} has no <!-- benchmark:{target.stem}:begin/end --> block")
+    rendered = render(result)  # before anything is written: a malformed result changes nothing
     target.parent.mkdir(parents=True, exist_ok=True)
     if result_path.resolve() != target.resolve():
         shutil.copyfile(result_path, target)
     begin, end = found.span(1)
-    guide.write_text(text[:begin] + render(result) + "\n" + text[end:])
+    guide.write_text(text[:begin] + rendered + "\n" + text[end:])
     print(f"wrote {target} and its block in {guide}")
 
 

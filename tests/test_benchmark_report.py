@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import statistics
 
 import pytest
 
@@ -36,8 +37,31 @@ def test_the_guides_block_is_the_rendering_of_its_json(path):
     assert found.group(1) == report.render(json.loads(path.read_text())) + "\n"
 
 
+@pytest.mark.parametrize("path", PUBLISHED, ids=lambda p: p.stem)
+def test_the_published_ratios_follow_from_its_timings(path):
+    """The medians are those of the per-round seconds, and each ratio that names two rows is
+    their quotient (``met`` against its target): a hand-edited JSON fails here."""
+    result = json.loads(path.read_text())
+    ms = result["median_ms"]
+    for name, seconds in result["seconds"].items():
+        assert ms[name] == pytest.approx(1e3 * statistics.median(seconds), rel=1e-12)
+    pairs = {
+        "tiled step / digital step": ("tiled step L=1", "digital step"),
+        "tiled chip eval / digital eval": ("tiled chip eval", "digital eval"),
+        "chip eval / digital eval": ("chip eval", "digital eval"),
+    }
+    for r in result["ratios"]:
+        if r["ratio"] in pairs:
+            a, b = pairs[r["ratio"]]
+            assert r["value"] == pytest.approx(ms[a] / ms[b], rel=1e-12)
+        op, limit = r["target"].split()
+        assert r["met"] == (
+            r["value"] >= float(limit) if op == ">=" else r["value"] <= float(limit)
+        )
+
+
 def test_every_block_of_the_guide_has_its_json():
-    names = re.findall(r"<!-- benchmark:(\w+):begin -->", report.GUIDE.read_text())
+    names = re.findall(r"<!-- benchmark:([\w.-]+):begin -->", report.GUIDE.read_text())
     assert names and sorted(names) == [p.stem for p in PUBLISHED]
 
 

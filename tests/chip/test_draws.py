@@ -156,7 +156,7 @@ def test_no_draw_is_larger_than_z_max():
     """The tail skips the mask where ``|y| <= b - Z_MAX * out_noise * unit``: that needs every
     draw within ``Z_MAX``. Box-Muller's largest draw is at counter 0 (SplitMix64's mix keeps 0:
     ``u1 = 2^-32``, ``u2 = 0``), eager and compiled, and no larger than ``Z_MAX``."""
-    zero = torch.zeros(1 << 18, dtype=torch.int64)  # COMPILE_MIN elements
+    zero = torch.zeros(1 << 18, dtype=torch.int64)
     eager = draws._box_muller(zero)
     compiled_ = torch.compile(draws._box_muller)(zero)
     largest = math.sqrt(-2.0 * math.log(2.0**-32))
@@ -175,12 +175,15 @@ def test_the_largest_draw_decides_the_mask_at_the_bound(compiled, monkeypatch):
     shape = (64, 3, 16, 24, 24) if compiled else (8, 3, 8, 6, 6)
     key = draws.stream((-draws._GAMMA) % 2**64)  # counter of element i: (i + 1) gamma + key
     largest = math.sqrt(-2.0 * math.log(2.0**-32))
-    unit, sigma, bound = torch.ones(shape[0], shape[1], 1, *shape[3:]), 0.04, 2.0
+    unit = torch.full((shape[0], shape[1], 1, *shape[3:]), 0.5)  # the margin scales with it
+    sigma, bound = 0.04, 2.0
     y = torch.zeros(shape)  # every other partial sum far inside
-    y.view(-1)[0] = bound - (largest - 1e-3) * sigma
+    if compiled:
+        assert cmp.enabled(y)
+    y.view(-1)[0] = 0.5 * (bound - (largest - 1e-3) * sigma)
     _, inside = fused.fused_tail(y, unit, out_noise=sigma, bound=bound, levels=255, key=key)
     assert inside is not None and not inside.reshape(-1)[0] and inside.reshape(-1)[1:].all()
-    y.view(-1)[0] = bound - 6.6615 * sigma
+    y.view(-1)[0] = 0.5 * (bound - 6.6615 * sigma)
     _, inside = fused.fused_tail(y, unit, out_noise=sigma, bound=bound, levels=255, key=key)
     assert inside is None
 

@@ -1,4 +1,4 @@
-"""Counter-based Gaussian draws for the crossbar's read-outs, and the tiles' fused output tail.
+"""Counter-based Gaussian draws for the crossbar's read-outs (the tiles' fused tail computes them).
 
 Every partial sum of every tile gets its own output-noise draw, so the draws (``T`` times a
 layer's outputs) and the elementwise passes over them were most of the periphery's cost. Here a

@@ -276,7 +276,7 @@ class TileADC(ADC):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The tiles' partial sums ``y`` (B, T, ...) through ``digitize_``, times the digital gain
         ``alpha`` (per tile and output, broadcastable), summed over the tiles: ``(sum, inside)``.
-        In normalized units this is one fused pass (``cimsim.chip.draws.fused_tail``); ``y``
+        In normalized units this is one fused pass (``cimsim.chip.fused.fused_tail``); ``y``
         may be overwritten."""
         if self.ref == "normalized":
             noise = self.out_noise if self.noisy else 0.0
