@@ -161,7 +161,9 @@ class Bench:
         self.digital_eval = copy.deepcopy(self.digital).eval()
         tiles = cimsim.AnalogConfig(sigma=SIGMA, **TILES)
         self.tiled = cimsim.convert_to_analog(self.digital, tiles)
-        self.tiled_chip = cimsim.program_chip(cimsim.convert_to_analog(self.digital, tiles), 0)
+        self.tiled_chip = cimsim.program_chip(
+            cimsim.convert_to_analog(self.digital, tiles), 0
+        ).eval()
         cimsim.calibrate_adc(self.tiled_chip, [self.x])
         self.opt = {m: _sgd(m) for m in (self.digital, self.analog, self.tiled)}
 

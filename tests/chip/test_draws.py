@@ -49,6 +49,14 @@ def test_compiled_counters_are_splitmix64s_counters(shape, key):
     assert [v & _M64 for v in got] == expected
 
 
+@pytest.mark.parametrize("at", [0, 2, 4])
+def test_a_slices_counters_are_the_slice_of_the_counters(at):
+    """``fixed`` (a tile's draws computed apart): the counters of ``[:, at]``, wrapping included."""
+    key, shape = draws.stream(2**64 - 5), torch.Size((3, 5, 4, 2))
+    whole = draws._counters(key, shape, "cpu")
+    assert torch.equal(draws._counters(key, shape, "cpu", {1: at}), whole[:, at])
+
+
 def test_draws_follow_the_logical_index_not_the_memory_layout():
     key = draws.stream(3)
     dense = draws.normal_like(torch.empty(2, 6, 4, 5), key)
@@ -117,14 +125,17 @@ def _tail_reference(y, unit, key, out_noise, bound, levels, alpha):
     return (q * alpha).sum(dim=1), inside
 
 
+@pytest.mark.parametrize("parts", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("levels", [None, 15, 16])
 def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
-    levels, compiled, channels_last, monkeypatch
+    levels, compiled, channels_last, parts, monkeypatch
 ):
     """Also on a conv's partial sums, channels-last ``(B, T*C, H, W)`` viewed as ``(B, T, C, H,
-    W)``: the tail then runs in that memory order, with the same values."""
+    W)``: the tail then runs in that memory order, with the same values; and on the tiles'
+    partial sums given apart (``parts``: a list, no mask), with the draws of the stacked
+    index."""
     if not compiled:
         monkeypatch.setenv("CIMSIM_COMPILE", "0")
     g = torch.Generator().manual_seed(1)
@@ -137,16 +148,19 @@ def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
     unit = torch.rand(shape[0], shape[1], 1, *shape[3:], generator=g) + 0.1
     alpha = torch.rand(1, shape[1], shape[2], 1, 1, generator=g) + 0.5
     key = draws.stream(99)
+    given = list(y.clone().unbind(1)) if parts else y.clone()
     out, inside = fused.fused_tail(
-        y.clone(), unit, out_noise=0.3, bound=2.5, levels=levels, alpha=alpha, key=key
+        given, unit, out_noise=0.3, bound=2.5, levels=levels, alpha=alpha, key=key, mask=not parts
     )
     ref, ref_inside = _tail_reference(y, unit, key, 0.3, 2.5, levels, alpha)
-    if compiled:
-        assert not cmp._FAILED and fused._tail in cmp._COMPILED  # it did compile
+    if compiled:  # it did compile
+        assert not cmp._FAILED and (fused._tail_parts if parts else fused._tail) in cmp._COMPILED
     # a value exactly on a rounding boundary may land one level apart between the two
     # expressions (their float operations differ in order): a handful out of ~10^5 to 10^6
-    flips = (inside != ref_inside).float().mean().item()
-    assert flips < 1e-4
+    if parts:
+        assert inside is None
+    else:
+        assert (inside != ref_inside).float().mean().item() < 1e-4
     step = 2 * 2.5 * unit.max().item() * alpha.max().item() / ((levels or 2) - 1)
     assert ((out - ref).abs() > 1e-4).float().mean().item() < 1e-3
     assert (out - ref).abs().max().item() <= shape[1] * step + 1e-4

@@ -778,3 +778,33 @@ def test_a_periphery_checkpoint_loads_on_a_chip_without_it():
     other = convert_to_analog(net, AnalogConfig(tile_rows=63, tile_adc_levels=16))
     other.load_state_dict(state)
     assert other[0].tile_adc.tiles == 3 and not other[0].tile_adc.calibrated
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_a_chip_reads_the_same_with_and_without_autograd(kind):
+    """Without autograd the tiles' products come apart (a conv's as ``T`` dense convolutions) and
+    the tail sums the list; with it, one grouped product and the stacked tail. The same partial
+    sums, the same draws (the key comes from the same global state) and the same per-tile drift
+    compensation: the same read-out, compiled (the conv's tiles are above ``COMPILE_MIN``) or
+    not (the Linear's)."""
+    torch.manual_seed(3)
+    if kind == "conv":
+        digital, x = nn.Conv2d(40, 16, 3, padding=1), torch.randn(64, 40, 16, 16)
+    else:
+        digital, x = nn.Linear(300, 16), torch.randn(64, 300)
+    cfg = AnalogConfig(
+        device="pcm", tile_rows=128, dac_levels=255, tile_adc_levels=31, out_noise=0.04
+    )
+    chip = set_time(program_chip(one(digital, cfg).eval(), 0), 86400.0)
+    assert len(chip[0]._tiles) >= 3 and chip[0].chip_read_alpha is not None
+    torch.manual_seed(5)
+    with torch.no_grad():
+        apart = chip(x)
+    torch.manual_seed(5)
+    grouped = chip(x.clone().requires_grad_()).detach()
+    # (equal here; a partial sum on a rounding boundary could land one ADC level apart where
+    # the two products add in different orders: a handful of outputs at most)
+    assert (apart - grouped).abs().gt(1e-4).float().mean().item() < 1e-3
+    torch.manual_seed(6)  # while another key moves many outputs by a level or more
+    with torch.no_grad():
+        assert (chip(x) - apart).abs().gt(1e-4).float().mean().item() > 0.05

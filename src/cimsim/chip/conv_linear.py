@@ -63,6 +63,16 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         y = F.conv2d(xg, wg, None, *self._conv_args(tiles))
         return y.reshape(y.shape[0], tiles, -1, *y.shape[2:])
 
+    def _tile_products(self, xg, wg):
+        tiles = 1 if self._tiles is None else len(self._tiles)
+        if tiles == 1:
+            return CrossbarLayer._tile_products(self, xg, wg)  # (copied onto AnalogConv1d)
+        # oneDNN's grouped convolution is up to 1.7x slower than T dense ones of the same sizes.
+        stride, padding, dilation, _ = self._conv_args(1)
+        args = (None, stride, padding, dilation, self.groups)
+        xs, ws = xg.chunk(tiles, dim=1), wg.chunk(tiles, dim=0)
+        return [F.conv2d(a, w, *args) for a, w in zip(xs, ws, strict=True)]
+
     def _products_backward(self, g, xg, wg, needs):
         tiles = g.shape[1]
         stride, padding, dilation, groups = self._conv_args(tiles)

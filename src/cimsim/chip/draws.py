@@ -54,16 +54,24 @@ def _shr(z: torch.Tensor, s: int) -> torch.Tensor:
     return (z >> s) & ((1 << (64 - s)) - 1)
 
 
-def _counters(key: torch.Tensor, shape: torch.Size, device) -> torch.Tensor:
+def _counters(key: torch.Tensor, shape: torch.Size, device, fixed: dict | None = None):
     """SplitMix64's counters ``key + (i + 1) * gamma`` of the row-major ``shape`` (int64,
     wrapping), as a broadcast sum of one term per dimension (see the module docstring). ``key``
     is ``(2,)``: the stream's key and gamma (a tensor, so that a compiler cannot fold the
-    wrapping products into its 64-bit index arithmetic)."""
-    z, stride = (key[0] + key[1]).reshape((1,) * len(shape)), 1
-    for d in reversed(range(len(shape))):
-        term = torch.arange(shape[d], device=device, dtype=torch.int64) * (key[1] * stride)
-        z = z + term.reshape([-1 if e == d else 1 for e in range(len(shape))])
-        stride = stride * shape[d]
+    wrapping products into its 64-bit index arithmetic). ``fixed`` maps dims to a coordinate:
+    those dims are dropped from the result (``[:, t]`` for ``{1: t}``), their terms start the
+    sum, so that the expressions of different coordinates share no prefix (a compiler would
+    store a shared one)."""
+    fixed = fixed or {}
+    strides = [math.prod(shape[d + 1 :]) for d in range(len(shape))]
+    z = key[0] + key[1]
+    for d, at in fixed.items():
+        z = z + key[1] * (at * strides[d])
+    free = [d for d in range(len(shape)) if d not in fixed]
+    z = z.reshape((1,) * len(free))
+    for e, d in reversed(list(enumerate(free))):
+        term = torch.arange(shape[d], device=device, dtype=torch.int64) * (key[1] * strides[d])
+        z = z + term.reshape([-1 if f == e else 1 for f in range(len(free))])
     return z
 
 
@@ -92,6 +100,14 @@ def _gaussian(key: torch.Tensor, shape: torch.Size, device, dtype=torch.float32)
         index = torch.arange(start, min(start + EAGER_CHUNK, count), device=device)
         out[start : start + index.numel()] = _box_muller(key[0] + (index + 1) * key[1])
     return out.view(shape)
+
+
+def _gaussian_at(key: torch.Tensor, shape: torch.Size, dim: int, at: int, device, dtype):
+    """``_gaussian(key, shape, ...).select(dim, at)``; compiled, from that slice's coordinates
+    alone (each slice its own expression, fused into its user)."""
+    if torch.compiler.is_compiling():
+        return _box_muller(_counters(key, shape, device, {dim: at})).to(dtype)
+    return _gaussian(key, shape, device, dtype).select(dim, at)
 
 
 def new_key(device: torch.device | str = "cpu") -> torch.Tensor:

@@ -7,7 +7,9 @@ by the drift compensation and summed over the tiles: one elementwise expression 
 ``T``-times larger tensor, compiled into one pass where it pays (``cimsim.chip.compiled``). The
 pass runs in the partial sums' memory order (a conv's are channels-last: ``(B, H, W, T, C)``),
 so it reads them once, in order, and writes the sum in the same layout; the draws still follow
-the logical index.
+the logical index. Without autograd (a chip's evaluation) the partial sums may come as a list of
+the tiles' ``(B, C_out, ...)``: a conv's as ``T`` dense convolutions, faster than one grouped
+one, summed by the tail with no stacking copy and the same draws.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from cimsim.chip import compiled
-from cimsim.chip.draws import Z_MAX, _gaussian, new_key
+from cimsim.chip.draws import Z_MAX, _gaussian, _gaussian_at, new_key
 
 
 def _grid(y, b, levels: int):
@@ -26,14 +28,24 @@ def _grid(y, b, levels: int):
     return (k - c) / c * b
 
 
-def _noisy(y, unit, key, out_noise, bound, order: tuple):
-    """``y`` plus its output noise and the ADC's bound ``b = bound * unit``, both with their dims
-    in ``order`` (``y``'s memory order: ``y.permute(order)`` is contiguous)."""
-    noise = None if key is None else _gaussian(key, y.shape, y.device, y.dtype).permute(order)
+def _noisy(y, unit, noise, out_noise, bound, order: tuple):
+    """``y`` plus its output noise (``noise``: the standard draws shaped like ``y``, or None) and
+    the ADC's bound ``b = bound * unit``, both with their dims in ``order`` (``y``'s memory
+    order: ``y.permute(order)`` is contiguous)."""
     y, unit = y.permute(order), unit.permute(order)
     if noise is not None:
-        y = y + noise * (unit * out_noise)
+        y = y + noise.permute(order) * (unit * out_noise)
     return y, (unit * bound).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def _draws(key, shape, y):
+    """The standard draws of stream ``key`` over ``shape`` (None without a key)."""
+    return None if key is None else _gaussian(key, shape, y.device, y.dtype)
+
+
+def _adc(noisy, b, levels):
+    """The tile ADC: ``noisy`` clipped to ``[-b, b]`` and, with ``levels``, on its grid."""
+    return torch.minimum(torch.maximum(noisy, -b), b) if levels is None else _grid(noisy, b, levels)
 
 
 def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tuple):
@@ -45,8 +57,8 @@ def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tup
     ``Z_MAX``; less a relative 2^-20 for rounding), a bound computed from ``y`` alone, so that
     the noisy partial sums have one user and stay in registers. Computed in the memory order
     ``order`` of ``y``; the results are views in logical order."""
-    noisy, b = _noisy(y, unit, key, out_noise, bound, order)
-    q = torch.minimum(torch.maximum(noisy, -b), b) if levels is None else _grid(noisy, b, levels)
+    noisy, b = _noisy(y, unit, _draws(key, y.shape, y), out_noise, bound, order)
+    q = _adc(noisy, b, levels)
     if alpha is not None:
         q = q * alpha.permute(order)
     tiles = order.index(1)
@@ -61,10 +73,37 @@ def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tup
     return q.sum(dim=tiles).permute(back), None if outside is None else outside.permute(back)
 
 
+def _tail_parts(ys, unit, key, out_noise, bound, levels, alpha, order: tuple):
+    """``_tail`` without the count, of the ``T`` partial sums given apart: ``ys[t]`` is tile
+    ``t``'s ``(B, C_out, ...)``, in memory order ``order``; ``unit`` and ``alpha`` keep the tile
+    dim (1). The draws are those of the stacked ``(B, T, C_out, ...)``: the same values."""
+    shape, total = ys[0].shape[:1] + (len(ys),) + ys[0].shape[1:], None
+    eager = None if torch.compiler.is_compiling() else _draws(key, shape, ys[0])  # once
+    for t, y in enumerate(ys):
+        xi = None
+        if key is not None:
+            xi = (
+                eager.select(1, t)
+                if eager is not None
+                else _gaussian_at(key, shape, 1, t, y.device, y.dtype)
+            )
+        noisy, b = _noisy(y, _tile(unit, t), xi, out_noise, bound, order)
+        q = _adc(noisy, b, levels)
+        if alpha is not None:
+            q = q * _tile(alpha, t).permute(order)
+        total = q if total is None else total + q
+    return total.permute([order.index(d) for d in range(len(order))])
+
+
+def _tile(t: torch.Tensor, i: int) -> torch.Tensor:
+    """Tile ``i``'s slice of a per-tile tensor (dim 1, of size ``T`` or 1)."""
+    return t.select(1, i if t.shape[1] > 1 else 0)
+
+
 def _inside(y, unit, key, out_noise, bound, order: tuple):
     """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws), in
     logical order (a view of ``y``'s layout)."""
-    y, b = _noisy(y, unit, key, out_noise, bound, order)
+    y, b = _noisy(y, unit, _draws(key, y.shape, y), out_noise, bound, order)
     back = [order.index(d) for d in range(len(order))]
     return ((y >= -b) & (y <= b)).permute(back)
 
@@ -76,7 +115,7 @@ def _memory_order(y: torch.Tensor) -> tuple[int, ...]:
 
 @torch.no_grad()
 def fused_tail(
-    y: torch.Tensor,
+    y: torch.Tensor | list[torch.Tensor],
     unit: torch.Tensor,
     *,
     out_noise: float,
@@ -89,14 +128,17 @@ def fused_tail(
     """Every tile's output periphery and the digital sum, in one pass where it compiles.
 
     Args:
-        y: the tiles' partial sums ``(B, T, C_out, ...)``.
-        unit: the unit of each partial sum, broadcastable against ``y``: aihwkit's normalized
-            ``w_max * s_x``, or a calibrated ``b_out`` per tile (with ``bound=1``).
+        y: the tiles' partial sums ``(B, T, C_out, ...)``, or the list of the ``T`` tiles'
+            ``(B, C_out, ...)`` (as separate products give them: no stacking copy).
+        unit: the unit of each partial sum, broadcastable against ``(B, T, C_out, ...)``:
+            aihwkit's normalized ``w_max * s_x``, or a calibrated ``b_out`` per tile (with
+            ``bound=1``).
         out_noise: the output noise std in units of ``unit`` (0: none).
         bound: the ADC range ``[-bound * unit, bound * unit]``; values outside clip.
         levels: the ADC's number of levels (None: clip only).
         alpha: a gain on each digitized partial sum (drift compensation), broadcastable.
         key: the stream of the output noise (a fresh one from the global generator when None).
+            The draws follow the ``(B, T, C_out, ...)`` index either way.
         mask: also say where the noisy partial sums were inside the range (the gradient's
             mask): computed only when some value may have clipped.
 
@@ -106,13 +148,22 @@ def fused_tail(
         mask, when needed, is a second pass over the same draws (a counter-based stream replays
         exactly), so the common case writes nothing ``T`` times larger.
     """
+    if not isinstance(y, torch.Tensor) and mask:  # the mask is of the stacked partial sums
+        y = torch.stack(list(y), dim=1)
+    parts = not isinstance(y, torch.Tensor)
+    first = y[0] if parts else y
     noise_key = None
     if out_noise > 0:
-        noise_key = new_key(y.device) if key is None else key.to(y.device)
-    work = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    order = _memory_order(work)
-    unit = _to_rank(unit.to(work.dtype), work.dim())
-    alpha = None if alpha is None else _to_rank(alpha.to(work.dtype), work.dim())
+        noise_key = new_key(first.device) if key is None else key.to(first.device)
+    dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
+    work = [p.to(dtype) for p in y] if parts else y.to(dtype)
+    order = _memory_order(work[0] if parts else work)
+    rank = first.dim() + parts
+    unit = _to_rank(unit.to(dtype), rank)
+    alpha = None if alpha is None else _to_rank(alpha.to(dtype), rank)
+    if parts:
+        args = (work, unit, noise_key, float(out_noise), float(bound), levels, alpha, order)
+        return compiled.run(_tail_parts, work[0], *args).to(first.dtype), None
     args = (work, unit, noise_key, float(out_noise), float(bound))
     out, outside = compiled.run(_tail, work, *args, levels, alpha, mask, order)
     inside = compiled.run(_inside, work, *args, order) if mask and bool(outside.any()) else None

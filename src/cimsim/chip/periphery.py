@@ -274,16 +274,18 @@ class TileADC(ADC):
         alpha: torch.Tensor | None = None,
         mask: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The tiles' partial sums ``y`` (B, T, ...) through ``digitize_``, times the digital gain
-        ``alpha`` (per tile and output, broadcastable), summed over the tiles: ``(sum, inside)``.
-        In normalized units this is one fused pass (``cimsim.chip.fused.fused_tail``); ``y``
-        may be overwritten."""
+        """The tiles' partial sums ``y`` (B, T, ...; or the list of the tiles' ``(B, ...)``)
+        through ``digitize_``, times the digital gain ``alpha`` (per tile and output,
+        broadcastable), summed over the tiles: ``(sum, inside)``. In normalized units this is one
+        fused pass (``cimsim.chip.fused.fused_tail``); ``y`` may be overwritten."""
         if self.ref == "normalized":
             noise = self.out_noise if self.noisy else 0.0
             return fused_tail(
                 y, unit, out_noise=noise, bound=self.out_bound, levels=self.levels,
                 alpha=alpha, mask=mask,
             )  # fmt: skip
+        if not isinstance(y, torch.Tensor):  # the tiles' products given apart
+            y = torch.stack(y, dim=1)
         inside = self.digitize_(y, unit, mask)
         if alpha is not None:
             y.mul_(alpha)
@@ -384,12 +386,13 @@ class _TiledSum(torch.autograd.Function):
 
 def tiled_sum(x, weight, layer, levels, peaks, post_) -> torch.Tensor:
     """The layer's output before the bias: every tile's partial sums (``layer._products`` of its
-    ``_prepare``d operands, ``(B, T, C_out, ...)``) through ``post_(y, xg, wg, s, grads)``,
-    which returns their sum over the tiles and where the gradient passes (None: everywhere, or
-    no gradient wanted). ``levels``: the per-vector DAC's (None: none); ``peaks``: whether
-    ``post_`` needs the input vectors' scales ``s``."""
+    ``_prepare``d operands, ``(B, T, C_out, ...)``; without autograd ``layer._tile_products``,
+    their list) through ``post_(y, xg, wg, s, grads)``, which returns their sum over the tiles
+    and where the gradient passes (None: everywhere, or no gradient wanted). ``levels``: the
+    per-vector DAC's (None: none); ``peaks``: whether ``post_`` needs the input vectors' scales
+    ``s``."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _TiledSum.apply(x, weight, layer, levels, peaks, post_)
-    with torch.no_grad():
+    with torch.no_grad():  # no mask to build: the tiles' products apart (``_tile_products``)
         xg, wg, _, s = layer._prepare(x, weight, levels, peaks)
-        return post_(layer._products(xg, wg), xg, wg, s, False)[0]
+        return post_(layer._tile_products(xg, wg), xg, wg, s, False)[0]
