@@ -2,6 +2,7 @@
 independent SplitMix64 + Box-Muller, the same on any thread count, layout and code path (compiled
 or eager), and the statistics of independent standard normals."""
 
+import itertools
 import math
 
 import pytest
@@ -111,10 +112,47 @@ def test_draws_are_independent_standard_normals():
     assert abs(torch.corrcoef(torch.stack([z[1:], shifted[:-1]]))[0, 1].item()) > 0.99  # sanity
 
 
+@pytest.mark.parametrize("key", [0, 2**63 + 17])
+def test_paired_draws_are_both_box_muller_draws_of_the_even_counter(key):
+    """Paired over dim 1 (the tiles): element ``(a, t, c)`` is ``r cos(2 pi u2)`` for even ``t``
+    and ``r sin(2 pi u2)`` for odd ``t``, both from SplitMix64 at the index of ``(a, t - t % 2,
+    c)``; computed here with Python floats from the published constants, eager and compiled."""
+    shape = (2, 5, 3)
+    expected = torch.empty(shape, dtype=torch.float64)
+    for a, t, c in itertools.product(*map(range, shape)):
+        bits = _splitmix64(key, (a * shape[1] + t - t % 2) * shape[2] + c)
+        u1, u2 = ((bits >> 32) + 1) / 2**32, (bits & 0xFFFFFFFF) / 2**32
+        trig = math.cos if t % 2 == 0 else math.sin
+        expected[a, t, c] = math.sqrt(-2.0 * math.log(u1)) * trig(2.0 * math.pi * u2)
+    k = draws.stream(key)
+    eager = draws._gaussian(k, torch.Size(shape), "cpu", paired=1)
+    torch.testing.assert_close(eager, expected.float(), rtol=1e-5, atol=4e-6)
+    close = {"rtol": 1e-5, "atol": 1e-6}  # the compiled math library's rounding
+    compiled_fn = torch.compile(draws._gaussian, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled_fn(k, torch.Size(shape), "cpu", paired=1), eager, **close)
+    at = torch.compile(draws._gaussian_at, dynamic=False, fullgraph=True)
+    for t in range(shape[1]):  # a tile's draws computed alone, compiled
+        got = at(k, torch.Size(shape), 1, t, "cpu", torch.float32)
+        torch.testing.assert_close(got, eager[:, t], **close)
+
+
+def test_the_two_draws_of_a_pair_are_independent_standard_normals():
+    """n = 2^19 pairs: each half is standard normal (KS at p > 1e-3), and the halves are
+    uncorrelated, as are their squares (within 4 / sqrt(n)): a pair built from one angle, or
+    from one radius and a dependent angle, fails one of them."""
+    n = 1 << 19
+    z = draws._gaussian(draws.stream(11), torch.Size((n, 2)), "cpu", paired=1).double()
+    bound = 4 / math.sqrt(n)
+    for half in (z[:, 0], z[:, 1]):
+        assert stats.kstest(half.numpy(), "norm").pvalue > 1e-3
+    assert abs(torch.corrcoef(z.t())[0, 1].item()) < bound
+    assert abs(torch.corrcoef((z**2).t())[0, 1].item()) < bound
+
+
 def _tail_reference(y, unit, key, out_noise, bound, levels, alpha):
-    """The tile tail step by step: noise from the same stream, ``quantize_`` (the periphery's
-    quantizer) or a clip, the gain, the sum."""
-    noisy = y + draws.normal_like(y, key) * unit * out_noise
+    """The tile tail step by step: noise from the same stream (paired over the tiles, as
+    checked above), ``quantize_`` (the periphery's quantizer) or a clip, the gain, the sum."""
+    noisy = y + draws._gaussian(key, y.shape, y.device, paired=1) * unit * out_noise
     b = (unit * bound).expand_as(noisy)
     inside = (noisy >= -b) & (noisy <= b)
     q = noisy.clone()

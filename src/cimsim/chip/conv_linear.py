@@ -41,7 +41,7 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         padding = self.padding if self.padding_mode == "zeros" else 0  # else ``_pad`` did it
         return self.stride, padding, self.dilation, tiles * self.groups  # tiles > 1: groups 1
 
-    def _prepare(self, x, weight, levels, peaks):
+    def _prepare(self, x, weight, levels, peaks, apart=False):
         tiles = self._tiles or [slice(0, x.shape[1])]
         count, c_out = len(tiles), weight.shape[0]
         stride, _, dilation, _ = self._conv_args(count)
@@ -49,7 +49,7 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         # Channels-last: oneDNN's grouped convolution (and its backward) then runs about as fast
         # as the dense one; channels-first it is up to 2x slower.
         sizes = tuple(sl.stop - sl.start for sl in tiles)
-        xg, s = group_inputs(x, sizes, levels, pool, peaks, channels_last=count > 1)
+        xg, s = group_inputs(x, sizes, levels, pool, peaks, count > 1, apart and count > 1)
         w_pad = to_groups(weight, tiles, 1)  # (C_out, T * w, k, k)
         if count == 1:
             return xg, w_pad, w_pad, s
@@ -70,7 +70,8 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         # oneDNN's grouped convolution is up to 1.7x slower than T dense ones of the same sizes.
         stride, padding, dilation, _ = self._conv_args(1)
         args = (None, stride, padding, dilation, self.groups)
-        xs, ws = xg.chunk(tiles, dim=1), wg.chunk(tiles, dim=0)
+        xs = xg if isinstance(xg, list) else xg.chunk(tiles, dim=1)  # (a chunk is copied)
+        ws = wg.chunk(tiles, dim=0)
         return [F.conv2d(a, w, *args) for a, w in zip(xs, ws, strict=True)]
 
     def _products_backward(self, g, xg, wg, needs):
@@ -113,7 +114,7 @@ class AnalogLinear(CrossbarLayer, nn.Linear):
 
     analog_tensors = AnalogConv2d.analog_tensors
 
-    def _prepare(self, x, weight, levels, peaks):  # x: (N, C_in) (``_crossbar`` flattens)
+    def _prepare(self, x, weight, levels, peaks, apart=False):  # x: (N, C_in) (flattened)
         tiles = self._tiles or [slice(0, x.shape[1])]
         sizes = tuple(sl.stop - sl.start for sl in tiles)
         xg, s = group_inputs(x, sizes, levels, None, peaks)

@@ -60,10 +60,11 @@ class CrossbarLayer(AnalogLayer):
         mode); the products then run unpadded."""
         return x
 
-    def _prepare(self, x: torch.Tensor, weight: torch.Tensor, levels: int | None, peaks: bool):
+    def _prepare(self, x, weight, levels: int | None, peaks: bool, apart: bool = False):
         """The tiles' operands, no gradient: ``(xg, wg, w_pad, s)``. ``xg``: the inputs laid out
         as ``T`` equal groups of input lines (the smaller tiles padded with zero lines), through
-        the per-vector DAC when ``levels``; ``wg``: the weights grouped for ``_products``;
+        the per-vector DAC when ``levels`` (with ``apart``, a conv's as the list of its groups,
+        for ``_tile_products``); ``wg``: the weights grouped for ``_products``;
         ``w_pad``: the weights with the same padded input lines, ungrouped (``(C_out, T*w,
         ...)``); ``s``: with ``peaks``, each input vector's max ``|x|`` per tile ``(B, T, 1,
         ...)`` (zeros read as 1; a conv's vector is the patch of one output position)."""
@@ -159,6 +160,7 @@ class CrossbarLayer(AnalogLayer):
         def post_(y, xg, wg, s, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             if not isinstance(y, torch.Tensor) and (ir or read or adc is None):
                 y = torch.stack(y, dim=1)  # the tiles' products apart: in place needs them whole
+                xg = torch.cat(xg, dim=1) if isinstance(xg, list) else xg
             tile = y if isinstance(y, torch.Tensor) else y[0]  # (B, T, C_out, ...) or a tile's
             rank = tile.dim() + (tile is not y)  # of (B, T, C_out, ...)
             units = None  # aihwkit's normalized unit w_max * s_x of every partial sum

@@ -39,8 +39,10 @@ def _noisy(y, unit, noise, out_noise, bound, order: tuple):
 
 
 def _draws(key, shape, y):
-    """The standard draws of stream ``key`` over ``shape`` (None without a key)."""
-    return None if key is None else _gaussian(key, shape, y.device, y.dtype)
+    """The standard draws of stream ``key`` over the partial sums' ``shape`` ``(B, T, ...)``,
+    paired over the tiles (tiles ``2k`` and ``2k + 1`` share a Box-Muller pair); None without a
+    key."""
+    return None if key is None else _gaussian(key, shape, y.device, y.dtype, paired=1)
 
 
 def _adc(noisy, b, levels):
@@ -176,7 +178,7 @@ def _to_rank(t: torch.Tensor, dims: int) -> torch.Tensor:
     return t.reshape((1,) * (dims - t.dim()) + tuple(t.shape))
 
 
-def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
+def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool, apart: bool = False):
     """``group_inputs`` as one expression: one read of ``x`` for each pixel's max ``|x|`` per
     tile (the vector's, for a Linear), another for the grouped, quantized inputs."""
     width, parts, pixels, start = max(sizes), [], [], 0
@@ -191,9 +193,13 @@ def _group(x, sizes: tuple, levels, pool, peaks: bool, channels_last: bool):
         if size < width:
             part = F.pad(part, [0, 0] * (x.dim() - 2) + [0, width - size])
         parts.append(part)
-    xg = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-    if channels_last:
-        xg = xg.contiguous(memory_format=torch.channels_last)
+    if apart:  # each group contiguous in its own layout (a product copies a strided one)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        xg = [part.contiguous(memory_format=layout) for part in parts]
+    else:
+        xg = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        if channels_last:
+            xg = xg.contiguous(memory_format=torch.channels_last)
     if not peaks:
         return xg, None
     m = torch.cat(pixels, dim=1) if len(pixels) > 1 else pixels[0]  # (B, T, ...)
@@ -212,7 +218,8 @@ def group_inputs(
     pool: tuple | None = None,
     peaks: bool = True,
     channels_last: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    apart: bool = False,
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
     """A layer's inputs as ``T`` equal groups of input lines (dim 1), in one pass where it pays.
 
     Args:
@@ -227,9 +234,12 @@ def group_inputs(
         peaks: whether to return the scales (each vector's max ``|x|`` before the DAC, as
             aihwkit's ``abs_max`` noise management divides it).
         channels_last: lay the grouped conv input out channels-last.
+        apart: return the ``T`` groups as a list of ``(B, w, ...)`` tensors, each contiguous
+            (for ``T`` separate products), instead of one tensor.
 
     Returns:
-        ``(xg, s)``: ``xg`` ``(B, T*w, ...)``; ``s`` each vector's max ``|x|`` per tile before
-        the DAC, ``(B, T, 1, ...)`` (zeros read as 1), or None.
+        ``(xg, s)``: ``xg`` ``(B, T*w, ...)`` (or its ``T`` groups); ``s`` each vector's max
+        ``|x|`` per tile before the DAC, ``(B, T, 1, ...)`` (zeros read as 1), or None.
     """
-    return compiled.run(_group, x, x, tuple(sizes), levels, pool, peaks, channels_last)
+    args = (tuple(sizes), levels, pool, peaks, channels_last, apart)
+    return compiled.run(_group, x, x, *args)

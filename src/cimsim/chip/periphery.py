@@ -394,5 +394,5 @@ def tiled_sum(x, weight, layer, levels, peaks, post_) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _TiledSum.apply(x, weight, layer, levels, peaks, post_)
     with torch.no_grad():  # no mask to build: the tiles' products apart (``_tile_products``)
-        xg, wg, _, s = layer._prepare(x, weight, levels, peaks)
+        xg, wg, _, s = layer._prepare(x, weight, levels, peaks, apart=True)
         return post_(layer._tile_products(xg, wg), xg, wg, s, False)[0]
