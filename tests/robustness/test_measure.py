@@ -16,6 +16,7 @@ from robustness_fixtures import SEED, _by_hand, _counting, _state, run
 from scipy import stats
 from torch import nn
 
+import cimsim
 import cimsim.robustness.measure as rb
 from cimsim import AnalogConfig, ConfigError, convert_to_analog
 from cimsim.chip.adc import adcs
@@ -182,7 +183,8 @@ def test_common_random_numbers_across_sigma(model, digits):
         assert base.abs().max() > 100 * atol
         torch.testing.assert_close(nu[(s, 0.05)], base * 2.5, rtol=1e-5, atol=atol)
         torch.testing.assert_close(nu[(s, 0.1)], base * 5.0, rtol=1e-5, atol=atol)
-        assert torch.equal(nu[(s, 0.0)], torch.zeros_like(base))
+    assert torch.equal(nu[(seeds[0], 0.0)], torch.zeros_like(base))
+    assert (seeds[1], 0.0) not in nu  # sigma 0 is the same network on every chip: measured once
     assert not torch.allclose(nu[(seeds[0], 0.1)], nu[(seeds[1], 0.1)])
 
 
@@ -283,3 +285,53 @@ def test_a_sweep_says_what_it_will_cost_after_its_first_chip(capsys):
     evaluate_robustness(model, data, grid, EvalSettings(progress=False))
     out = capsys.readouterr()
     assert "sweep:" not in out.out + out.err
+
+
+def test_a_point_every_chip_shares_is_measured_once(model, digits, monkeypatch):
+    """At sigma 0 every chip is the same network: the first chip measures each such point, the
+    others reuse it (with fixed calibration batches, calibrated points too). The rows are those
+    of measuring and calibrating every chip, and chip 2's reused row is what measuring it by
+    hand gives."""
+    train, test = digits
+    grid = RobustnessGrid(sigmas=[0.0, 0.1], adc_levels=[None, 3], chips=3)
+    measured, calibrated = [], []
+    real_measure, real_calibrate = rb._measure, rb.calibrate_adc
+    monkeypatch.setattr(rb, "_measure", lambda *a, **k: measured.append(1) or real_measure(*a, **k))
+    monkeypatch.setattr(
+        rb, "calibrate_adc", lambda *a, **k: calibrated.append(1) or real_calibrate(*a, **k)
+    )
+    counts = {}
+    with monkeypatch.context() as m:  # nothing shared: every chip at every point
+        m.setattr(rb, "_same_on_every_chip", lambda *a: False)
+        every = run(model, test, grid, calib_loader=train, calib_fixed=True)
+        counts["every"] = (len(measured), len(calibrated))
+    for fixed in (False, True):
+        measured.clear(), calibrated.clear()
+        rows = run(model, test, grid, calib_loader=train, calib_fixed=fixed).rows
+        counts[fixed] = (len(measured), len(calibrated))
+        assert rows == every.rows
+    # (measured, calibrated): 3 chips x 4 points, 2 of them calibrated; without fixed batches
+    # only the sigma-0 point without an ADC (nothing to calibrate) is shared; with them, both
+    assert counts == {"every": (12, 6), False: (1 + 3 * 3, 3 * 2), True: (2 + 3 * 2, 1 + 3)}
+    last = next(r for r in every.rows if (r.chip, r.sigma, r.adc_levels) == (2, 0.0, 3))
+    by_hand = _by_hand(model, test, last.chip_seed, 0.0, levels=3, calib=train)
+    assert (last.acc, last.n) == by_hand[::2]
+
+
+def test_only_a_noise_free_chip_with_fixed_calibration_counts_as_the_same_on_every_chip(model):
+    """``_same_on_every_chip``: relative noise, a mean shift, per-read output noise or a device
+    with its own state make chips differ; so does calibrating from seed-dependent batches."""
+    fixed, loose = EvalSettings(calib_fixed=True), EvalSettings()
+    cimsim.program_chip(model, 0)
+    assert rb._same_on_every_chip(model, fixed) and rb._same_on_every_chip(model, loose)
+    cimsim.set_noise(model, sigma=0.1)
+    assert not rb._same_on_every_chip(model, fixed)
+    cimsim.set_noise(model, sigma=0.0, mean_shift=0.01)
+    assert not rb._same_on_every_chip(model, fixed)
+    cimsim.set_noise(model, sigma=0.0, mean_shift=0.0)
+    cimsim.set_adc(model, 3)  # ranges to calibrate: from fixed batches only
+    assert rb._same_on_every_chip(model, fixed) and not rb._same_on_every_chip(model, loose)
+    net = nn.Sequential(nn.Linear(4, 3))
+    for config in (AnalogConfig(device="pcm"), AnalogConfig(out_noise=0.04, tile_rows=2)):
+        chip = cimsim.program_chip(convert_to_analog(net, config).eval(), 0)
+        assert not rb._same_on_every_chip(chip, loose)

@@ -5,7 +5,9 @@ layer's outputs) and the elementwise passes over them were most of the periphery
 draw is a pure function of a 64-bit key and the element's logical index: SplitMix64 (Steele et
 al., OOPSLA 2014; the ``splitmix64`` generator of Vigna's xoshiro reference) turns
 ``key + (i + 1) * gamma`` into 64 random bits, whose two halves are the uniforms of one
-Box-Muller draw. So
+Box-Muller draw. The tiles' output noise uses both draws of each pair: along the tile dim,
+coordinates ``2k`` and ``2k + 1`` take ``r cos(2 pi u2)`` and ``r sin(2 pi u2)`` of the counter of
+``2k`` (``paired``), so a pass over two tiles' partial sums hashes and takes the log once. So
 
 * the values depend on the key and the tensor's shape only: not on the thread count, the memory
   layout (channels-last or not), the chunking or the device;

@@ -113,6 +113,7 @@ def evaluation(cfg: DictConfig, spec: dict, fabric: Fabric) -> Evaluation:
         calib_batches=r.calib_batches,
         calib_momentum=r.calib_momentum,
         progress=cfg.progress,
+        calib_fixed=r.calib_split == "val",  # the validation loader: fixed order, no augmentation
     )
     return Evaluation(
         datamodule.test_dataloader(),

@@ -243,6 +243,11 @@ class EvalSettings:
             of the ADC ranges (the authors' observer: 0.01).
         chip_indices: evaluate only these chips (e.g. one DDP rank's share); ``None`` = all.
         progress: show a tqdm bar over chips.
+        calib_fixed: the calibration batches are the same whatever the seed (a fixed-order
+            loader without random augmentation, such as the validation split's). A point where
+            no chip differs from another (no noise, mean shift, device state, faults or per-read
+            noise) is then measured on the first chip only and its rows reused for the others,
+            which would measure the same; False measures every chip.
     """
 
     seed: int = 0
@@ -253,6 +258,7 @@ class EvalSettings:
     calib_momentum: float = 0.01
     chip_indices: Sequence[int] | None = None
     progress: bool = True
+    calib_fixed: bool = False
 
     def __post_init__(self):
         check_int("seed", self.seed)

@@ -80,6 +80,16 @@ def _stochastic_reads(model: nn.Module) -> bool:
     )
 
 
+def _same_on_every_chip(model: nn.Module, settings: EvalSettings) -> bool:
+    """Whether the chip, as set for this point, is the same network whatever its seed: no analog
+    layer perturbs (no relative noise or mean shift, no device with a state of its own, no
+    faults), no read draws fresh noise, and any ranges to calibrate come from batches that do
+    not depend on the seed (``EvalSettings.calib_fixed``). Every chip then measures the same."""
+    if _stochastic_reads(model) or any(layer.perturbed for _, layer in analog_layers(model)):
+        return False
+    return settings.calib_fixed or not _needs_calibration(model)
+
+
 def _calibrate(model: nn.Module, settings: EvalSettings, seed: int) -> None:
     """Calibrate the programmed chip's ADC ranges, with torch's CPU generator seeded by the
     chip seed: a shuffling or augmenting calibration loader (random crops and flips of training
@@ -110,6 +120,7 @@ def _evaluate_chip(
     settings: EvalSettings,
     grid: RobustnessGrid,
     hits: dict | None = None,
+    shared: dict | None = None,
 ) -> list[Row]:
     """Program chip ``chip`` once and measure it at every cell (common random numbers); a PCM
     chip is moved to each read-out's time once (its weights are computed there, not per batch),
@@ -117,12 +128,16 @@ def _evaluate_chip(
     The caller's random streams are left as they were: iterating a loader draws its base seed
     from the global RNG, and a training run's data order must not depend on its validation
     chips (which a noise-free run does not program). ``hits``, when given, receives the
-    per-image outcomes at the outcome cells (``{(read, point): bits}``; ``outcomes``)."""
+    per-image outcomes at the outcome cells (``{(read, point): bits}``; ``outcomes``).
+    ``shared`` holds the measurements of cells where every chip is the same network
+    (``_same_on_every_chip``), by cell: the first chip measures such a cell, the others reuse
+    it (what measuring them again gives, at none of the cost)."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(
         devices=[device] if device.type == "cuda" else [], device_type=device.type
     ):
-        return _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits)
+        args = (test_loader, settings, grid, hits, {} if shared is None else shared)
+        return _measure_cells(model, chip, seed, cells, *args)
 
 
 def _set_faults(model: nn.Module, faults: dict[str, float]) -> None:
@@ -131,10 +146,9 @@ def _set_faults(model: nn.Module, faults: dict[str, float]) -> None:
         layer.config = layer.config.override({"faults": faults})
 
 
-def _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits) -> list[Row]:
+def _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits, shared) -> list:
     program_chip(model, seed)
     model.eval()
-    device = next(model.parameters()).device
     rows, adc_kind = [], grid.adc_kind
     for read, group in itertools.groupby(cells, key=operator.itemgetter(0)):
         if grid.faulted:  # the same chip (seed) with the faults of this rate
@@ -147,19 +161,20 @@ def _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits) 
             # Both reset the ADC calibration: the ranges depend on the noisy chip, so recalibrate.
             set_noise(model, sigma=sigma, mean_shift=mean_shift)
             set_adc(model, levels, kind=adc_kind)
-            if _needs_calibration(model):
-                _calibrate(model, settings, seed)
-            right = [] if hits is not None and outcome_cell(read, point) else None
-            if _stochastic_reads(model):  # fresh noise per read, the same in every run
-                devices = [device] if device.type == "cuda" else []
-                with torch.random.fork_rng(devices=devices, device_type=device.type):
-                    # each read-out (t, repetition) of a PCM chip redraws them too
-                    torch.manual_seed(derive_seed("reads", seed, *(read or ())))
-                    acc, loss, n = _measure(model, test_loader, settings.max_batches, right)
+            wanted = hits is not None and outcome_cell(read, point)
+            same = _same_on_every_chip(model, settings)
+            if same and (read, point) in shared:  # measured on an earlier chip: the same network
+                acc, loss, n, outcome = shared[(read, point)]
             else:
-                acc, loss, n = _measure(model, test_loader, settings.max_batches, right)
-            if right is not None:
-                hits[(read, point)] = bits(right)
+                if _needs_calibration(model):
+                    _calibrate(model, settings, seed)
+                right = [] if wanted else None
+                acc, loss, n = _measure_read(model, test_loader, settings, seed, read, right)
+                outcome = None if right is None else bits(right)
+                if same:
+                    shared[(read, point)] = (acc, loss, n, outcome)
+            if wanted:
+                hits[(read, point)] = outcome
             measured = (chip, seed, sigma, mean_shift, levels, acc, loss, n)
             if read is None:
                 rows.append(Row(*measured))
@@ -168,6 +183,19 @@ def _measure_cells(model, chip, seed, cells, test_loader, settings, grid, hits) 
             else:
                 rows.append(TimedRow(*measured, t_inference=read[0], repetition=read[1]))
     return rows
+
+
+def _measure_read(model, test_loader, settings: EvalSettings, seed: int, read, right) -> tuple:
+    """``_measure`` of the chip as set; fresh noise per read (output or read noise) is drawn from
+    a stream of the chip seed and the read-out, the same in every run."""
+    if not _stochastic_reads(model):
+        return _measure(model, test_loader, settings.max_batches, right)
+    device = next(model.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        # each read-out (t, repetition) of a PCM chip redraws them too
+        torch.manual_seed(derive_seed("reads", seed, *(read or ())))
+        return _measure(model, test_loader, settings.max_batches, right)
 
 
 @contextlib.contextmanager
@@ -271,13 +299,15 @@ def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
     return sorted(rows, key=lambda r: (r.chip, order[(r.read, r.point)]))
 
 
-def _announce_cost(chips: int, points: int, first: float) -> None:
-    """What the sweep will cost, from its first chip: said once, before the long part."""
+def _announce_cost(chips: int, points: int, first: float, shared: int = 0) -> None:
+    """What the sweep will cost, from its first chip: said once, before the long part. With
+    ``shared`` cells (measured once for every chip) the later chips cost less: an upper bound."""
     total = first * chips
     when = f"{total / 60:.1f} min" if total >= 90 else f"{total:.0f} s"
+    bound = f"at most {when} in all ({shared} of the points are the same on every chip)"
     tqdm.write(
         f"sweep: {chips} chips x {points} points; the first chip took {first:.1f} s, "
-        f"so about {when} in all"
+        f"so {bound if shared else f'about {when} in all'}"
     )
 
 
@@ -338,18 +368,21 @@ def evaluate_robustness(
     bar = tqdm(
         total=n, initial=n - len(todo), desc="chips", unit="chip", disable=not settings.progress
     )
+    shared: dict = {}  # cells where every chip is the same network, measured once
     with bar, _preserved(model):
         for i, (c, missing) in enumerate(todo):
             start = time.perf_counter()
             hits = None if outcomes is None else {}
-            new = _evaluate_chip(model, c, seeds[c], missing, test_loader, settings, grid, hits)
+            args = (test_loader, settings, grid, hits, shared)
+            new = _evaluate_chip(model, c, seeds[c], missing, *args)
             if outcomes is not None:  # before the rows: a reused row has its outcomes
                 outcomes.append(c, seeds[c], hits)
                 new = [r for r in new if (r.chip, r.read, r.point) not in done]
             rows += new if rows_file is None else rows_file.append(new)
             bar.update()
             if i == 0 and len(todo) > 1 and settings.progress:
-                _announce_cost(len(todo), len(missing), time.perf_counter() - start)
+                first = time.perf_counter() - start
+                _announce_cost(len(todo), len(missing), first, len(shared))
     rows = sort_rows(rows, grid)
     if outcomes is not None:
         outcomes.finish(grid)

@@ -104,6 +104,7 @@ class RobustnessMonitor(pl.Callback):
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
             progress=False,
+            calib_fixed=self.calib_split == "val",
         )
         result = evaluate_robustness(pl_module.net, trainer.val_dataloaders, grid, settings)
         for s in result.summary:
@@ -132,6 +133,7 @@ class RobustnessMonitor(pl.Callback):
             calib_loader=calibration_loader(datamodule, self.calib_split),
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
+            calib_fixed=self.calib_split == "val",
         )
         ev = Evaluation(
             datamodule.test_dataloader(),

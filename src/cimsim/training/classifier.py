@@ -251,6 +251,7 @@ class AnalogClassifier(pl.LightningModule):
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
             progress=False,
+            calib_fixed=True,  # the validation loader
         )
         result = evaluate_robustness(self.net, self.trainer.val_dataloaders, grid, settings)
         self.log(
