@@ -50,51 +50,46 @@ def _adc(noisy, b, levels):
     return torch.minimum(torch.maximum(noisy, -b), b) if levels is None else _grid(noisy, b, levels)
 
 
-def _tail(y, unit, key, out_noise, bound, levels, alpha, count: bool, order: tuple):
-    """The tile tail as one expression: ``y`` (B, T, ...) plus ``out_noise * unit * xi``,
-    clipped to ``[-b, b]`` with ``b = bound * unit`` and, with ``levels``, on its grid (see
-    ``cimsim.chip.periphery.quantize_``), times ``alpha``, summed over the tiles (dim 1);
-    with ``count``, also how many of each output's partial sums may have fallen outside
+def _tile_draws(key, shape, t, eager, y):
+    """Tile ``t``'s standard draws of the stacked ``shape`` (``eager``: all of them, computed
+    once outside a compiled pass); None without a key."""
+    if key is None:
+        return None
+    if eager is not None:
+        return eager.select(1, t)
+    return _gaussian_at(key, shape, 1, t, y.device, y.dtype)
+
+
+def _tail(ys, unit, key, out_noise, bound, levels, alpha, count: bool, order: tuple):
+    """The tile tail as one expression over the ``T`` tiles' partial sums ``ys[t]`` ``(B, C_out,
+    ...)``, each in memory order ``order``: ``y`` plus ``out_noise * unit * xi``, clipped to
+    ``[-b, b]`` with ``b = bound * unit`` and, with ``levels``, on its grid (see
+    ``cimsim.chip.periphery.quantize_``), times ``alpha``, summed over the tiles; ``unit`` and
+    ``alpha`` keep the tile dim (1). The draws are those of the stacked ``(B, T, C_out, ...)``.
+    With ``count``, also how many of each output's partial sums may have fallen outside
     ``[-b, b]``: those with ``|y| > b - Z_MAX * out_noise * unit`` (no draw is larger than
     ``Z_MAX``; less a relative 2^-20 for rounding), a bound computed from ``y`` alone, so that
-    the noisy partial sums have one user and stay in registers. Computed in the memory order
-    ``order`` of ``y``; the results are views in logical order."""
-    noisy, b = _noisy(y, unit, _draws(key, y.shape, y), out_noise, bound, order)
-    q = _adc(noisy, b, levels)
-    if alpha is not None:
-        q = q * alpha.permute(order)
-    tiles = order.index(1)
-    rest = [d - (d > 1) for d in order if d != 1]  # the output's dims in memory order
-    back = [rest.index(d) for d in range(len(rest))]  # their inverse permutation
-    outside = None
-    if count:
-        margin = b * (1 - 2**-20)  # and float32 rounding of the noisy sum
-        if key is not None:
-            margin = margin - unit.permute(order) * (Z_MAX * out_noise)
-        outside = (y.permute(order).abs() > margin).to(torch.float32).sum(dim=tiles)
-    return q.sum(dim=tiles).permute(back), None if outside is None else outside.permute(back)
-
-
-def _tail_parts(ys, unit, key, out_noise, bound, levels, alpha, order: tuple):
-    """``_tail`` without the count, of the ``T`` partial sums given apart: ``ys[t]`` is tile
-    ``t``'s ``(B, C_out, ...)``, in memory order ``order``; ``unit`` and ``alpha`` keep the tile
-    dim (1). The draws are those of the stacked ``(B, T, C_out, ...)``: the same values."""
-    shape, total = ys[0].shape[:1] + (len(ys),) + ys[0].shape[1:], None
+    the noisy partial sums have one user and stay in registers. The results are views in
+    logical order."""
+    shape = ys[0].shape[:1] + (len(ys),) + ys[0].shape[1:]
     eager = None if torch.compiler.is_compiling() else _draws(key, shape, ys[0])  # once
+    total, outside = None, None
     for t, y in enumerate(ys):
-        xi = None
-        if key is not None:
-            xi = (
-                eager.select(1, t)
-                if eager is not None
-                else _gaussian_at(key, shape, 1, t, y.device, y.dtype)
-            )
-        noisy, b = _noisy(y, _tile(unit, t), xi, out_noise, bound, order)
+        u = _tile(unit, t)
+        xi = _tile_draws(key, shape, t, eager, y)
+        noisy, b = _noisy(y, u, xi, out_noise, bound, order)
         q = _adc(noisy, b, levels)
         if alpha is not None:
             q = q * _tile(alpha, t).permute(order)
         total = q if total is None else total + q
-    return total.permute([order.index(d) for d in range(len(order))])
+        if count:
+            margin = b * (1 - 2**-20)  # and float32 rounding of the noisy sum
+            if key is not None:
+                margin = margin - u.permute(order) * (Z_MAX * out_noise)
+            out = (y.permute(order).abs() > margin).to(torch.float32)
+            outside = out if outside is None else outside + out
+    back = [order.index(d) for d in range(len(order))]
+    return total.permute(back), None if outside is None else outside.permute(back)
 
 
 def _tile(t: torch.Tensor, i: int) -> torch.Tensor:
@@ -102,12 +97,23 @@ def _tile(t: torch.Tensor, i: int) -> torch.Tensor:
     return t.select(1, i if t.shape[1] > 1 else 0)
 
 
-def _inside(y, unit, key, out_noise, bound, order: tuple):
-    """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws), in
-    logical order (a view of ``y``'s layout)."""
-    y, b = _noisy(y, unit, _draws(key, y.shape, y), out_noise, bound, order)
-    back = [order.index(d) for d in range(len(order))]
-    return ((y >= -b) & (y <= b)).permute(back)
+def _inside(ys, unit, key, out_noise, bound, order: tuple):
+    """Where ``_tail``'s noisy partial sums were inside ``[-b, b]`` (the same draws): a bool
+    ``(B, T, C_out, ...)`` laid out with the tiles just outside the innermost dim of ``order``
+    (a conv's channels-last ``(B, H, W, T, C)``: its grouped layout)."""
+    shape = ys[0].shape[:1] + (len(ys),) + ys[0].shape[1:]
+    eager = None if torch.compiler.is_compiling() else _draws(key, shape, ys[0])
+    masks = []
+    for t, y in enumerate(ys):
+        noisy, b = _noisy(
+            y, _tile(unit, t), _tile_draws(key, shape, t, eager, y), out_noise, bound, order
+        )
+        masks.append((noisy >= -b) & (noisy <= b))
+    inner = len(order) - 1
+    stacked = torch.stack(masks, dim=inner)  # dims: order's, the tiles before the innermost
+    dims = [d + (d >= 1) for d in order]  # the parts' dims among (B, T, C_out, ...)
+    dims.insert(inner, 1)
+    return stacked.permute([dims.index(d) for d in range(len(dims))])
 
 
 def _memory_order(y: torch.Tensor) -> tuple[int, ...]:
@@ -150,26 +156,20 @@ def fused_tail(
         mask, when needed, is a second pass over the same draws (a counter-based stream replays
         exactly), so the common case writes nothing ``T`` times larger.
     """
-    if not isinstance(y, torch.Tensor) and mask:  # the mask is of the stacked partial sums
-        y = torch.stack(list(y), dim=1)
-    parts = not isinstance(y, torch.Tensor)
-    first = y[0] if parts else y
+    ys = list(y.unbind(1)) if isinstance(y, torch.Tensor) else list(y)
+    first = ys[0]
     noise_key = None
     if out_noise > 0:
         noise_key = new_key(first.device) if key is None else key.to(first.device)
     dtype = torch.float32 if first.dtype in (torch.float16, torch.bfloat16) else first.dtype
-    work = [p.to(dtype) for p in y] if parts else y.to(dtype)
-    order = _memory_order(work[0] if parts else work)
-    rank = first.dim() + parts
-    unit = _to_rank(unit.to(dtype), rank)
-    alpha = None if alpha is None else _to_rank(alpha.to(dtype), rank)
-    if parts:
-        args = (work, unit, noise_key, float(out_noise), float(bound), levels, alpha, order)
-        return compiled.run(_tail_parts, work[0], *args).to(first.dtype), None
+    work = [p.to(dtype) for p in ys]
+    order = _memory_order(work[0])
+    unit = _to_rank(unit.to(dtype), first.dim() + 1)
+    alpha = None if alpha is None else _to_rank(alpha.to(dtype), first.dim() + 1)
     args = (work, unit, noise_key, float(out_noise), float(bound))
-    out, outside = compiled.run(_tail, work, *args, levels, alpha, mask, order)
-    inside = compiled.run(_inside, work, *args, order) if mask and bool(outside.any()) else None
-    return out.to(y.dtype), inside
+    out, outside = compiled.run(_tail, first, *args, levels, alpha, mask, order)
+    inside = compiled.run(_inside, first, *args, order) if mask and bool(outside.any()) else None
+    return out.to(first.dtype), inside
 
 
 def _to_rank(t: torch.Tensor, dims: int) -> torch.Tensor:

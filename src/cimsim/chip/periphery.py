@@ -342,7 +342,7 @@ def periphery_readout(
 
 
 class _TiledSum(torch.autograd.Function):
-    """``post_(products(xg, wg))`` of the layer's prepared operands (``CrossbarLayer._prepare``):
+    """``post_(tile_products(xg, wg))`` of the layer's prepared operands (``_prepare``):
     the tiles' partial sums through ``post_`` (noise, ADC, the sum over tiles; it returns the sum
     and where the gradient passes, or None where it passes everywhere). One node: autograd keeps
     the grouped inputs (and a boolean mask where something clipped), never the ``T``-times larger
@@ -360,12 +360,11 @@ class _TiledSum(torch.autograd.Function):
             xg, wg, w_pad, s = layer._prepare(x.detach(), weight.detach(), levels, peaks)
             if cast is not None:  # the products run (and are saved) in autocast's dtype
                 xg, wg, w_pad = xg.to(cast), wg.to(cast), w_pad.to(cast)
-            y = products = layer._products(xg, wg)  # (B, T, C_out, ...)
-            shape, stride = y.shape, y.stride()
+            products = layer._tile_products(xg, wg)  # T x (B, C_out, ...)
             out, inside = post_(products, xg, wg, s, grads)
         ctx.dense = inside is None
         ctx.save_for_backward(xg, w_pad if ctx.dense else wg, inside)
-        ctx.layer, ctx.shape, ctx.stride = layer, shape, stride
+        ctx.layer = layer
         return out
 
     @staticmethod
@@ -385,12 +384,11 @@ class _TiledSum(torch.autograd.Function):
 
 
 def tiled_sum(x, weight, layer, levels, peaks, post_) -> torch.Tensor:
-    """The layer's output before the bias: every tile's partial sums (``layer._products`` of its
-    ``_prepare``d operands, ``(B, T, C_out, ...)``; without autograd ``layer._tile_products``,
-    their list) through ``post_(y, xg, wg, s, grads)``, which returns their sum over the tiles
-    and where the gradient passes (None: everywhere, or no gradient wanted). ``levels``: the
-    per-vector DAC's (None: none); ``peaks``: whether ``post_`` needs the input vectors' scales
-    ``s``."""
+    """The layer's output before the bias: every tile's partial sums (``layer._tile_products``
+    of its ``_prepare``d operands, the list of the tiles' ``(B, C_out, ...)``) through
+    ``post_(y, xg, wg, s, grads)``, which returns their sum over the tiles and where the
+    gradient passes (None: everywhere, or no gradient wanted). ``levels``: the per-vector DAC's
+    (None: none); ``peaks``: whether ``post_`` needs the input vectors' scales ``s``."""
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         return _TiledSum.apply(x, weight, layer, levels, peaks, post_)
     with torch.no_grad():  # no mask to build: the tiles' products apart (``_tile_products``)
