@@ -270,13 +270,15 @@ def test_rows_of_noisy_reads_name_their_generator():
     from torch import nn
 
     from cimsim import AnalogConfig, convert_to_analog
-    from cimsim.robustness.fingerprints import READOUT_DRAWS, readout_draws
+    from cimsim.robustness.fingerprints import READOUT_DRAWS, READOUT_DRAWS_PAIRED, readout_draws
 
     def model(**chip):
         return convert_to_analog(nn.Sequential(nn.Linear(4, 2)), AnalogConfig(**chip))
 
     assert readout_draws(model(sigma=0.1)) is None
-    assert readout_draws(model(out_noise=0.04)) == READOUT_DRAWS
+    # output noise pairs the tiles' draws (rows from before the pairing are stale)
+    assert readout_draws(model(out_noise=0.04)) == READOUT_DRAWS_PAIRED != READOUT_DRAWS
+    assert readout_draws(model(out_noise=0.04, w_read_noise=0.01)) == READOUT_DRAWS_PAIRED
     assert readout_draws(model(w_read_noise=0.01)) == READOUT_DRAWS
 
 

@@ -782,11 +782,12 @@ def test_a_periphery_checkpoint_loads_on_a_chip_without_it():
 
 @pytest.mark.parametrize("kind", ["conv", "linear"])
 def test_a_chip_reads_the_same_with_and_without_autograd(kind):
-    """Without autograd the tiles' products come apart (a conv's as ``T`` dense convolutions) and
-    the tail sums the list; with it, one grouped product and the stacked tail. The same partial
-    sums, the same draws (the key comes from the same global state) and the same per-tile drift
-    compensation: the same read-out, compiled (the conv's tiles are above ``COMPILE_MIN``) or
-    not (the Linear's)."""
+    """The tiles' products apart (``_tile_products``: a conv's as ``T`` dense convolutions) are
+    the grouped product's (``_products``, which IR drop, read noise and the backward use), tile
+    by tile; and a chip reads the same with and without autograd (the inputs grouped apart or
+    not, the mask pass or not): the same draws (the key comes from the same global state) and
+    per-tile drift compensation, compiled (the conv's tiles are above ``COMPILE_MIN``) or not
+    (the Linear's)."""
     torch.manual_seed(3)
     if kind == "conv":
         digital, x = nn.Conv2d(40, 16, 3, padding=1), torch.randn(64, 40, 16, 16)
@@ -796,7 +797,13 @@ def test_a_chip_reads_the_same_with_and_without_autograd(kind):
         device="pcm", tile_rows=128, dac_levels=255, tile_adc_levels=31, out_noise=0.04
     )
     chip = set_time(program_chip(one(digital, cfg).eval(), 0), 86400.0)
-    assert len(chip[0]._tiles) >= 3 and chip[0].chip_read_alpha is not None
+    layer = chip[0]
+    assert len(layer._tiles) >= 3 and layer.chip_read_alpha is not None
+    with torch.no_grad():
+        xg, wg, _, _ = layer._prepare(x, layer.weight, 255, False)
+        apart = layer._tile_products(xg, wg)
+        for part, whole in zip(apart, layer._products(xg, wg).unbind(1), strict=True):
+            torch.testing.assert_close(part, whole, rtol=1e-5, atol=1e-5)
     torch.manual_seed(5)
     with torch.no_grad():
         apart = chip(x)

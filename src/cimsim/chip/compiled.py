@@ -37,23 +37,23 @@ _COMPILED: dict[Callable, Callable] = {}
 _FAILED: list[str] = []
 
 
-def enabled(t: torch.Tensor) -> bool:
-    """Whether work on ``t`` runs compiled: a large floating-point CPU tensor, compilation not
-    off and not failed before."""
+def enabled(t: torch.Tensor, numel: int | None = None) -> bool:
+    """Whether work on ``t`` runs compiled: a large floating-point CPU tensor (``numel``: the
+    work's size where it is more than ``t``'s), compilation not off and not failed before."""
     return (
         t.device.type == "cpu"
         and t.is_floating_point()
-        and t.numel() >= COMPILE_MIN
+        and (t.numel() if numel is None else numel) >= COMPILE_MIN
         and not _FAILED
         and os.environ.get("CIMSIM_COMPILE", "1") != "0"
     )
 
 
-def run(fn: Callable, like: torch.Tensor, *args, **kwargs):
-    """``fn(*args, **kwargs)``, compiled when ``enabled(like)``, else eagerly. A call past the
-    recompilation limit runs eagerly (that call only); any other compiler failure turns
+def run(fn: Callable, like: torch.Tensor, *args, numel: int | None = None, **kwargs):
+    """``fn(*args, **kwargs)``, compiled when ``enabled(like, numel)``, else eagerly. A call past
+    the recompilation limit runs eagerly (that call only); any other compiler failure turns
     compilation off for the process, with a warning."""
-    if enabled(like):
+    if enabled(like, numel):
         if fn not in _COMPILED:
             _COMPILED[fn] = torch.compile(fn, dynamic=True, fullgraph=True, options=_OPTIONS)
         try:

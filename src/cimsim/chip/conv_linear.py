@@ -46,8 +46,8 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         count, c_out = len(tiles), weight.shape[0]
         stride, _, dilation, _ = self._conv_args(count)
         pool = (self._kernel2d, stride, self._pool_pads(), dilation)
-        # Channels-last: oneDNN's grouped convolution (and its backward) then runs about as fast
-        # as the dense one; channels-first it is up to 2x slower.
+        # Channels-last: the tiles' convolutions and the grouped backward run fastest in it
+        # (oneDNN's grouped convolution channels-first was up to 2x slower).
         sizes = tuple(sl.stop - sl.start for sl in tiles)
         xg, s = group_inputs(x, sizes, levels, pool, peaks, count > 1, apart and count > 1)
         w_pad = to_groups(weight, tiles, 1)  # (C_out, T * w, k, k)
@@ -67,7 +67,7 @@ class AnalogConv2d(CrossbarLayer, nn.Conv2d):
         tiles = 1 if self._tiles is None else len(self._tiles)
         if tiles == 1:
             return CrossbarLayer._tile_products(self, xg, wg)  # (copied onto AnalogConv1d)
-        # oneDNN's grouped convolution is up to 1.7x slower than T dense ones of the same sizes.
+        # oneDNN's grouped convolution was slower than T dense ones of the same sizes here.
         stride, padding, dilation, _ = self._conv_args(1)
         args = (None, stride, padding, dilation, self.groups)
         xs = xg if isinstance(xg, list) else xg.chunk(tiles, dim=1)  # (a chunk is copied)

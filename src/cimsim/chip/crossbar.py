@@ -6,6 +6,7 @@ import torch
 
 from cimsim.chip.compensation import per_tile
 from cimsim.chip.devices import Periphery
+from cimsim.chip.fused import stack_tiles
 from cimsim.chip.ir_drop import apply_ir_drop_
 from cimsim.chip.layers import AnalogLayer
 from cimsim.chip.periphery import periphery_readout, tiled_sum
@@ -159,7 +160,7 @@ class CrossbarLayer(AnalogLayer):
 
         def post_(y, xg, wg, s, grads: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
             if not isinstance(y, torch.Tensor) and (ir or read or adc is None):
-                y = torch.stack(y, dim=1)  # the tiles' products apart: in place needs them whole
+                y = stack_tiles(y)  # the tiles' products apart: in place needs them whole
                 xg = torch.cat(xg, dim=1) if isinstance(xg, list) else xg
             tile = y if isinstance(y, torch.Tensor) else y[0]  # (B, T, C_out, ...) or a tile's
             rank = tile.dim() + (tile is not y)  # of (B, T, C_out, ...)

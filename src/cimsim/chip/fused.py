@@ -109,11 +109,25 @@ def _inside(ys, unit, key, out_noise, bound, order: tuple):
             y, _tile(unit, t), _tile_draws(key, shape, t, eager, y), out_noise, bound, order
         )
         masks.append((noisy >= -b) & (noisy <= b))
+    return _stacked(masks, order)
+
+
+def _stacked(parts: list, order: tuple) -> torch.Tensor:
+    """The tiles' ``parts`` (each permuted to ``order``) as ``(B, T, C_out, ...)``, laid out with
+    the tiles just outside the innermost dim of ``order``."""
     inner = len(order) - 1
-    stacked = torch.stack(masks, dim=inner)  # dims: order's, the tiles before the innermost
+    stacked = torch.stack(parts, dim=inner)  # dims: order's, the tiles before the innermost
     dims = [d + (d >= 1) for d in order]  # the parts' dims among (B, T, C_out, ...)
     dims.insert(inner, 1)
     return stacked.permute([dims.index(d) for d in range(len(dims))])
+
+
+def stack_tiles(ys: list[torch.Tensor]) -> torch.Tensor:
+    """The tiles' partial sums ``ys[t]`` ``(B, C_out, ...)`` as one ``(B, T, C_out, ...)``, in
+    their grouped layout (a conv's channels-last ``(B, H, W, T, C)``: what the grouped
+    product gives, so its backward reshapes it without a copy)."""
+    order = _memory_order(ys[0])
+    return _stacked([y.permute(order) for y in ys], order)
 
 
 def _memory_order(y: torch.Tensor) -> tuple[int, ...]:
@@ -167,8 +181,11 @@ def fused_tail(
     unit = _to_rank(unit.to(dtype), first.dim() + 1)
     alpha = None if alpha is None else _to_rank(alpha.to(dtype), first.dim() + 1)
     args = (work, unit, noise_key, float(out_noise), float(bound))
-    out, outside = compiled.run(_tail, first, *args, levels, alpha, mask, order)
-    inside = compiled.run(_inside, first, *args, order) if mask and bool(outside.any()) else None
+    size = first.numel() * len(ys)  # the pass's work: every tile's partial sums
+    out, outside = compiled.run(_tail, first, *args, levels, alpha, mask, order, numel=size)
+    inside = None
+    if mask and bool(outside.any()):
+        inside = compiled.run(_inside, first, *args, order, numel=size)
     return out.to(first.dtype), inside
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from cimsim.chip.adc import ADC
 from cimsim.chip.draws import normal_like
-from cimsim.chip.fused import fused_tail
+from cimsim.chip.fused import fused_tail, stack_tiles
 from cimsim.validation import ConfigError
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -285,7 +285,7 @@ class TileADC(ADC):
                 alpha=alpha, mask=mask,
             )  # fmt: skip
         if not isinstance(y, torch.Tensor):  # the tiles' products given apart
-            y = torch.stack(y, dim=1)
+            y = stack_tiles(y)
         inside = self.digitize_(y, unit, mask)
         if alpha is not None:
             y.mul_(alpha)

@@ -13,7 +13,12 @@ from cimsim import ConfigError
 from cimsim.chip.devices import load_plugins
 from cimsim.cli.checkpoints import checkpoint_paths, load_subjects
 from cimsim.cli.chip import check_variant_lists, check_variants, chip_overrides
-from cimsim.robustness.calibration import calibration_loader, check_calib_split, data_settings
+from cimsim.robustness.calibration import (
+    calibration_loader,
+    check_calib_split,
+    data_settings,
+    fixed_batches,
+)
 from cimsim.robustness.folders import hold_folder
 from cimsim.robustness.grid import SWEEPS, TRAIN, EvalSettings, RobustnessGrid, check_limits
 from cimsim.robustness.plots import plot_compute, plot_loss_prediction
@@ -106,14 +111,15 @@ def evaluation(cfg: DictConfig, spec: dict, fabric: Fabric) -> Evaluation:
     of them."""
     datamodule = load_datamodule(spec)
     r = cfg.robustness
+    calib = calibration_loader(datamodule, r.calib_split)
     settings = EvalSettings(
         seed=cfg.seed,
-        calib_loader=calibration_loader(datamodule, r.calib_split),
+        calib_loader=calib,
         max_batches=r.max_batches,
         calib_batches=r.calib_batches,
         calib_momentum=r.calib_momentum,
         progress=cfg.progress,
-        calib_fixed=r.calib_split == "val",  # the validation loader: fixed order, no augmentation
+        calib_fixed=fixed_batches(calib, r.calib_split),
     )
     return Evaluation(
         datamodule.test_dataloader(),

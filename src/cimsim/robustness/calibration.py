@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, SequentialSampler
 
 from cimsim.validation import ConfigError, check_choice
 
@@ -43,6 +43,14 @@ def calibration_loader(datamodule, split: str) -> DataLoader:
         shuffle=False,
         num_workers=datamodule.num_workers,
     )
+
+
+def fixed_batches(loader, split: str) -> bool:
+    """Whether ``loader`` gives every chip the same calibration batches (``EvalSettings.
+    calib_fixed``): the validation split (its eval transform: no random augmentation) read in
+    order (a ``SequentialSampler``), as every datamodule of cimsim's serves it. A validation
+    loader that augments at random would need ``calib_fixed=False``."""
+    return split == "val" and isinstance(getattr(loader, "sampler", None), SequentialSampler)
 
 
 def data_settings(spec: dict | None) -> dict | None:

@@ -45,17 +45,20 @@ def model_chip(model: nn.Module) -> dict | list[dict]:
 
 # The generator of the crossbar's per-read output and read noise, part of a row's settings where
 # the chip draws any: rows measured with torch's chunked normal_ (before 2026-12-03) have none and
-# become stale rather than mix with rows of the counter-based draws (``cimsim.chip.draws``).
+# become stale rather than mix with rows of the counter-based draws (``cimsim.chip.draws``); the
+# tiles' output noise pairs tiles 2k and 2k + 1 on one Box-Muller counter since 2026-12-04
+# (``READOUT_DRAWS_PAIRED``), so rows with output noise from before are stale too.
 READOUT_DRAWS = "splitmix64-box-muller"
+READOUT_DRAWS_PAIRED = "splitmix64-box-muller-tile-pairs"
 
 
 def readout_draws(model: nn.Module) -> str | None:
-    """``READOUT_DRAWS`` when an analog layer of ``model`` draws output or read noise."""
-    noisy = any(
-        layer.config.out_noise > 0 or layer.config.w_read_noise > 0
-        for _, layer in analog_layers(model)
-    )
-    return READOUT_DRAWS if noisy else None
+    """The generator of ``model``'s per-read noise: ``READOUT_DRAWS_PAIRED`` when an analog layer
+    draws output noise, ``READOUT_DRAWS`` when read noise only, None when neither."""
+    layers = [layer for _, layer in analog_layers(model)]
+    if any(layer.config.out_noise > 0 for layer in layers):
+        return READOUT_DRAWS_PAIRED
+    return READOUT_DRAWS if any(layer.config.w_read_noise > 0 for layer in layers) else None
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:

@@ -244,7 +244,8 @@ class EvalSettings:
         chip_indices: evaluate only these chips (e.g. one DDP rank's share); ``None`` = all.
         progress: show a tqdm bar over chips.
         calib_fixed: the calibration batches are the same whatever the seed (a fixed-order
-            loader without random augmentation, such as the validation split's). A point where
+            loader without random augmentation, such as the validation split's:
+            ``calibration.fixed_batches``; an augmenting one must leave it False). A point where
             no chip differs from another (no noise, mean shift, device state, faults or per-read
             noise) is then measured on the first chip only and its rows reused for the others,
             which would measure the same; False measures every chip.

@@ -301,13 +301,13 @@ def sort_rows(rows: Iterable[Row], grid: RobustnessGrid) -> list[Row]:
 
 def _announce_cost(chips: int, points: int, first: float, shared: int = 0) -> None:
     """What the sweep will cost, from its first chip: said once, before the long part. With
-    ``shared`` cells (measured once for every chip) the later chips cost less: an upper bound."""
+    ``shared`` cells (measured once for every chip) the later chips cost less than the first."""
     total = first * chips
     when = f"{total / 60:.1f} min" if total >= 90 else f"{total:.0f} s"
-    bound = f"at most {when} in all ({shared} of the points are the same on every chip)"
+    less = f", less for the {shared} points that are the same on every chip" if shared else ""
     tqdm.write(
         f"sweep: {chips} chips x {points} points; the first chip took {first:.1f} s, "
-        f"so {bound if shared else f'about {when} in all'}"
+        f"so about {when} in all{less}"
     )
 
 

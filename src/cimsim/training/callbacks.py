@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_warn
 
-from cimsim.robustness.calibration import calibration_loader, check_calib_split
+from cimsim.robustness.calibration import calibration_loader, check_calib_split, fixed_batches
 from cimsim.robustness.grid import TRAIN, EvalSettings, RobustnessGrid, check_limits
 from cimsim.robustness.measure import evaluate_robustness
 from cimsim.robustness.study import Evaluation, run_study
@@ -96,15 +96,16 @@ class RobustnessMonitor(pl.Callback):
         if trainer.sanity_checking or not self.every_n_epochs or epoch % self.every_n_epochs:
             return
         grid = self.grid.for_chip(pl_module.chip)
+        calib = self._calib_loader(trainer, grid)
         settings = EvalSettings(
             seed=self.seed,
             stream="val",
-            calib_loader=self._calib_loader(trainer, grid),
+            calib_loader=calib,
             max_batches=self.max_batches,
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
             progress=False,
-            calib_fixed=self.calib_split == "val",
+            calib_fixed=fixed_batches(calib, self.calib_split),
         )
         result = evaluate_robustness(pl_module.net, trainer.val_dataloaders, grid, settings)
         for s in result.summary:
@@ -128,12 +129,13 @@ class RobustnessMonitor(pl.Callback):
         datamodule.setup("test")
         grid = self.final.for_chip(module.chip)
         # Every rank evaluates its share of the chips on the whole test set; rank 0 writes.
+        calib = calibration_loader(datamodule, self.calib_split)
         settings = EvalSettings(
             seed=self.seed,
-            calib_loader=calibration_loader(datamodule, self.calib_split),
+            calib_loader=calib,
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
-            calib_fixed=self.calib_split == "val",
+            calib_fixed=fixed_batches(calib, self.calib_split),
         )
         ev = Evaluation(
             datamodule.test_dataloader(),

@@ -19,6 +19,7 @@ from cimsim.chip.adc import adcs, calibrate_adc
 from cimsim.chip.config import AnalogConfig
 from cimsim.chip.convert import analog_layers, build_network, convert_to_analog, systematic_chip
 from cimsim.chip.noise import derive_seed, training_stream
+from cimsim.robustness.calibration import fixed_batches
 from cimsim.robustness.grid import EvalSettings, RobustnessGrid
 from cimsim.robustness.measure import evaluate_robustness
 from cimsim.training.hasgd import ddp_grad_sync, hasgd_backward, sync_buffers
@@ -251,7 +252,7 @@ class AnalogClassifier(pl.LightningModule):
             calib_batches=self.calib_batches,
             calib_momentum=self.calib_momentum,
             progress=False,
-            calib_fixed=True,  # the validation loader
+            calib_fixed=fixed_batches(self.trainer.val_dataloaders, "val"),
         )
         result = evaluate_robustness(self.net, self.trainer.val_dataloaders, grid, settings)
         self.log(
