@@ -163,8 +163,7 @@ def _tail_reference(y, unit, key, out_noise, bound, levels, alpha):
     return (q * alpha).sum(dim=1), inside
 
 
-@pytest.mark.parametrize("parts", [False, True])
-@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("channels_last", "parts"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("levels", [None, 15, 16])
 def test_the_fused_tail_is_noise_then_adc_then_gain_then_sum(
