@@ -7,9 +7,9 @@ by the drift compensation and summed over the tiles: one elementwise expression 
 ``T``-times larger tensor, compiled into one pass where it pays (``cimsim.chip.compiled``). The
 pass runs in the partial sums' memory order (a conv's are channels-last: ``(B, H, W, T, C)``),
 so it reads them once, in order, and writes the sum in the same layout; the draws still follow
-the logical index. Without autograd (a chip's evaluation) the partial sums may come as a list of
-the tiles' ``(B, C_out, ...)``: a conv's as ``T`` dense convolutions, faster than one grouped
-one, summed by the tail with no stacking copy and the same draws.
+the logical index. The partial sums come as the list of the tiles' ``(B, C_out, ...)`` (a conv's
+from ``T`` dense convolutions, faster than one grouped one; a stacked tensor is unbound), summed
+by the tail with no stacking copy.
 """
 
 from __future__ import annotations
