@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import shlex
 import time
 from datetime import datetime
 from pathlib import Path
 
+import torch
+from omegaconf import OmegaConf
+
 from cimsim import ConfigError
 from paper.configs import ROOT, composed
 from paper.evidence import read_json
+from paper.parallel import Line, Task, run_tasks, threads_per_job
 from paper.plan import SEED0, planned_runs, restricted, selected
 from paper.report import git_commit, machine, render_published, write_report
 from paper.run import (
@@ -28,6 +33,7 @@ from paper.run import (
 
 DOCS = ROOT / "docs"  # the committed report: only the full plan writes here by default
 REPORT_META = "report.json"  # the report's provenance, beside manifest.json (--report-only)
+GRID_KEYS = ("sigmas", "mean_shifts", "adc_levels", "times", "variants")  # a study's points
 
 
 def settle(args: argparse.Namespace) -> argparse.Namespace:
@@ -51,7 +57,7 @@ def settle(args: argparse.Namespace) -> argparse.Namespace:
     if args.report_name is not None and not re.fullmatch(r"[A-Za-z0-9_-]+", args.report_name):
         why = "must be a file name of letters, digits, _ and - (the report is <report-dir>/NAME.md)"
         raise ConfigError("--report-name", args.report_name, why)
-    for key in ("epochs", "chips", "max_batches", "seeds"):
+    for key in ("epochs", "chips", "max_batches", "seeds", "jobs"):
         value = getattr(args, key)
         if value is not None and value < 1:
             raise ConfigError(f"--{key.replace('_', '-')}", value, "must be an integer >= 1")
@@ -90,20 +96,30 @@ def plan_of(args) -> tuple[list, list]:
     return planned_runs(args.sections, args.seeds), studies
 
 
-def check_plan(args, train_over: list[str], eval_over: list[str], out: Path) -> None:
+def check_plan(args, train_over: list[str], eval_over: list[str], out: Path) -> dict[str, float]:
     """Compose and check every training's and study's config before the first training, so a
-    bad override fails in seconds, naming itself, not after the trainings before it."""
+    bad override fails in seconds, naming itself, not after the trainings before it. Returns
+    each one's cost (``--jobs``'s order): a training's epochs x L, a study's checkpoints x grid
+    points x chips."""
     for o in train_over:
         if o.split("=", 1)[0].lstrip("+~") == "seed":
             why = f"reproduce.py trains seed {SEED0} + k for k < --seeds; give --seeds instead"
             raise ConfigError("seed", o.split("=", 1)[1], why)
     runs, studies = plan_of(args)
+    costs = {}
     for run in runs:
         full = train_overrides(run, args, train_over, out)
-        check_training(composed("train", out / "train" / run.name, full, train_over))
+        cfg = composed("train", out / "train" / run.name, full, train_over)
+        check_training(cfg)
+        costs[run.name] = float(cfg.trainer.max_epochs * cfg.hasgd.L)
     for study in studies:
-        _, full = study_overrides(study, args, eval_over, out)
-        check_study(composed("evaluate", out / "evaluate" / study.name, full, eval_over))
+        ckpts, full = study_overrides(study, args, eval_over, out)
+        cfg = composed("evaluate", out / "evaluate" / study.name, full, eval_over)
+        check_study(cfg)
+        grid = OmegaConf.to_container(cfg.robustness, resolve=True)
+        points = math.prod(len(v) for k in GRID_KEYS if isinstance(v := grid.get(k), list) and v)
+        costs[study.name] = float(len(ckpts) * points * grid.get("chips", 1))
+    return costs
 
 
 def command_meta(args, argv: list[str], start: float) -> dict:
@@ -136,25 +152,38 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     out = args.out.resolve()
     args.report_name = args.report_name or "results"
     check_report_name(args.report_dir, args.report_name, args.force)
-    check_plan(args, train_over, eval_over, out)
+    costs = check_plan(args, train_over, eval_over, out)
     scale = "--tiny, a smoke test: docs/ is left alone; " if args.tiny else ""
-    print(f"[reproduce] {scale}runs under {out}/, report to {args.report_dir}/", flush=True)
+    jobs = f", {args.jobs} at a time" if args.jobs > 1 else ""
+    print(f"[reproduce] {scale}runs under {out}/{jobs}, report to {args.report_dir}/", flush=True)
     runs, studies = plan_of(args)
     progress = Progress(len(runs) + (0 if args.train_only else len(studies) + 1))
-    records = {}
-    for run in runs:  # seed by seed, in order: the digital model (a teacher) first
-        records[run.name] = train_run(run, args, train_over, out, progress)
-        progress.done += 1
+    if args.jobs > 1:
+        call = (args, train_over, out, Line())
+        tasks = [Task(r.name, train_run, (r, *call), costs[r.name], needs(r, runs)) for r in runs]
+        records = in_workers(tasks, args.jobs, progress)
+    else:
+        records = {}
+        for run in runs:  # seed by seed, in order: the digital model (a teacher) first
+            records[run.name] = train_run(run, args, train_over, out, progress)
+            progress.done += 1
     runs = {name: {k: v for k, v in r.items() if k != "reused"} for name, r in records.items()}
     longest = max(runs.values(), key=lambda r: r["schedule"]["max_epochs"])
     write_json(out / "manifest.json", {"runs": runs, "schedule": longest["schedule"]})
     if args.train_only:
         progress("trained: --train-only, no studies (rerun without it to measure)")
         return {"trained": sum(not r["reused"] for r in records.values())}
-    studied = 0
-    for study in studies:
-        studied += run_study(study, args, eval_over, out, progress)
-        progress.done += 1
+    if args.jobs > 1:
+        tasks = [
+            Task(st.name, run_study, (st, args, eval_over, out, Line()), costs[st.name])
+            for st in studies
+        ]
+        studied = sum(in_workers(tasks, args.jobs, progress).values())
+    else:
+        studied = 0
+        for study in studies:
+            studied += run_study(study, args, eval_over, out, progress)
+            progress.done += 1
     progress("report")
     meta = {
         **command_meta(args, argv, start),
@@ -163,12 +192,30 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
         "studied": studied,
         "studies_reused": len(studies) - studied,
         **scale_meta(args),
+        "jobs": args.jobs,
+        "threads": threads_per_job(args.jobs) if args.jobs > 1 else torch.get_num_threads(),
     }
     write_json(out / REPORT_META, meta)
     report = write_report(out, args.report_dir, meta)
     progress.done += 1
     progress(f"wrote {report} and {args.report_dir / args.report_name}/")
     return meta
+
+
+def needs(run, runs) -> tuple[str, ...]:
+    """The trainings of ``runs`` that ``run`` waits for: its distillation teacher (same seed),
+    if any and planned (one trained before, outside the plan, is on disk already)."""
+    return tuple(r.name for r in runs if r.name == run.teacher)
+
+
+def in_workers(tasks: list[Task], jobs: int, progress: Progress) -> dict:
+    """``tasks`` in ``jobs`` worker processes (``paper.parallel``), counted by ``progress``."""
+
+    def finished(what: str) -> None:
+        progress.done += 1
+        progress(what)
+
+    return run_tasks(tasks, jobs, finished)
 
 
 def report_only(args, overrides: list[str], argv: list[str], start: float) -> dict:

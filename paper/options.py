@@ -76,6 +76,14 @@ def parse(argv: list[str], doc: str) -> tuple[argparse.Namespace, list[str]]:
         "names, and a section says what it could not measure (default: all)",
     )
     parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trainings (then studies) at a time, each in its own process with this process's "
+        "torch threads shared out (default 1: all in this process). Small networks use 2 cores "
+        "better as --jobs 2",
+    )
+    parser.add_argument(
         "--train-only",
         action="store_true",
         help="run the trainings only (a later call without it measures and reports)",

@@ -214,6 +214,18 @@ def environment() -> dict:
     }
 
 
+def _threads(meta: dict, env: dict) -> str:
+    """How the command ran: its torch threads, or its jobs at a time and each one's threads."""
+    jobs = meta.get("jobs") or 1
+    if jobs == 1:
+        return f"torch threads {meta.get('threads') or env['threads']}"
+    return (
+        f"{jobs} trainings or studies at a time (`--jobs {jobs}`), torch threads "
+        f"{meta.get('threads', '?')} each: their recorded wall times overlap, and their sum "
+        "exceeds the command's"
+    )
+
+
 def header(ctx: Context) -> str:
     """The report's provenance: command, date, machine, wall times, versions, and what it ran on
     (data, model, epochs, seeds, chips); its published evidence."""
@@ -251,7 +263,7 @@ def header(ctx: Context) -> str:
             *_models_line(meta),
             f"* command: `{meta.get('command', '?')}`",
             f"* date: {meta.get('date', '?')}",
-            f"* machine: {meta.get('machine') or env['machine']}, torch threads {env['threads']}",
+            f"* machine: {meta.get('machine') or env['machine']}, {_threads(meta, env)}",
             *lines,
             f"* wall time of this command alone: {meta.get('wall_s', 0):.0f} s (trainings run "
             f"{meta.get('trained', 0)}, reused {meta.get('skipped', 0)}; studies run "

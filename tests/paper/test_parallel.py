@@ -1,0 +1,68 @@
+"""``reproduce.py --jobs N``: tasks in worker processes, a teacher before its student, the
+costliest first, a failure raised; the plan's records and rows the same as in one process."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from paper.parallel import Task, run_tasks, threads_per_job
+from reproduce import reproduce
+
+
+def test_a_task_starts_after_what_it_needs_and_the_costliest_first(tmp_path):
+    """``b`` reads the file ``a`` writes: it fails unless ``a`` finished first, though ``b`` is
+    the costlier (without its need it would start first). With one worker the order is the
+    costs' (``c`` before ``a``): ``c`` writes the file ``a`` then overwrites."""
+    a, c = tmp_path / "a.txt", tmp_path / "a.txt"
+    tasks = [
+        Task("a", Path.write_text, (a, "from a"), cost=1.0),
+        Task("b", Path.read_text, (a,), cost=9.0, needs=("a",)),
+        Task("c", Path.write_text, (c, "from c"), cost=5.0),
+    ]
+    said = []
+    results = run_tasks(tasks, 1, said.append)
+    assert results == {"a": 6, "b": "from a", "c": 6}
+    assert [s.split(":")[0] for s in said] == ["c", "a", "b"]
+    results = run_tasks(tasks, 2, said.append)
+    assert results["b"] == "from a"
+
+
+def test_a_failing_task_is_raised_and_an_unplanned_need_refused(tmp_path):
+    missing = tmp_path / "none.txt"
+    with pytest.raises(FileNotFoundError, match="none.txt"):
+        run_tasks([Task("x", Path.read_text, (missing,))], 2, lambda _: None)
+    with pytest.raises(ValueError, match=r"task x needs \['y'\]"):
+        run_tasks([Task("x", Path.read_text, (missing,), needs=("y",))], 2, lambda _: None)
+    assert threads_per_job(10 * torch.get_num_threads()) == 1
+
+
+@pytest.mark.slow
+def test_jobs_two_records_what_one_process_reuses_and_measures_the_same_rows(tmp_path):
+    """A --jobs 2 tiny plan (Fig. 7 and the methods, whose distilled model needs the digital
+    teacher): every training and study ran, the student after its teacher; the same command in
+    one process reuses all of it; a study measured again in one process gives the same rows."""
+    torch.set_num_threads(1)  # the workers' threads (2 jobs on this process's 1 thread: 1 each)
+    argv = ["--tiny", "--seeds", "1", "--sections", "fig7,methods", "--out", str(tmp_path / "o")]
+    argv += ["--report-dir", str(tmp_path / "docs")]
+    meta = reproduce([*argv, "--jobs", "2"])
+    assert (meta["jobs"], meta["threads"], meta["skipped"]) == (2, 1, 0)
+    assert meta["trained"] == 12 and meta["studied"] == 2
+    train = tmp_path / "o" / "train"
+    teacher_done = (train / "digital" / "done.json").stat().st_mtime_ns
+    assert (train / "distill" / "started.json").stat().st_mtime_ns >= teacher_done
+    header = (tmp_path / "docs" / "results.md").read_text()
+    assert "2 trainings or studies at a time (`--jobs 2`), torch threads 1 each" in header
+    study = tmp_path / "o" / "evaluate" / "methods"
+    rows = (study / "robustness_rows.csv").read_text()
+    again = reproduce(argv)
+    assert (again["trained"], again["studied"]) == (0, 0)
+    shutil.rmtree(study)
+    again = reproduce(argv)
+    assert (again["trained"], again["studied"]) == (0, 1)
+    assert (study / "robustness_rows.csv").read_text() == rows
+    assert json.loads((study / "done.json").read_text())["chips"] == 2
