@@ -6,6 +6,7 @@ import argparse
 import math
 import re
 import shlex
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +19,7 @@ from paper.configs import ROOT, composed
 from paper.evidence import read_json
 from paper.parallel import Line, Task, run_tasks, threads_per_job
 from paper.plan import SEED0, planned_runs, restricted, selected
+from paper.publish import EVIDENCE
 from paper.report import git_commit, machine, render_published, write_report
 from paper.run import (
     Progress,
@@ -33,7 +35,9 @@ from paper.run import (
 
 DOCS = ROOT / "docs"  # the committed report: only the full plan writes here by default
 REPORT_META = "report.json"  # the report's provenance, beside manifest.json (--report-only)
-GRID_KEYS = ("sigmas", "mean_shifts", "adc_levels", "times", "variants")  # a study's points
+# a study's grid axes (their lengths multiply into its points)
+GRID_KEYS = ("sigmas", "mean_shifts", "adc_levels", "times", "variants", "fault_rates")
+GRID_KEYS += ("compensations",)
 
 
 def settle(args: argparse.Namespace) -> argparse.Namespace:
@@ -118,7 +122,8 @@ def check_plan(args, train_over: list[str], eval_over: list[str], out: Path) -> 
         check_study(cfg)
         grid = OmegaConf.to_container(cfg.robustness, resolve=True)
         points = math.prod(len(v) for k in GRID_KEYS if isinstance(v := grid.get(k), list) and v)
-        costs[study.name] = float(len(ckpts) * points * grid.get("chips", 1))
+        reads = grid.get("repetitions") or 1
+        costs[study.name] = float(len(ckpts) * points * reads * (grid.get("chips") or 1))
     return costs
 
 
@@ -161,7 +166,8 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     if args.jobs > 1:
         call = (args, train_over, out, Line())
         tasks = [Task(r.name, train_run, (r, *call), costs[r.name], needs(r, runs)) for r in runs]
-        records = in_workers(tasks, args.jobs, progress)
+        done = in_workers(tasks, args.jobs, progress)
+        records = {r.name: done[r.name] for r in runs}  # the plan's order, as in one process
     else:
         records = {}
         for run in runs:  # seed by seed, in order: the digital model (a teacher) first
@@ -283,7 +289,21 @@ def from_published(args, evidence: Path, report_dir: Path) -> dict:
             "that a report was written with, e.g. docs/results/evidence"
         )
         raise ConfigError("--from-published", str(evidence), why)
-    check_recorded(args, read_json(evidence / REPORT_META), evidence)
-    report = render_published(evidence, report_dir)
+    meta = read_json(evidence / REPORT_META)
+    check_recorded(args, meta, evidence)
+    recorded = meta.get("report_name") or "results"
+    name = args.report_name or recorded
+    if name != recorded and not args.force:
+        why = (
+            f"{evidence} is the evidence of the report {recorded!r}: --from-published writes that "
+            "one (leave --report-name out), or add --force to write it under another name"
+        )
+        raise ConfigError("--report-name", name, why)
+    check_report_name(report_dir, name, force=False)  # never over a guide page
+    target = report_dir / name / EVIDENCE  # the page's evidence beside it, as write_report's
+    if target.resolve() != evidence.resolve():
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(evidence, target)
+    report = render_published(evidence, report_dir, name)
     print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {evidence}/", flush=True)
-    return read_json(evidence / REPORT_META)
+    return meta

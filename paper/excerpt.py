@@ -15,8 +15,8 @@ def markers(name: str = "results") -> tuple[str, str]:
 
 
 BEGIN, END = markers()
-HEADER = ("* data:", "* model:", "* models:", "* command:", "* date:", "* machine:")
-HEADER += ("* wall time of this command alone:", "* scale:")
+HEADER = ("* data:", "* model:", "* clean accuracy:", "* models:", "* command:", "* date:")
+HEADER += ("* machine:", "* wall time of this command alone:", "* scale:")
 TABLES = ("1.",)  # sections whose "Measured." line and first table are quoted whole
 VERDICTS = ("1.", "3.", "4.", "6.")  # sections whose first claim and verdict are quoted
 

@@ -7,12 +7,15 @@ one two-thread process (the step is mostly Python and small kernels), so a 2-cor
 the plan faster with ``--jobs 2``.
 
 Order: the costliest first (a training's epochs x L, a study's checkpoints x grid points x
-chips), so the last to start are the short ones; a distillation run starts after its teacher.
+chips; a task others wait for counts their cost too, so a teacher starts early), so the last to
+start are the short ones; a distillation run starts after its teacher. If one fails, the others
+running finish (their folders resume on the next call), none starts, and its error is raised.
 """
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import multiprocessing
 import os
 import time
@@ -32,6 +35,43 @@ class Task:
     args: tuple
     cost: float = 0.0
     needs: tuple[str, ...] = ()
+
+
+def _ranks(tasks: list[Task]) -> dict[str, float]:
+    """Each task's cost plus the largest rank of the tasks that need it (the work it holds up);
+    a cycle of needs is refused."""
+    needed_by: dict[str, list[Task]] = {t.name: [] for t in tasks}
+    for t in tasks:
+        for n in t.needs:
+            needed_by[n].append(t)
+    rank: dict[str, float] = {}
+
+    def of(t: Task, path: tuple[str, ...]) -> float:
+        if t.name in path:
+            raise ValueError(f"tasks need each other: {' -> '.join((*path, t.name))}")
+        if t.name not in rank:
+            after = [of(d, (*path, t.name)) for d in needed_by[t.name]]
+            rank[t.name] = t.cost + max(after, default=0.0)
+        return rank[t.name]
+
+    for t in tasks:
+        of(t, ())
+    return rank
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """``os.environ`` with ``values`` set (the workers inherit them at spawn), then restored."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def threads_per_job(jobs: int) -> int:
@@ -61,13 +101,18 @@ def run_tasks(tasks: list[Task], jobs: int, progress: Callable[[str], None]) -> 
         missing = [n for n in t.needs if n not in names]
         if missing:
             raise ValueError(f"task {t.name} needs {missing}, which are not planned")
-    waiting = sorted(tasks, key=lambda t: -t.cost)
+    rank = _ranks(tasks)
+    waiting = sorted(tasks, key=lambda t: -rank[t.name])
     results: dict[str, object] = {}
     running: dict[cf.Future, tuple[Task, float]] = {}
     context = multiprocessing.get_context("spawn")  # no forked torch threads or locks
-    with cf.ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_start_worker, initargs=(threads_per_job(jobs),)
-    ) as pool:
+    threads = threads_per_job(jobs)
+    with (
+        _environ(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads)),
+        cf.ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_start_worker, initargs=(threads,)
+        ) as pool,
+    ):
 
         def submit_ready() -> None:
             for t in [t for t in waiting if all(n in results for n in t.needs)]:
@@ -85,8 +130,10 @@ def run_tasks(tasks: list[Task], jobs: int, progress: Callable[[str], None]) -> 
                     results[task.name] = future.result()
                 except BaseException:
                     waiting.clear()
-                    for other in running:
-                        other.cancel()
+                    others = ", ".join(t.name for t, _ in running.values())
+                    if others:
+                        progress(f"{task.name} failed: waiting for {others} to finish")
+                    pool.shutdown(wait=True, cancel_futures=True)
                     raise
                 progress(f"{task.name}: finished in {time.time() - start:.0f} s")
             submit_ready()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import os
 import platform
 import subprocess
@@ -19,6 +20,7 @@ from cimsim.validation import ConfigError
 from paper.configs import ROOT
 from paper.evidence import Context, Facts, identity_shortcuts
 from paper.excerpt import update_readme
+from paper.markdown import cell
 from paper.plan import RUN, base_of
 from paper.publish import EVIDENCE, publish, read_published
 
@@ -259,6 +261,7 @@ def header(ctx: Context) -> str:
             "",
             f"* data: {_counted(facts['data'], _data_text)}",
             f"* model: {_counted(facts['models'], _model_text)}",
+            *_clean_line(ctx, facts),
             f"* training: {training_text(ctx)}",
             *_models_line(meta),
             f"* command: `{meta.get('command', '?')}`",
@@ -281,6 +284,23 @@ def header(ctx: Context) -> str:
             "same",
         ]
     )
+
+
+def _clean_line(ctx: Context, facts: dict) -> list[str]:
+    """The header's line on how well the models learned: the digital model's accuracy at test
+    sigma 0 (Fig. 7's rows) against chance, so a reader sees an undertrained plan at once."""
+    if "fig7" not in {st.name for sec in ctx.sections for st in sec.studies}:
+        return []
+    values = cell(ctx.rows("fig7"), "digital", sigma=0.0)
+    classes = {d.get("classes") for d in facts["data"]} - {None}
+    if not values or len(classes) != 1:
+        return []
+    chance = 100 / classes.pop()
+    acc = 100 * math.fsum(values.values()) / len(values)
+    return [
+        f"* clean accuracy: the digital model scores {acc:.1f} % at test sigma 0 (Fig. 7's "
+        f"rows), against {chance:.1f} % by chance"
+    ]
 
 
 def _models_line(meta: dict) -> list[str]:
@@ -360,11 +380,12 @@ def write_report(out: Path, report_dir: Path, meta: dict) -> Path:
     return report
 
 
-def render_published(evidence: Path, report_dir: Path) -> Path:
-    """Build ``<report_dir>/<name>.md`` and its figures from published evidence alone (the
-    folder ``write_report`` published): no checkpoint, data or plan folder is read."""
+def render_published(evidence: Path, report_dir: Path, name: str | None = None) -> Path:
+    """Build ``<report_dir>/<name>.md`` (``name``: the recorded report's name unless given) and
+    its figures from published evidence alone (the folder ``write_report`` published): no
+    checkpoint, data or plan folder is read."""
     meta, manifest, facts = read_published(evidence)
-    name = report_name(meta)
+    name = name or report_name(meta)
     ctx = Context(
         evidence / "evaluate",
         report_dir / name,

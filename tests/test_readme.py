@@ -40,6 +40,7 @@ ALLOWED = (
     "Fig. 7",
     "Fig. 8",
     "Fig. 9",
+    "--jobs 2",  # an option's value (two processes at a time), not a measurement
 )
 LINK_TARGET = re.compile(r"\]\([^)]*\)")  # the path of a link or image: docs/results/fig7.png
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")

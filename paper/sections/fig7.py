@@ -40,7 +40,7 @@ def render(ctx: Context) -> str:
     sigmas = sigmas_of(rows)
     body = [[f"{s:g}", *(acc_text(cell(rows, r, sigma=s)) for r in runs)] for s in sigmas]
     table = md_table(["test sigma", *(RUN[r].title for r in runs)], body)
-    verdicts, best_gain = [], (0.0, None, None)
+    verdicts, starts, best_gain = [], [], (0.0, None, None)
     noisy = [s for s in sigmas if s > 0]
     for r in runs[1:]:
         diffs = {s: paired(cell(rows, r, sigma=s), cell(rows, "digital", sigma=s)) for s in noisy}
@@ -49,12 +49,21 @@ def render(ctx: Context) -> str:
         base = _mean(cell(rows, "digital", sigma=top))
         if diffs[top].mean > best_gain[0]:
             best_gain = (diffs[top].mean, r, top, base)
-        where = "never" if start is None else f"at every grid test sigma from {start:g} on"
+        starts.append(start)
+        if start is None:
+            better = [f"{s:g}" for s in noisy if diffs[s].verdict == "better"]
+            where = (
+                f"at test sigma {', '.join(better)} only, not at every one from some sigma on"
+                if better
+                else "at no test sigma"
+            )
+        else:
+            where = f"at every grid test sigma from {start:g} on"
         verdicts.append(
             f"* {RUN[r].title}: better than digital {where} (largest gain "
             f"{gain_text(diffs[top], base)}, at sigma {top:g})."
         )
-    holds = all("never" not in v for v in verdicts)
+    holds = all(start is not None for start in starts)
     subs = []
     if 0.0 in sigmas:
         d0 = cell(rows, "digital", sigma=0.0)
@@ -66,7 +75,7 @@ def render(ctx: Context) -> str:
             det = deterministic(h0) and deterministic(d0)
             diff = paired(h0, d0)
             imgs = "" if images is None else f", {diff.mean * images:+.1f} of {images} images"
-            kind = "one deterministic measurement" if det else f"CI ± {pp(diff.ci)}"
+            kind = "one deterministic measurement" if det else f"CI ± {pp(diff.ci)} points"
             costs.append(f"{RUN[r].title} {100 * diff.mean:+.1f} points{imgs} ({kind})")
         why = (
             "no chip noise, so every chip is the same network and the chips give one test-set "

@@ -26,6 +26,9 @@ class ConfigError(ValueError):
         self.key, self.value, self.allowed = key, value, allowed
         super().__init__(f"{key}={value!r} is invalid: {allowed}")
 
+    def __reduce__(self):  # pickled as its three parts (raised in a worker process)
+        return type(self), (self.key, self.value, self.allowed)
+
     def with_prefix(self, prefix: str) -> ConfigError:
         if not prefix or "." in self.key:  # already fully qualified
             return self

@@ -11,7 +11,7 @@ from cimsim.robustness.outcomes import OUTCOMES_FILE, Outcome, write_outcomes
 from cimsim.robustness.rows import ROWS_FILE, Row, write_rows
 from paper import plan
 from paper.evidence import STUDY_MARKER, Context
-from paper.sections import fig8, fig9
+from paper.sections import fig7, fig8, fig9
 
 GRID = [-0.03, -0.02, -0.01, -0.005, 0.0, 0.005, 0.01, 0.02, 0.03]
 
@@ -167,3 +167,41 @@ def test_fig8_renders_windows_and_costs(tmp_path):
 @pytest.mark.parametrize("mu", [0.005, -0.02])
 def test_fig8_window_of_every_trained_shift_is_on_the_tiny_grid(mu):
     assert f"{mu:g}" in plan.STUDY["fig8"].tiny[0]
+
+
+@pytest.mark.parametrize("case", ["all", "gap", "none"])
+def test_fig7_line_names_where_a_model_is_better_when_not_from_some_sigma_on(tmp_path, case):
+    """Every HA-SGD model is 5 points better than digital from test sigma 0.1 on, except sigma
+    0.1's model: with ``gap`` it is 5 points worse at 0.15, and its line names 0.1 as the only
+    test sigma where it is better (not "never"); with ``none`` it is digital's equal everywhere.
+    The claim then does not hold."""
+    study = plan.STUDY["fig7"]
+    rows = []
+    for run in study.runs:
+        for k in range(2):
+            for s in (0.0, 0.05, 0.1, 0.15):
+                lead = 0.0 if run == "digital" or s < 0.1 else 0.05
+                if run == "sigma0.1_L4" and case != "all" and s == 0.15:
+                    lead = -0.05 if case == "gap" else 0.0
+                if run == "sigma0.1_L4" and case == "none":
+                    lead = 0.0
+                for c in range(2):
+                    acc = 0.8 - s + lead + 0.01 * c + 0.002 * k * (run != "digital")
+                    rows.append(Row(c, c, s, 0.0, None, acc, 1.0, 10, run, _ckpt(tmp_path, run, k)))
+    _fake(tmp_path, study, rows, 2)
+    runs = {plan.seed_name(r, k): {"sigma": 0.1} for r in study.runs for k in range(2)}
+    ctx = Context(
+        tmp_path / "evaluate", tmp_path / "report" / "results", 2, {"runs": runs}, {"seeds": 2}
+    )
+    text = fig7.render(ctx)
+    line = next(li for li in text.splitlines() if li.startswith("* HA-SGD sigma=0.1, L=4:"))
+    where = {
+        "all": "at every grid test sigma from 0.1 on",
+        "gap": "at test sigma 0.1 only, not at every one from some sigma on",
+        "none": "at no test sigma",
+    }[case]
+    assert f"better than digital {where} (largest gain" in line
+    verdict = "holds" if case == "all" else "does not hold"
+    assert f"**Verdict: {verdict} at this scale.**" in text
+    assert "never" not in text
+    assert text.count("from 0.1 on (largest gain") == len(study.runs) - 1 - (case != "all")

@@ -10,35 +10,54 @@ from pathlib import Path
 import pytest
 import torch
 
+from cimsim import ConfigError
 from paper.parallel import Task, run_tasks, threads_per_job
 from reproduce import reproduce
 
 
 def test_a_task_starts_after_what_it_needs_and_the_costliest_first(tmp_path):
     """``b`` reads the file ``a`` writes: it fails unless ``a`` finished first, though ``b`` is
-    the costlier (without its need it would start first). With one worker the order is the
-    costs' (``c`` before ``a``): ``c`` writes the file ``a`` then overwrites."""
-    a, c = tmp_path / "a.txt", tmp_path / "a.txt"
+    the costliest (without its need it would start first). With one worker the order is the
+    ranks': ``a`` holds up ``b`` (cost 1 + 9), so it starts before ``c`` (5), then ``d`` (2)."""
+    a, c, d = tmp_path / "a.txt", tmp_path / "c.txt", tmp_path / "d.txt"
     tasks = [
         Task("a", Path.write_text, (a, "from a"), cost=1.0),
         Task("b", Path.read_text, (a,), cost=9.0, needs=("a",)),
         Task("c", Path.write_text, (c, "from c"), cost=5.0),
+        Task("d", Path.write_text, (d, "d"), cost=2.0),
     ]
     said = []
     results = run_tasks(tasks, 1, said.append)
-    assert results == {"a": 6, "b": "from a", "c": 6}
-    assert [s.split(":")[0] for s in said] == ["c", "a", "b"]
-    results = run_tasks(tasks, 2, said.append)
-    assert results["b"] == "from a"
+    assert results == {"a": 6, "b": "from a", "c": 6, "d": 1}
+    assert [s.split(":")[0] for s in said] == ["a", "b", "c", "d"]
+    a.unlink()
+    assert run_tasks(tasks, 2, said.append)["b"] == "from a"
 
 
-def test_a_failing_task_is_raised_and_an_unplanned_need_refused(tmp_path):
+def test_a_failing_task_is_raised_as_itself_and_bad_needs_refused(tmp_path):
+    """A worker's error comes back as the error it raised, ConfigError too (its message and
+    parts intact, as reproduce.py prints it), not as a broken pool."""
     missing = tmp_path / "none.txt"
     with pytest.raises(FileNotFoundError, match="none.txt"):
         run_tasks([Task("x", Path.read_text, (missing,))], 2, lambda _: None)
+    bad = ConfigError("noise.sigma", -1, "must be >= 0")
+    with pytest.raises(ConfigError, match=r"^noise.sigma=-1 is invalid: must be >= 0$") as err:
+        run_tasks([Task("x", _raise, (bad,))], 2, lambda _: None)
+    assert (err.value.key, err.value.value, err.value.allowed) == (
+        "noise.sigma",
+        -1,
+        "must be >= 0",
+    )
     with pytest.raises(ValueError, match=r"task x needs \['y'\]"):
         run_tasks([Task("x", Path.read_text, (missing,), needs=("y",))], 2, lambda _: None)
+    loop = [Task("x", Path.read_text, (missing,), needs=("y",)), Task("y", id, (1,), needs=("x",))]
+    with pytest.raises(ValueError, match="tasks need each other"):
+        run_tasks(loop, 2, lambda _: None)
     assert threads_per_job(10 * torch.get_num_threads()) == 1
+
+
+def _raise(error: Exception):
+    raise error
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import pytest
 import torch
 from scipy import stats
 
+from cimsim import ConfigError
 from cimsim.robustness.rows import Row, TimedRow, read_rows
 from conftest import ROOT
 from paper import report
@@ -152,6 +153,40 @@ def test_the_report_renders_again_from_its_published_evidence_alone(tiny, tmp_pa
     assert "* data: sklearn digits, 8x8 grayscale, 10 classes: 1257 training / 270 " in original
     assert "* model: WRN-10-1, 1 identity shortcut\n" in original  # width 1: 16 -> 16 channels
     assert "2 training seeds per model (seed 42, 43)" in original
+    # the digital model at test sigma 0: each seed's mean over its chips, then their mean
+    rows = [r for r in read_rows(tiny / "out" / "evaluate" / "fig7" / "robustness_rows.csv")]
+    seeds = {}
+    for r in rows:
+        if r.sigma == 0.0 and Path(r.ckpt).parts[-3].split(".")[0] == "digital":
+            seeds.setdefault(Path(r.ckpt).parts[-3], []).append(r.acc)
+    assert len(seeds) == 2
+    clean = 100 * np.mean([np.mean(v) for v in seeds.values()])
+    assert f"* clean accuracy: the digital model scores {clean:.1f} % at test sigma 0 " in original
+    assert "(Fig. 7's rows), against 10.0 % by chance" in original
+
+
+@slow
+def test_from_published_writes_the_report_under_the_name_given(tiny, tmp_path, no_checkpoints):
+    """--report-name with --from-published: another name than the evidence's report needs
+    --force; then the same report under that name, its figures and a copy of its evidence in its
+    own folder (so it renders again); never over a page that is no report."""
+    evidence = shutil.copytree(tiny / "docs" / "results" / EVIDENCE, tmp_path / "evidence")
+    argv = ["--report-only", "--from-published", str(evidence), "--report-dir", str(tmp_path)]
+    with pytest.raises(ConfigError, match=r"^--report-name='again' is invalid: .*add --force"):
+        reproduce([*argv, "--report-name", "again"])
+    for _ in range(2):  # the second time over its own first rendering
+        reproduce([*argv, "--report-name", "again", "--force"])
+    original = (tiny / "docs" / "results.md").read_text()
+    again = (tmp_path / "again.md").read_text()
+    assert verdicts(again) == verdicts(original)
+    assert "(again/fig7.png)" in again and (tmp_path / "again" / "fig7.png").is_file()
+    copied = sorted(p.name for p in (tmp_path / "again" / EVIDENCE).rglob("*"))
+    assert copied == sorted(p.name for p in evidence.rglob("*"))
+    assert not (tmp_path / "results.md").exists()
+    (tmp_path / "guide.md").write_text("a guide page\n")
+    with pytest.raises(ConfigError, match=r"^--report-name='guide' is invalid: .*not a report"):
+        reproduce([*argv, "--report-name", "guide", "--force"])
+    assert (tmp_path / "guide.md").read_text() == "a guide page\n"
 
 
 @slow
