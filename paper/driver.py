@@ -12,9 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cimsim import ConfigError
+from cimsim.validation import config_scope
 from paper.configs import ROOT, composed
 from paper.evidence import read_json
 from paper.parallel import Line, Task, run_tasks, threads_per_job
@@ -164,6 +166,7 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     runs, studies = plan_of(args)
     progress = Progress(len(runs) + (0 if args.train_only else len(studies) + 1))
     if args.jobs > 1:
+        prepare_data_once(runs[0], args, train_over, out)
         call = (args, train_over, out, Line())
         tasks = [Task(r.name, train_run, (r, *call), costs[r.name], needs(r, runs)) for r in runs]
         done = in_workers(tasks, args.jobs, progress)
@@ -206,6 +209,15 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     progress.done += 1
     progress(f"wrote {report} and {args.report_dir / args.report_name}/")
     return meta
+
+
+def prepare_data_once(run, args, train_over: list[str], out: Path) -> None:
+    """``--jobs``: the data prepared (``data.download=true``: downloaded) once, here, before the
+    workers start: each would otherwise download into the same folder at the same time."""
+    full = train_overrides(run, args, train_over, out)
+    cfg = composed("train", out / "train" / run.name, full, train_over)
+    with config_scope("data"):
+        instantiate(cfg.data).prepare_data()
 
 
 def needs(run, runs) -> tuple[str, ...]:

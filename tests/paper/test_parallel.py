@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from cimsim import ConfigError
+from cimsim.data import CIFARDataModule
+from paper.driver import prepare_data_once
 from paper.parallel import Task, run_tasks, threads_per_job
-from reproduce import reproduce
+from paper.plan import RUN
+from reproduce import parse, reproduce
 
 
 def test_a_task_starts_after_what_it_needs_and_the_costliest_first(tmp_path):
@@ -85,3 +88,14 @@ def test_jobs_two_records_what_one_process_reuses_and_measures_the_same_rows(tmp
     assert (again["trained"], again["studied"]) == (0, 1)
     assert (study / "robustness_rows.csv").read_text() == rows
     assert json.loads((study / "done.json").read_text())["chips"] == 2
+
+
+def test_the_data_is_prepared_once_in_the_parent_before_the_workers(tmp_path, monkeypatch):
+    """--jobs: data.download=true downloads once, in this process, with the plan's data config
+    (the workers would otherwise download into the same folder at once)."""
+    calls = []
+    monkeypatch.setattr(CIFARDataModule, "prepare_data", lambda dm: calls.append(dm.root))
+    args, _ = parse(["--tiny", "--jobs", "2", "--out", str(tmp_path)])
+    over = ["data=cifar10", "data.download=true", f"data.root={tmp_path / 'cifar'}"]
+    prepare_data_once(RUN["digital"].seeded(0), args, over, tmp_path)
+    assert calls == [tmp_path / "cifar"]
