@@ -257,19 +257,26 @@ def report_only(args, overrides: list[str], argv: list[str], start: float) -> di
         **scale_meta(args),
     }
     check_recorded(args, meta, out)
-    recorded = meta.get("report_name") or "results"
-    name = args.report_name or recorded
-    if name != recorded and not args.force:
-        why = (
-            f"{out} was measured for the report {recorded!r}: --report-only writes that one "
-            "(leave --report-name out), or add --force to write it under another name"
-        )
-        raise ConfigError("--report-name", name, why)
+    name = name_to_write(args, meta, f"{out} was measured for the report", "--report-only")
     check_report_name(args.report_dir, name, args.force)
     meta = {**meta, "report_name": name}
     report = write_report(out, args.report_dir, meta)
     print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {out}/", flush=True)
     return meta
+
+
+def name_to_write(args, meta: dict, whose: str, option: str) -> str:
+    """The report's name: ``--report-name``, else the recorded one; another name than the
+    recorded one only with ``--force`` (the rows were measured for that report)."""
+    recorded = meta.get("report_name") or "results"
+    name = args.report_name or recorded
+    if name != recorded and not args.force:
+        why = (
+            f"{whose} {recorded!r}: {option} writes that one (leave --report-name out), or add "
+            "--force to write it under another name"
+        )
+        raise ConfigError("--report-name", name, why)
+    return name
 
 
 def check_recorded(args, meta: dict, out: Path) -> None:
@@ -303,14 +310,9 @@ def from_published(args, evidence: Path, report_dir: Path) -> dict:
         raise ConfigError("--from-published", str(evidence), why)
     meta = read_json(evidence / REPORT_META)
     check_recorded(args, meta, evidence)
-    recorded = meta.get("report_name") or "results"
-    name = args.report_name or recorded
-    if name != recorded and not args.force:
-        why = (
-            f"{evidence} is the evidence of the report {recorded!r}: --from-published writes that "
-            "one (leave --report-name out), or add --force to write it under another name"
-        )
-        raise ConfigError("--report-name", name, why)
+    name = name_to_write(
+        args, meta, f"{evidence} is the evidence of the report", "--from-published"
+    )
     check_report_name(report_dir, name, force=False)  # never over a guide page
     target = report_dir / name / EVIDENCE  # the page's evidence beside it, as write_report's
     if target.resolve() != evidence.resolve():
