@@ -1,8 +1,8 @@
 """Regenerate the results report, docs/results.md and docs/results/: every training and Monte
 Carlo study it needs, then the report from their rows (the plan and its sections: ``paper/``).
 
-    python reproduce.py --chips 10                   # digits, WRN-10-2, 3 seeds: docs/results.md
-                                                     # (~2 h trainings + 20 min studies, 2 CPUs)
+    python reproduce.py --chips 10 --jobs 2          # digits, WRN-10-2, 3 seeds: docs/results.md
+                                                     # (32 min on 2 CPUs, docs/scaling.md)
     python reproduce.py --tiny                       # the smoke version (seconds per stage)
     python reproduce.py --sections fig7,bias --seeds 5   # two sections, five training seeds
     python reproduce.py --train-only                 # train now, measure and report later

@@ -316,8 +316,13 @@ def from_published(args, evidence: Path, report_dir: Path) -> dict:
     check_report_name(report_dir, name, force=False)  # never over a guide page
     target = report_dir / name / EVIDENCE  # the page's evidence beside it, as write_report's
     if target.resolve() != evidence.resolve():
+        src, dst = evidence.resolve(), target.resolve()
+        if dst.is_relative_to(src) or src.is_relative_to(dst):
+            why = f"holds or lies in {target}, where the report's evidence is copied: choose apart"
+            raise ConfigError("--report-dir", str(report_dir), why)
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(evidence, target)
+        write_json(target / REPORT_META, {**meta, "report_name": name})  # its own name
     report = render_published(evidence, report_dir, name)
     print(f"[reproduce] wrote {report} and {report.with_suffix('')}/ from {evidence}/", flush=True)
     return meta

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import io
+import json
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -182,6 +183,13 @@ def test_from_published_writes_the_report_under_the_name_given(tiny, tmp_path, n
     assert "(again/fig7.png)" in again and (tmp_path / "again" / "fig7.png").is_file()
     copied = sorted(p.name for p in (tmp_path / "again" / EVIDENCE).rglob("*"))
     assert copied == sorted(p.name for p in evidence.rglob("*"))
+    record = json.loads((tmp_path / "again" / EVIDENCE / "report.json").read_text())
+    assert record["report_name"] == "again"  # rendered from its copy, it is again.md
+    reproduce(["--report-only", "--from-published", str(tmp_path / "again" / EVIDENCE)] + argv[3:])
+    assert (tmp_path / "again.md").read_text() == again
+    inside = ["--report-dir", str(evidence / "r"), "--report-name", "x", "--force"]
+    with pytest.raises(ConfigError, match=r"^--report-dir=.*where the report's evidence is"):
+        reproduce([*argv[:3], *inside])
     assert not (tmp_path / "results.md").exists()
     (tmp_path / "guide.md").write_text("a guide page\n")
     with pytest.raises(ConfigError, match=r"^--report-name='guide' is invalid: .*not a report"):
