@@ -167,32 +167,15 @@ def run_plan(args, overrides: list[str], argv: list[str], start: float) -> dict:
     progress = Progress(len(runs) + (0 if args.train_only else len(studies) + 1))
     if args.jobs > 1:
         prepare_data_once(runs[0], args, train_over, out)
-        call = (args, train_over, out, Line())
-        tasks = [Task(r.name, train_run, (r, *call), costs[r.name], needs(r, runs)) for r in runs]
-        done = in_workers(tasks, args.jobs, progress)
-        records = {r.name: done[r.name] for r in runs}  # the plan's order, as in one process
-    else:
-        records = {}
-        for run in runs:  # seed by seed, in order: the digital model (a teacher) first
-            records[run.name] = train_run(run, args, train_over, out, progress)
-            progress.done += 1
+    # in one process: seed by seed, in the plan's order (the digital model, a teacher, first)
+    records = each(runs, train_run, (args, train_over, out), args, progress, costs, runs)
     runs = {name: {k: v for k, v in r.items() if k != "reused"} for name, r in records.items()}
     longest = max(runs.values(), key=lambda r: r["schedule"]["max_epochs"])
     write_json(out / "manifest.json", {"runs": runs, "schedule": longest["schedule"]})
     if args.train_only:
         progress("trained: --train-only, no studies (rerun without it to measure)")
         return {"trained": sum(not r["reused"] for r in records.values())}
-    if args.jobs > 1:
-        tasks = [
-            Task(st.name, run_study, (st, args, eval_over, out, Line()), costs[st.name])
-            for st in studies
-        ]
-        studied = sum(in_workers(tasks, args.jobs, progress).values())
-    else:
-        studied = 0
-        for study in studies:
-            studied += run_study(study, args, eval_over, out, progress)
-            progress.done += 1
+    studied = sum(each(studies, run_study, (args, eval_over, out), args, progress, costs).values())
     progress("report")
     meta = {
         **command_meta(args, argv, start),
@@ -220,20 +203,31 @@ def prepare_data_once(run, args, train_over: list[str], out: Path) -> None:
         instantiate(cfg.data).prepare_data()
 
 
-def needs(run, runs) -> tuple[str, ...]:
-    """The trainings of ``runs`` that ``run`` waits for: its distillation teacher (same seed),
-    if any and planned (one trained before, outside the plan, is on disk already)."""
-    return tuple(r.name for r in runs if r.name == run.teacher)
+def needs(item, runs) -> tuple[str, ...]:
+    """The trainings of ``runs`` that ``item`` waits for: a training's distillation teacher (same
+    seed), if any and planned (one trained before, outside the plan, is on disk already)."""
+    teacher = getattr(item, "teacher", None)
+    return tuple(r.name for r in runs if r.name == teacher)
 
 
-def in_workers(tasks: list[Task], jobs: int, progress: Progress) -> dict:
-    """``tasks`` in ``jobs`` worker processes (``paper.parallel``), counted by ``progress``."""
+def each(items, call, tail: tuple, args, progress: Progress, costs: dict, runs=()) -> dict:
+    """``call(item, *tail, progress)`` for each of ``items`` (trainings or studies), its result by
+    name in ``items``' order: in this process, in that order (``--jobs 1``), or in ``--jobs``
+    worker processes (``paper.parallel``), a training after its teacher among ``runs``."""
+    if args.jobs == 1:
+        done = {}
+        for item in items:
+            done[item.name] = call(item, *tail, progress)
+            progress.done += 1
+        return done
 
     def finished(what: str) -> None:
         progress.done += 1
         progress(what)
 
-    return run_tasks(tasks, jobs, finished)
+    tasks = [Task(i.name, call, (i, *tail, Line()), costs[i.name], needs(i, runs)) for i in items]
+    done = run_tasks(tasks, args.jobs, finished)
+    return {i.name: done[i.name] for i in items}
 
 
 def report_only(args, overrides: list[str], argv: list[str], start: float) -> dict:
